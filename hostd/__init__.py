@@ -1,0 +1,1 @@
+"""hostd: the per-host daemon that owns every VM on its host."""

@@ -1,0 +1,131 @@
+"""AgentChannel: hostd's end of the virtio-serial link to sfmpi-agent in a guest.
+
+QEMU exposes the guest port as a listening Unix socket (chardev socket,
+server=on). One client at a time: hostd holds the connection for the VM's life.
+The wire protocol is documented in sfmpi/guest/agent.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import logging
+import time
+from typing import Awaitable, Callable
+
+from sfmpi.errors import AgentError
+
+log = logging.getLogger("sfmpi.hostd.agent")
+
+OutputSink = Callable[[int, bytes], Awaitable[None]]
+
+
+class AgentChannel:
+    def __init__(self, vm_name: str, socket_path: str):
+        self.vm_name = vm_name
+        self.socket_path = socket_path
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.ready_info: dict | None = None
+        self._ready = asyncio.Event()
+        self._jobs: dict[int, asyncio.Queue] = {}
+        self._ids = itertools.count(1)
+        self._task: asyncio.Task | None = None
+
+    async def connect(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.reader, self.writer = await asyncio.open_unix_connection(self.socket_path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if time.monotonic() > deadline:
+                    raise AgentError(f"VM {self.vm_name}: agent socket {self.socket_path}: {exc}") from exc
+                await asyncio.sleep(0.01)
+        self._task = asyncio.ensure_future(self._read_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+            self._task = None
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+            self.writer = None
+        for q in self._jobs.values():
+            q.put_nowait({"ev": "lost"})
+
+    async def _send(self, msg: dict) -> None:
+        if self.writer is None:
+            raise AgentError(f"VM {self.vm_name}: agent channel is not connected")
+        self.writer.write((json.dumps(msg) + "\n").encode())
+        await self.writer.drain()
+
+    async def _read_loop(self) -> None:
+        assert self.reader is not None
+        try:
+            while True:
+                line = await self.reader.readline()
+                if not line:
+                    break
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    # A guest that just resumed may deliver the tail of a line
+                    # it was writing at the checkpoint; skip it.
+                    log.debug("VM %s: unparsable agent line %r", self.vm_name, line[:80])
+                    continue
+                ev = msg.get("ev")
+                if ev == "ready":
+                    self.ready_info = msg
+                    self._ready.set()
+                elif msg.get("id") in self._jobs:
+                    await self._jobs[msg["id"]].put(msg)
+        finally:
+            for q in self._jobs.values():
+                q.put_nowait({"ev": "lost"})
+
+    async def wait_ready(self, timeout: float, ping_every: float = 0.5) -> dict:
+        """Ping until the agent answers. Returns its `ready` message."""
+        self._ready.clear()
+        deadline = time.monotonic() + timeout
+        while True:
+            await self._send({"op": "ping"})
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentError(f"VM {self.vm_name}: guest agent did not answer in {timeout:.0f} s")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), min(ping_every, left))
+                return self.ready_info or {}
+
+    async def exec(self, argv: list[str], sink: OutputSink, env: dict | None = None,
+                   cwd: str | None = None) -> int:
+        """Run argv in the guest, stream output to sink(fd, data), return the exit code."""
+        job_id = next(self._ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._jobs[job_id] = queue
+        try:
+            await self._send({"op": "exec", "id": job_id, "argv": list(argv), "env": env or {},
+                              "cwd": cwd or "/"})
+            while True:
+                msg = await queue.get()
+                ev = msg.get("ev")
+                if ev == "out":
+                    await sink(int(msg["fd"]), base64.b64decode(msg["data"]))
+                elif ev == "exit":
+                    return int(msg["code"])
+                elif ev == "error":
+                    await sink(2, f"sfmpi-agent: {msg.get('message')}\n".encode())
+                elif ev == "lost":
+                    raise AgentError(f"VM {self.vm_name}: agent connection lost while running {argv[0]}")
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self._send({"op": "signal", "id": job_id, "sig": 9})
+            raise
+        finally:
+            self._jobs.pop(job_id, None)

@@ -1,0 +1,255 @@
+"""Checkpoints (SnowFlock's VM descriptor): an immutable directory with a manifest.
+
+    <home>/checkpoints/<id>/
+        manifest.json   what is below, sizes, checksum of the device state
+        state           device state saved with x-ignore-shared (about 1 MB)
+        ram             guest RAM, sparse: holes are zero pages
+    and the frozen disk layer, <home>/disks/<layer>.qcow2, named in the manifest
+    with the rest of its backing chain.
+
+Two ways to take one, both leaving the parent running on a new disk overlay:
+- precopy (default): live pre-copy into a local receiver QEMU whose RAM is the
+  checkpoint file; the parent pauses only for the switchover (PLATFORM.md: 15 ms).
+- paused (fallback): stop the parent, save device state, copy its RAM file
+  sparsely, freeze the disk, continue. The pause grows with touched RAM.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sfmpi.errors import CheckpointError
+
+from .qemu import QemuProcess
+from .qemu_cmdline import DISK_DEVICE, MachineSpec
+
+FORMAT = "sfmpi-checkpoint"
+VERSION = 1
+MODES = ("precopy", "paused")
+# Local pre-copy: no reason to throttle a copy that never leaves the host
+# (QEMU's default max-bandwidth is 128 MiB/s).
+LOCAL_BANDWIDTH = 8 << 30
+DOWNTIME_LIMIT_MS = 20
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: str
+    vm: str
+    path: str                 # the checkpoint directory
+    machine: dict             # MachineSpec.to_json()
+    disk: str                 # frozen top layer (qcow2); clones put overlays on it
+    disk_chain: tuple[str, ...]
+    state_sha256: str
+    state_size: int
+    ram_size: int
+    ram_allocated: int
+    mode: str
+    pause_ms: float
+    qemu_version: str
+    created: float = field(default_factory=time.time)
+    timings: dict = field(default_factory=dict)
+    # Issue #3 fills these: the family network and identity clones derive from.
+    family: str = ""
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.path) / "state"
+
+    @property
+    def ram_file(self) -> Path:
+        return Path(self.path) / "ram"
+
+    @property
+    def spec(self) -> MachineSpec:
+        return MachineSpec.from_json(self.machine)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["disk_chain"] = list(self.disk_chain)
+        return {"format": FORMAT, "version": VERSION, **d}
+
+    def write(self, directory: str | Path | None = None) -> None:
+        """Write the manifest atomically (into `directory` while it is still being built)."""
+        manifest = Path(directory or self.path) / "manifest.json"
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, manifest)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Checkpoint":
+        """Read and verify a checkpoint; CheckpointError says what is wrong."""
+        path = Path(path)
+        manifest = path / "manifest.json"
+        if not manifest.exists():
+            raise CheckpointError(f"checkpoint {path.name}: no manifest at {manifest}")
+        try:
+            d = json.loads(manifest.read_text())
+            if d.get("format") != FORMAT or d.get("version") != VERSION:
+                raise CheckpointError(f"checkpoint {path.name}: not a {FORMAT} v{VERSION} manifest")
+            fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+            fields["disk_chain"] = tuple(fields.get("disk_chain", ()))
+            ckpt = cls(**fields)
+            MachineSpec.from_json(ckpt.machine)
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {path.name}: manifest is corrupt ({exc})") from exc
+        ckpt.verify()
+        return ckpt
+
+    def verify(self) -> None:
+        name = self.id
+        for f in (self.state_file, self.ram_file, Path(self.disk), *map(Path, self.disk_chain)):
+            if not f.exists():
+                raise CheckpointError(f"checkpoint {name}: {f} is missing")
+        if self.state_file.stat().st_size != self.state_size:
+            raise CheckpointError(f"checkpoint {name}: device state has the wrong size")
+        if sha256_file(self.state_file) != self.state_sha256:
+            raise CheckpointError(f"checkpoint {name}: device state checksum does not match")
+        if self.ram_file.stat().st_size != self.ram_size:
+            raise CheckpointError(f"checkpoint {name}: RAM file has the wrong size")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def event_time(ev) -> float:
+    ts = ev["timestamp"]
+    return ts["seconds"] + ts["microseconds"] / 1e6
+
+
+def pause_from_events(events: list) -> float:
+    """Parent pause in ms, from QEMU's own STOP and RESUME event timestamps."""
+    stop = next((event_time(e) for e in events if e["event"] == "STOP"), None)
+    resume = next((event_time(e) for e in reversed(events) if e["event"] == "RESUME"), None)
+    if stop is None or resume is None:
+        return 0.0
+    return (resume - stop) * 1000.0
+
+
+async def top_disk_node(vm: QemuProcess) -> str:
+    """The node the guest disk currently writes to (changes at each snapshot)."""
+    for dev in await vm.execute("query-block"):
+        if dev.get("qdev", "").endswith(DISK_DEVICE) or dev.get("qdev") == DISK_DEVICE:
+            return dev["inserted"]["node-name"]
+    raise CheckpointError(f"VM {vm.name}: no disk device {DISK_DEVICE}")
+
+
+async def freeze_disk(vm: QemuProcess, new_layer: str, node_name: str) -> None:
+    await vm.execute("blockdev-snapshot-sync", {
+        "node-name": await top_disk_node(vm), "snapshot-file": new_layer,
+        "snapshot-node-name": node_name, "format": "qcow2",
+    })
+
+
+async def save_device_state(vm: QemuProcess, state_file: Path, timeout: float = 120.0) -> None:
+    """migrate exec:cat > state with x-ignore-shared: device state only, no shared RAM."""
+    await vm.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-ignore-shared", "state": True},
+        {"capability": "pause-before-switchover", "state": False},
+    ]})
+    listener = vm.listen("MIGRATION")
+    with vm.listening(listener):
+        await vm.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
+        await vm.wait_migration(listener, {"completed"}, timeout)
+
+
+async def capture_precopy(parent: QemuProcess, receiver: QemuProcess, receiver_uri: str,
+                          new_layer: str, node_name: str, state_file: Path) -> dict:
+    """Live pre-copy into `receiver`; freeze the disk at the switchover; save state from the receiver.
+
+    Returns timings in ms and the parent's pause measured from QEMU's events.
+    """
+    t0 = time.monotonic()
+    was_running = await parent.status() == "running"
+    await parent.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-ignore-shared", "state": False},
+        {"capability": "pause-before-switchover", "state": True},
+    ]})
+    await parent.execute("migrate-set-parameters", {
+        "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": LOCAL_BANDWIDTH})
+    rx_listener = receiver.listen("MIGRATION")
+    listener = parent.listen("MIGRATION", "STOP", "RESUME")
+    events = []
+    with parent.listening(listener), receiver.listening(rx_listener):
+        await parent.execute("migrate", {"uri": receiver_uri})
+        while True:
+            ev = await parent.next_event(listener, 300.0)
+            events.append(ev)
+            if ev["event"] != "MIGRATION":
+                continue
+            status = ev["data"]["status"]
+            if status == "pre-switchover":
+                # The parent is stopped: its disk now matches the RAM being sent.
+                t_switch = time.monotonic()
+                await freeze_disk(parent, new_layer, node_name)
+                await parent.execute("migrate-continue", {"state": "pre-switchover"})
+            elif status == "completed":
+                if was_running:
+                    await parent.execute("cont")
+                break
+            elif status in ("failed", "cancelled"):
+                info = await parent.execute("query-migrate")
+                raise CheckpointError(f"VM {parent.name}: pre-copy {status}: "
+                                      f"{info.get('error-desc', 'no reason given')}"
+                                      f"{receiver.failure_report()}")
+        if was_running:
+            while not any(e["event"] == "RESUME" for e in events):
+                events.append(await parent.next_event(listener, 10.0))
+        await receiver.wait_migration(rx_listener, {"completed"}, 60.0)
+    t_parent = time.monotonic()
+    await save_device_state(receiver, state_file)
+    t_state = time.monotonic()
+    return {
+        "pause_ms": pause_from_events(events),
+        "precopy_ms": (t_switch - t0) * 1000.0,
+        "parent_total_ms": (t_parent - t0) * 1000.0,
+        "state_save_ms": (t_state - t_parent) * 1000.0,
+    }
+
+
+async def capture_paused(parent: QemuProcess, parent_ram: str, ram_file: Path,
+                         new_layer: str, node_name: str, state_file: Path, copy) -> dict:
+    """Fallback: everything while the parent is stopped (pause grows with touched RAM).
+
+    `copy(src, dst)` is an async sparse copy (a coroutine running `cp --sparse=always`).
+    The RAM copy must be taken while stopped: a copy taken after `cont` did not load
+    (PLATFORM.md: `VQ 0 size 0x100 < last_avail_idx`).
+    """
+    t0 = time.monotonic()
+    was_running = await parent.status() == "running"
+    listener = parent.listen("STOP", "RESUME")
+    events = []
+    with parent.listening(listener):
+        if was_running:
+            await parent.execute("stop")
+        try:
+            await save_device_state(parent, state_file)
+            t_state = time.monotonic()
+            await copy(parent_ram, str(ram_file))
+            t_copy = time.monotonic()
+            await freeze_disk(parent, new_layer, node_name)
+        finally:
+            await parent.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "x-ignore-shared", "state": False}]})
+            if was_running:
+                await parent.execute("cont")
+        while was_running and not any(e["event"] == "RESUME" for e in events):
+            events.append(await parent.next_event(listener, 10.0))
+    return {
+        "pause_ms": pause_from_events(events),
+        "state_save_ms": (t_state - t0) * 1000.0,
+        "ram_copy_ms": (t_copy - t_state) * 1000.0,
+        "parent_total_ms": (time.monotonic() - t0) * 1000.0,
+    }

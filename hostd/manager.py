@@ -1,0 +1,487 @@
+"""HostManager: every VM on this host, from start to cleanup.
+
+It owns the QemuProcess and AgentChannel of each VM, keeps the store in step,
+and implements the operations hostd serves: start, stop, list, exec,
+checkpoint, clone, down. A VM that dies on its own is marked crashed with
+QEMU's stderr and the serial console tail, and its resources are released.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sfmpi import proc
+from sfmpi.errors import (AgentError, AlreadyExists, CheckpointError, NotFound, QemuError,
+                          SfmpiError, UsageError)
+from sfmpi.image import Image
+from sfmpi.paths import Paths
+
+from . import accel as accel_mod
+from .admission import Budget, Usage, admit
+from .agent_channel import AgentChannel, OutputSink
+from .checkpoint import MODES, Checkpoint, capture_paused, capture_precopy, sha256_file
+from .qemu import QemuProcess, pid_alive, tail
+from .qemu_cmdline import MachineSpec, NullDisk, Qcow2Disk, Sockets, overlay_argv, vm_argv
+from .store import Store, VmRecord, VmRole, VmState
+
+log = logging.getLogger("sfmpi.hostd")
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+BOOT_TIMEOUT = float(os.environ.get("SFMPI_BOOT_TIMEOUT", "300"))
+CLONE_READY_TIMEOUT = 60.0
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise UsageError(f"bad VM name {name!r}: use 1-40 of a-z, 0-9 and '-', starting with a letter or digit")
+    return name
+
+
+def qemu_version() -> str:
+    out = proc.output(["qemu-system-x86_64", "--version"])
+    return out.splitlines()[0].strip()
+
+
+@dataclass
+class Vm:
+    rec: VmRecord
+    qemu: QemuProcess
+    agent: AgentChannel | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class HostManager:
+    def __init__(self, paths: Paths, store: Store, budget: Budget):
+        self.paths = paths
+        self.store = store
+        self.budget = budget
+        self.vms: dict[str, Vm] = {}
+        self._admission = asyncio.Lock()
+        self._watchers: set[asyncio.Task] = set()
+
+    # -- bookkeeping -----------------------------------------------------
+    def usage(self) -> Usage:
+        live = [r for r in self.store.vms() if r.state not in (VmState.STOPPED, VmState.CRASHED)]
+        return Usage(mem_mb=sum(r.spec["mem_mb"] for r in live), vcpus=sum(r.spec["cpus"] for r in live))
+
+    def _files(self, name: str) -> dict:
+        vm_dir = self.paths.vm_dir(name)
+        return dict(
+            ram_path=str(self.paths.shm / f"{name}.ram"),
+            qmp_path=str(self.paths.shm / f"{name}.qmp"),
+            agent_path=str(self.paths.shm / f"{name}.agent"),
+            log_path=str(vm_dir / "qemu.log"),
+            serial_log=str(vm_dir / "serial.log"),
+        )
+
+    def _new_layer(self, name: str) -> str:
+        return str(self.paths.disks / f"{name}-{self.store.next('layer')}.qcow2")
+
+    def _reserve(self, rec: VmRecord) -> None:
+        if rec.name in self.vms or self.store.get_vm(rec.name) is not None:
+            raise AlreadyExists(f"VM {rec.name} already exists (stop it first, or pick another name)")
+        self.paths.vm_dir(rec.name).mkdir(parents=True, exist_ok=True)
+        self.store.put_vm(rec)
+
+    def _release_files(self, rec: VmRecord, keep_logs: bool = False) -> None:
+        for f in (rec.ram_path, rec.qmp_path, rec.agent_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+        # The active overlay is never part of a checkpoint (a checkpoint freezes
+        # the layer and moves the VM to a new one), so it can always go.
+        if rec.overlay and rec.role != VmRole.RECEIVER:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rec.overlay)
+        if not keep_logs:
+            shutil.rmtree(self.paths.vm_dir(rec.name), ignore_errors=True)
+
+    def _watch(self, vm: Vm) -> None:
+        task = asyncio.ensure_future(self._on_exit(vm))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _on_exit(self, vm: Vm) -> None:
+        await vm.qemu.exited.wait()
+        if vm.qemu.stopping or self.vms.get(vm.rec.name) is not vm:
+            return
+        report = vm.qemu.failure_report()
+        log.warning("VM %s: QEMU exited unexpectedly (code %s)%s", vm.rec.name, vm.qemu.returncode, report)
+        self.vms.pop(vm.rec.name, None)
+        if vm.agent is not None:
+            await vm.agent.close()
+        await vm.qemu.stop()
+        rec = vm.rec.with_(state=VmState.CRASHED, pid=None,
+                           error=f"QEMU exited with code {vm.qemu.returncode}{report}")
+        self._release_files(rec, keep_logs=True)
+        self.store.put_vm(rec)
+
+    def _get(self, name: str) -> Vm:
+        vm = self.vms.get(name)
+        if vm is not None:
+            return vm
+        rec = self.store.get_vm(name)
+        if rec is not None and rec.state == VmState.CRASHED:
+            raise QemuError(f"VM {name} crashed: {rec.error}")
+        raise NotFound(f"no VM named {name} (see `sfmpi vm list`)")
+
+    # -- start -----------------------------------------------------------
+    async def start_vm(self, name: str, image: str, mem_mb: int = 512, cpus: int = 1,
+                       accel: str | None = None, timeout: float = BOOT_TIMEOUT) -> dict:
+        check_name(name)
+        if cpus < 1 or mem_mb < 64:
+            raise UsageError(f"VM {name}: need at least 1 vCPU and 64 MiB (got {cpus}, {mem_mb} MiB)")
+        img = Image.load(image)
+        chosen = await asyncio.to_thread(accel_mod.choose, str(img.kernel), str(img.initrd),
+                                         self.paths.accel_cache, accel)
+        spec = MachineSpec(mem_mb=mem_mb, cpus=cpus, accel=chosen, kernel=str(img.kernel),
+                           initrd=str(img.initrd), append=img.append, disk_size=img.virtual_size)
+        async with self._admission:
+            admit(self.budget, self.usage(), 1, mem_mb, cpus, what=f"start of VM {name}")
+            rec = VmRecord(name=name, role=VmRole.PARENT, state=VmState.STARTING, spec=spec.to_json(),
+                           overlay=self._new_layer(name), image=str(img.disk), **self._files(name))
+            self._reserve(rec)
+        t0 = time.monotonic()
+        try:
+            await proc.run_async(overlay_argv(rec.overlay, str(img.disk)))
+            argv = vm_argv(spec, name=name, ram_path=rec.ram_path, share_ram=True,
+                           disk=Qcow2Disk(rec.overlay), sockets=Sockets(rec.qmp_path, rec.agent_path),
+                           serial_log=rec.serial_log)
+            vm = await self._launch(rec, argv)
+            info = await vm.agent.wait_ready(timeout)
+        except BaseException as exc:
+            await self._abandon(name, exc)
+            raise
+        vm.rec = vm.rec.with_(state=VmState.RUNNING)
+        self.store.put_vm(vm.rec)
+        return {**self.describe(vm.rec), "boot_ms": (time.monotonic() - t0) * 1000.0,
+                "guest_uptime_s": info.get("uptime")}
+
+    async def _launch(self, rec: VmRecord, argv: list[str]) -> Vm:
+        """Start QEMU for rec, connect its agent channel, start watching it."""
+        qemu = QemuProcess(rec.name, argv, rec.qmp_path, rec.log_path, rec.serial_log)
+        vm = Vm(rec=rec, qemu=qemu)
+        self.vms[rec.name] = vm
+        await qemu.start()
+        vm.rec = rec = rec.with_(pid=qemu.pid)
+        self.store.put_vm(rec)
+        self._watch(vm)
+        vm.agent = AgentChannel(rec.name, rec.agent_path)
+        await vm.agent.connect()
+        return vm
+
+    async def _abandon(self, name: str, exc: BaseException) -> None:
+        """Undo a VM that failed to come up: nothing of it may stay behind."""
+        vm = self.vms.pop(name, None)
+        report = ""
+        if vm is not None:
+            report = vm.qemu.failure_report()
+            if vm.agent is not None:
+                await vm.agent.close()
+            await vm.qemu.stop()
+        rec = self.store.get_vm(name)
+        if rec is not None:
+            self._release_files(rec)
+            self.store.delete_vm(name)
+        if isinstance(exc, AgentError) and report and isinstance(exc.args[0], str) and report not in exc.args[0]:
+            exc.args = (exc.args[0] + report,)
+
+    # -- stop / list / exec ----------------------------------------------
+    async def stop_vm(self, name: str) -> dict:
+        vm = self.vms.get(name)
+        rec = self.store.get_vm(name)
+        if vm is None and rec is None:
+            raise NotFound(f"no VM named {name} (see `sfmpi vm list`)")
+        if vm is not None:
+            async with vm.lock:
+                self.vms.pop(name, None)
+                if vm.agent is not None:
+                    await vm.agent.close()
+                await vm.qemu.stop()
+                rec = vm.rec
+        self._release_files(rec)
+        self.store.delete_vm(name)
+        return {"name": name, "state": VmState.STOPPED.value}
+
+    def describe(self, rec: VmRecord) -> dict:
+        return {
+            "name": rec.name, "role": rec.role.value, "state": rec.state.value, "pid": rec.pid,
+            "mem_mb": rec.spec["mem_mb"], "cpus": rec.spec["cpus"], "accel": rec.spec["accel"],
+            "checkpoint": rec.checkpoint, "error": rec.error.splitlines()[0] if rec.error else "",
+        }
+
+    def list_vms(self) -> list[dict]:
+        return [self.describe(self.vms[r.name].rec if r.name in self.vms else r) for r in self.store.vms()]
+
+    async def exec(self, name: str, argv: list[str], sink: OutputSink, env: dict | None = None,
+                   cwd: str | None = None) -> int:
+        if not argv:
+            raise UsageError("vm exec: no command given (use `sfmpi vm exec NAME -- CMD...`)")
+        vm = self._get(name)
+        if vm.rec.role == VmRole.RECEIVER or vm.agent is None:
+            raise UsageError(f"VM {name} does not run guest commands")
+        try:
+            return await vm.agent.exec(argv, sink, env=env, cwd=cwd)
+        except AgentError:
+            if vm.qemu.exited.is_set():
+                raise QemuError(f"VM {name} died while running {argv[0]}{vm.qemu.failure_report()}")
+            raise
+
+    # -- checkpoint ------------------------------------------------------
+    async def checkpoint(self, name: str, mode: str = "precopy") -> dict:
+        if mode not in MODES:
+            raise UsageError(f"checkpoint mode must be one of {', '.join(MODES)} (got {mode!r})")
+        vm = self._get(name)
+        if vm.rec.role == VmRole.RECEIVER:
+            raise UsageError(f"VM {name} is a checkpoint receiver")
+        if vm.lock.locked():
+            raise UsageError(f"VM {name} is busy with another checkpoint or stop")
+        async with vm.lock:
+            return await self._checkpoint(vm, mode)
+
+    async def _checkpoint(self, vm: Vm, mode: str) -> dict:
+        name = vm.rec.name
+        ckpt_id = f"{name}-ck{self.store.next('ckpt:' + name)}"
+        final = self.paths.checkpoints / ckpt_id
+        work = self.paths.checkpoints / f".{ckpt_id}.partial"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        frozen = vm.rec.overlay
+        new_layer = self._new_layer(name)
+        node = "disk0-" + Path(new_layer).stem.rsplit("-", 1)[-1]
+        spec = MachineSpec.from_json(vm.rec.spec)
+        t0 = time.monotonic()
+        receiver = None
+        try:
+            if mode == "precopy":
+                receiver = await self._start_receiver(vm, work / "ram")
+                timings = await capture_precopy(
+                    vm.qemu, receiver.qemu, f"unix:{self._mig_socket(receiver.rec.name)}",
+                    new_layer, node, work / "state")
+            else:
+                timings = await capture_paused(
+                    vm.qemu, vm.rec.ram_path, work / "ram", new_layer, node, work / "state", self._sparse_copy)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            if await self._top_is(vm, new_layer):
+                # The disk was frozen before the failure: the parent now writes to
+                # new_layer, whose backing is the old layer. Keep both.
+                vm.rec = vm.rec.with_(overlay=new_layer)
+                self.store.put_vm(vm.rec)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(new_layer)
+            raise
+        finally:
+            if receiver is not None:
+                await self._drop_receiver(receiver)
+        # From here on the parent runs on new_layer; `frozen` belongs to the checkpoint.
+        vm.rec = vm.rec.with_(overlay=new_layer)
+        self.store.put_vm(vm.rec)
+        t_dig = time.monotonic()
+        await proc.run_async(["fallocate", "--dig-holes", str(work / "ram")])
+        timings["dig_holes_ms"] = (time.monotonic() - t_dig) * 1000.0
+        chain = await self._backing_chain(frozen)
+        ram_stat = (work / "ram").stat()
+        ckpt = Checkpoint(
+            id=ckpt_id, vm=name, path=str(final), machine=spec.to_json(), disk=frozen,
+            disk_chain=tuple(chain), state_sha256=sha256_file(work / "state"),
+            state_size=(work / "state").stat().st_size, ram_size=ram_stat.st_size,
+            ram_allocated=ram_stat.st_blocks * 512, mode=mode, pause_ms=timings["pause_ms"],
+            qemu_version=qemu_version(), timings=timings, family=name,
+        )
+        ckpt.write(work)
+        os.rename(work, final)
+        self.store.add_checkpoint(ckpt_id, name, str(final))
+        timings["total_ms"] = (time.monotonic() - t0) * 1000.0
+        return {"id": ckpt_id, "path": str(final), "mode": mode, "pause_ms": ckpt.pause_ms,
+                "ram_mb": ckpt.ram_size >> 20, "ram_allocated_mb": round(ckpt.ram_allocated / 2**20, 1),
+                "state_kb": ckpt.state_size // 1024, "timings": timings}
+
+    async def _top_is(self, vm: Vm, layer: str) -> bool:
+        with contextlib.suppress(Exception):
+            for dev in await vm.qemu.execute("query-block"):
+                if dev.get("inserted", {}).get("file") == layer:
+                    return True
+        return False
+
+    def _mig_socket(self, name: str) -> str:
+        return str(self.paths.shm / f"{name}.mig")
+
+    async def _start_receiver(self, parent: Vm, ram_file: Path) -> Vm:
+        name = f"{parent.rec.name}-rx"
+        spec = MachineSpec.from_json(parent.rec.spec)
+        async with self._admission:
+            admit(self.budget, self.usage(), 1, spec.mem_mb, spec.cpus,
+                  what=f"checkpoint receiver for VM {parent.rec.name}")
+            rec = VmRecord(name=name, role=VmRole.RECEIVER, state=VmState.STARTING, spec=spec.to_json(),
+                           overlay="", **{**self._files(name), "ram_path": str(ram_file)})
+            self._reserve(rec)
+        argv = vm_argv(spec, name=name, ram_path=str(ram_file), share_ram=True,
+                       disk=NullDisk(spec.disk_size), sockets=Sockets(rec.qmp_path, rec.agent_path),
+                       serial_log=rec.serial_log, incoming=f"unix:{self._mig_socket(name)}", paused=True)
+        qemu = QemuProcess(name, argv, rec.qmp_path, rec.log_path, rec.serial_log)
+        vm = Vm(rec=rec, qemu=qemu)
+        self.vms[name] = vm
+        try:
+            await qemu.start()
+        except BaseException as exc:
+            await self._abandon(name, exc)
+            raise
+        vm.rec = vm.rec.with_(pid=qemu.pid, state=VmState.PAUSED)
+        self.store.put_vm(vm.rec)
+        self._watch(vm)
+        return vm
+
+    async def _drop_receiver(self, receiver: Vm) -> None:
+        self.vms.pop(receiver.rec.name, None)
+        await receiver.qemu.stop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._mig_socket(receiver.rec.name))
+        # Its RAM file is the checkpoint's: keep it (ram_path is not released).
+        self._release_files(receiver.rec.with_(ram_path=""))
+        self.store.delete_vm(receiver.rec.name)
+
+    @staticmethod
+    async def _sparse_copy(src: str, dst: str) -> None:
+        await proc.run_async(["cp", "--sparse=always", src, dst])
+
+    @staticmethod
+    async def _backing_chain(layer: str) -> list[str]:
+        import json
+        _, out, _ = await proc.run_async(["qemu-img", "info", "-U", "--backing-chain", "--output=json", layer])
+        return [entry["filename"] for entry in json.loads(out)][1:]
+
+    def find_checkpoint(self, ref: str) -> Checkpoint:
+        path = self.store.checkpoint_path(ref)
+        if path is None:
+            candidate = Path(ref)
+            if not candidate.is_dir():
+                raise NotFound(f"no checkpoint {ref} (give an id from `sfmpi checkpoint` or a checkpoint directory)")
+            path = str(candidate.resolve())
+        return Checkpoint.load(path)
+
+    # -- clone -----------------------------------------------------------
+    async def clone(self, ref: str, n: int, allow_fewer: bool = False,
+                    ready_timeout: float = CLONE_READY_TIMEOUT) -> dict:
+        if n <= 0:
+            raise UsageError(f"clone: -n must be at least 1 (got {n})")
+        t0 = time.monotonic()
+        ckpt = self.find_checkpoint(ref)
+        spec = ckpt.spec
+        async with self._admission:
+            granted = admit(self.budget, self.usage(), n, spec.mem_mb, spec.cpus, allow_fewer,
+                            what=f"clone of checkpoint {ckpt.id}")
+            base = self.store.next("clones:" + ckpt.id)
+            names = [f"{ckpt.id}-{base + i}" for i in range(granted)]
+            for _ in range(granted - 1):
+                self.store.next("clones:" + ckpt.id)
+            recs = []
+            for name in names:
+                rec = VmRecord(name=name, role=VmRole.CLONE, state=VmState.STARTING, spec=spec.to_json(),
+                               overlay=self._new_layer(name), checkpoint=ckpt.id,
+                               **{**self._files(name), "ram_path": str(ckpt.ram_file)})
+                self._reserve(rec)
+                recs.append(rec)
+        results = await asyncio.gather(*(self._start_clone(rec, ckpt, ready_timeout) for rec in recs),
+                                       return_exceptions=True)
+        failures = [(rec.name, r) for rec, r in zip(recs, results) if isinstance(r, BaseException)]
+        if failures:
+            # Never half-done: one failed clone undoes the whole request.
+            for rec in recs:
+                await self._abandon(rec.name, failures[0][1])
+            name, exc = failures[0]
+            if isinstance(exc, SfmpiError):
+                raise exc
+            raise QemuError(f"clone {name}: {exc}") from exc
+        total_ms = (time.monotonic() - t0) * 1000.0
+        for rec in recs:
+            vm = self.vms[rec.name]
+            vm.rec = vm.rec.with_(state=VmState.RUNNING)
+            self.store.put_vm(vm.rec)
+        return {"checkpoint": ckpt.id, "requested": n, "granted": granted, "clones": names,
+                "total_ms": total_ms, "per_clone": [r for r in results]}
+
+    async def _start_clone(self, rec: VmRecord, ckpt: Checkpoint, ready_timeout: float) -> dict:
+        t0 = time.monotonic()
+        await proc.run_async(overlay_argv(rec.overlay, ckpt.disk))
+        argv = vm_argv(ckpt.spec, name=rec.name, ram_path=str(ckpt.ram_file), share_ram=False,
+                       disk=Qcow2Disk(rec.overlay), sockets=Sockets(rec.qmp_path, rec.agent_path),
+                       serial_log=rec.serial_log, incoming="defer")
+        vm = await self._launch(rec, argv)
+        t_started = time.monotonic()
+        qemu = vm.qemu
+        await qemu.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        listener = qemu.listen("MIGRATION")
+        with qemu.listening(listener):
+            await qemu.execute("migrate-incoming", {"uri": f"exec:cat {ckpt.state_file}"})
+            await qemu.wait_migration(listener, {"completed"}, 60.0)
+        t_loaded = time.monotonic()
+        await qemu.execute("cont")
+        await vm.agent.wait_ready(ready_timeout, ping_every=0.2)
+        t_ready = time.monotonic()
+        return {"name": rec.name, "qemu_start_ms": (t_started - t0) * 1000.0,
+                "state_load_ms": (t_loaded - t_started) * 1000.0,
+                "resume_to_agent_ms": (t_ready - t_loaded) * 1000.0,
+                "total_ms": (t_ready - t0) * 1000.0}
+
+    # -- recovery and teardown --------------------------------------------
+    async def recover(self) -> dict:
+        """After a restart: re-attach to VMs whose QEMU still runs, reap the rest."""
+        attached, reaped = [], []
+        for rec in self.store.vms():
+            if rec.state in (VmState.CRASHED, VmState.STOPPED):
+                continue
+            alive = rec.pid is not None and pid_alive(rec.pid) and _is_our_qemu(rec.pid, rec.qmp_path)
+            if alive and rec.role != VmRole.RECEIVER and rec.state != VmState.STARTING:
+                try:
+                    qemu = await QemuProcess.attach(rec.name, rec.pid, rec.qmp_path, rec.log_path, rec.serial_log)
+                    vm = Vm(rec=rec, qemu=qemu)
+                    self.vms[rec.name] = vm
+                    self._watch(vm)
+                    vm.agent = AgentChannel(rec.name, rec.agent_path)
+                    await vm.agent.connect()
+                    attached.append(rec.name)
+                    continue
+                except SfmpiError as exc:
+                    log.warning("VM %s: cannot re-attach (%s); reaping it", rec.name, exc)
+                    self.vms.pop(rec.name, None)
+            if alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rec.pid, 9)
+            self._release_files(rec.with_(ram_path="" if rec.role == VmRole.RECEIVER else rec.ram_path))
+            self.store.delete_vm(rec.name)
+            reaped.append(rec.name)
+        for partial in self.paths.checkpoints.glob(".*.partial"):
+            shutil.rmtree(partial, ignore_errors=True)
+        return {"attached": attached, "reaped": reaped}
+
+    async def down(self) -> dict:
+        """Stop every VM (clones first), remove every runtime file."""
+        order = {VmRole.CLONE: 0, VmRole.RECEIVER: 1, VmRole.PARENT: 2}
+        recs = sorted(self.store.vms(), key=lambda r: order[r.role])
+        stopped = []
+        for role in (VmRole.CLONE, VmRole.RECEIVER, VmRole.PARENT):
+            batch = [r for r in recs if r.role == role]
+            await asyncio.gather(*(self.stop_vm(r.name) for r in batch), return_exceptions=True)
+            stopped += [r.name for r in batch]
+        for task in list(self._watchers):
+            task.cancel()
+        shutil.rmtree(self.paths.shm, ignore_errors=True)
+        return {"stopped": stopped}
+
+
+def _is_our_qemu(pid: int, qmp_path: str) -> bool:
+    """Guard against PID reuse: the process must be the QEMU with our QMP socket."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(qmp_path.encode() in arg for arg in cmdline)

@@ -1,0 +1,225 @@
+"""QemuProcess: the one owner of one QEMU process and its QMP connection.
+
+QEMU runs in its own session with stdout/stderr in a log file, so it outlives a
+restarted hostd (which re-attaches by PID and QMP socket) and so a failure is
+always reported with what QEMU printed (PLATFORM.md: a daemonized QEMU's stderr
+was lost and the migration failure had no text).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from qemu.qmp import EventListener, QMPClient
+from qemu.qmp.qmp_client import ExecuteError
+from qemu.qmp.protocol import ConnectError
+
+from sfmpi.errors import QemuError
+
+log = logging.getLogger("sfmpi.hostd.qemu")
+
+
+def tail(path: str | Path, lines: int = 8) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class QemuProcess:
+    """start() / stop() (safe twice, always cleans up) / async context manager."""
+
+    def __init__(self, name: str, argv: list[str], qmp_path: str, log_path: str, serial_log: str):
+        self.name = name
+        self.argv = argv
+        self.qmp_path = qmp_path
+        self.log_path = log_path
+        self.serial_log = serial_log
+        self.pid: int | None = None
+        self.popen: subprocess.Popen | None = None
+        self.qmp: QMPClient | None = None
+        self.exited = asyncio.Event()
+        self.returncode: int | None = None
+        self.stopping = False
+        self._pidfd: int | None = None
+
+    # -- lifecycle -------------------------------------------------------
+    async def start(self, timeout: float = 30.0) -> None:
+        log.debug("start %s: %s", self.name, " ".join(self.argv))
+        with open(self.log_path, "ab") as logf:
+            try:
+                self.popen = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise QemuError(f"VM {self.name}: cannot run {self.argv[0]}: {exc}") from exc
+        self.pid = self.popen.pid
+        self._watch_exit()
+        await self._connect(timeout)
+
+    @classmethod
+    async def attach(cls, name: str, pid: int, qmp_path: str, log_path: str, serial_log: str) -> "QemuProcess":
+        """Take over a QEMU a previous hostd started (it is not our child)."""
+        proc = cls(name, [], qmp_path, log_path, serial_log)
+        proc.pid = pid
+        proc._watch_exit()
+        await proc._connect(5.0)
+        return proc
+
+    def _watch_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._on_exit()
+            return
+        loop.add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self.popen is not None:
+            self.returncode = self.popen.wait()
+        self.exited.set()
+
+    async def _connect(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.exited.is_set():
+                raise QemuError(f"VM {self.name}: QEMU exited at start (code {self.returncode})"
+                                f"{self._report()}")
+            if os.path.exists(self.qmp_path):
+                qmp = QMPClient(self.name)
+                # The default listener (which cannot be removed) would queue every
+                # event forever; we listen only where we wait for something.
+                qmp.events.event_filter = lambda _event: False
+                try:
+                    await qmp.connect(self.qmp_path)
+                    self.qmp = qmp
+                    return
+                except ConnectError:
+                    pass
+            if time.monotonic() > deadline:
+                raise QemuError(f"VM {self.name}: QMP socket did not come up in {timeout:.0f} s"
+                                f"{self._report()}")
+            await asyncio.sleep(0.01)
+
+    def _report(self) -> str:
+        parts = []
+        err = tail(self.log_path)
+        if err:
+            parts.append(f"\n  QEMU stderr ({self.log_path}):\n    " + err.replace("\n", "\n    "))
+        ser = tail(self.serial_log)
+        if ser:
+            parts.append(f"\n  serial console ({self.serial_log}):\n    " + ser.replace("\n", "\n    "))
+        return "".join(parts)
+
+    def failure_report(self) -> str:
+        return self._report()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Quit QEMU (QMP `quit`, then SIGTERM, then SIGKILL). Safe to call twice."""
+        self.stopping = True
+        if self.qmp is not None and not self.exited.is_set():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), 2.0)
+        if self.pid is not None and not self.exited.is_set():
+            for sig, wait in ((None, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.pid, sig)
+                try:
+                    await asyncio.wait_for(self.exited.wait(), wait)
+                    break
+                except asyncio.TimeoutError:
+                    continue
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+            self.qmp = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.qmp_path)
+
+    async def __aenter__(self) -> "QemuProcess":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # -- QMP -------------------------------------------------------------
+    async def execute(self, cmd: str, args: dict | None = None, timeout: float = 60.0):
+        if self.qmp is None or self.exited.is_set():
+            raise QemuError(f"VM {self.name}: QEMU is not running{self._report()}")
+        try:
+            return await asyncio.wait_for(self.qmp.execute(cmd, args), timeout)
+        except ExecuteError as exc:
+            raise QemuError(f"VM {self.name}: {cmd} failed: {exc.error.desc}") from exc
+        except asyncio.TimeoutError as exc:
+            raise QemuError(f"VM {self.name}: {cmd} timed out after {timeout:.0f} s") from exc
+        except Exception as exc:
+            if self.exited.is_set():
+                raise QemuError(f"VM {self.name}: QEMU died during {cmd}{self._report()}") from exc
+            raise QemuError(f"VM {self.name}: {cmd}: {exc}") from exc
+
+    def listen(self, *names: str) -> EventListener:
+        """An event listener; use as `with vm.listening(l):` around the command."""
+        return EventListener(names)
+
+    @contextlib.contextmanager
+    def listening(self, listener: EventListener):
+        assert self.qmp is not None
+        with self.qmp.listen(listener):
+            yield listener
+
+    async def next_event(self, listener: EventListener, timeout: float) -> dict:
+        """The next event, or QemuError if QEMU dies or nothing comes in time."""
+        get = asyncio.ensure_future(listener.get())
+        died = asyncio.ensure_future(self.exited.wait())
+        done, _ = await asyncio.wait({get, died}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            died.cancel()
+            return get.result()
+        get.cancel()
+        died.cancel()
+        if died in done:
+            raise QemuError(f"VM {self.name}: QEMU died{self._report()}")
+        raise QemuError(f"VM {self.name}: no event from QEMU in {timeout:.0f} s")
+
+    async def wait_migration(self, listener: EventListener, want: set[str], timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QemuError(f"VM {self.name}: migration did not reach {sorted(want)} in {timeout:.0f} s")
+            ev = await self.next_event(listener, left)
+            status = ev["data"]["status"]
+            if status in want:
+                return status
+            if status in ("failed", "cancelled"):
+                info = await self.execute("query-migrate")
+                desc = info.get("error-desc", "no reason given")
+                raise QemuError(f"VM {self.name}: migration {status}: {desc}{self._report()}")
+
+    async def status(self) -> str:
+        return (await self.execute("query-status"))["status"]

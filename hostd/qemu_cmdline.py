@@ -1,0 +1,146 @@
+"""Pure builders for QEMU command lines. No I/O here: tests assert on the lists.
+
+A parent VM, the checkpoint receiver and every clone are built from the same
+MachineSpec, because a migration stream only loads into a machine with exactly
+the same devices, ROMs and RAM layout. What differs between the three is where
+RAM comes from (shared tmpfs file, checkpoint file shared, checkpoint file
+private), which disk backs the virtio-blk device, and whether the VM waits for
+an incoming migration.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+QEMU_BINARY = "qemu-system-x86_64"
+AGENT_PORT_NAME = "org.sfmpi.0"
+RAM_BACKEND_ID = "ram0"
+DISK_NODE = "disk0"
+DISK_DEVICE = "vblk0"
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """What must be identical for a migration stream to load."""
+    mem_mb: int
+    cpus: int
+    accel: Literal["kvm", "tcg"]
+    kernel: str
+    initrd: str
+    append: str
+    disk_size: int  # virtual size of the guest disk, bytes
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MachineSpec":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Qcow2Disk:
+    path: str
+
+
+@dataclass(frozen=True)
+class NullDisk:
+    """A disk that is never read: the checkpoint receiver needs a virtio-blk device
+    of the right size for the device state to load, but never runs the guest."""
+    size: int
+
+
+@dataclass(frozen=True)
+class Sockets:
+    qmp: str
+    agent: str
+
+
+def cpu_args(accel: str) -> list[str]:
+    # Under KVM on PVM hosts `-cpu host` aborts on MSR 0x10a (PLATFORM.md);
+    # dropping arch-capabilities keeps it portable across KVM hosts.
+    if accel == "kvm":
+        return ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
+    return ["-accel", "tcg", "-cpu", "max"]
+
+
+def ram_args(spec: MachineSpec, ram_path: str, share: bool) -> list[str]:
+    return [
+        "-m", f"{spec.mem_mb}M",
+        "-object",
+        f"memory-backend-file,id={RAM_BACKEND_ID},size={spec.mem_mb}M,"
+        f"mem-path={ram_path},share={'on' if share else 'off'}",
+    ]
+
+
+def disk_args(disk: Qcow2Disk | NullDisk) -> list[str]:
+    if isinstance(disk, NullDisk):
+        blockdev = f"driver=null-co,node-name={DISK_NODE},size={disk.size}"
+        return ["-blockdev", blockdev, "-device", f"virtio-blk-pci,drive={DISK_NODE},id={DISK_DEVICE}"]
+    return [
+        "-blockdev", f"driver=file,filename={disk.path},node-name={DISK_NODE}-file",
+        "-blockdev", f"driver=qcow2,file={DISK_NODE}-file,node-name={DISK_NODE}",
+        "-device", f"virtio-blk-pci,drive={DISK_NODE},id={DISK_DEVICE}",
+    ]
+
+
+def vm_argv(
+    spec: MachineSpec,
+    *,
+    name: str,
+    ram_path: str,
+    share_ram: bool,
+    disk: Qcow2Disk | NullDisk,
+    sockets: Sockets,
+    serial_log: str,
+    incoming: str | None = None,
+    paused: bool = False,
+    qemu: str = QEMU_BINARY,
+) -> list[str]:
+    """The whole command line of one VM.
+
+    incoming: None for a fresh boot, "defer" for a clone (the stream is given
+    later with migrate-incoming, after x-ignore-shared is set), or a URI for the
+    checkpoint receiver.
+    """
+    argv = [
+        qemu, "-name", f"sfmpi:{name}",
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-machine", f"q35,memory-backend={RAM_BACKEND_ID}",
+        *cpu_args(spec.accel),
+        "-smp", str(spec.cpus),
+        *ram_args(spec, ram_path, share_ram),
+        "-kernel", spec.kernel, "-initrd", spec.initrd, "-append", spec.append,
+        *disk_args(disk),
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=agent0,path={sockets.agent},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME},id=agentport0",
+        "-serial", f"file:{serial_log}",
+        "-qmp", f"unix:{sockets.qmp},server=on,wait=off",
+        "-no-reboot",
+    ]
+    if paused:
+        argv.append("-S")
+    if incoming is not None:
+        argv += ["-incoming", incoming]
+    return argv
+
+
+def overlay_argv(path: str, backing: str, qemu_img: str = "qemu-img") -> list[str]:
+    """A qcow2 overlay whose reads fall through to `backing` (copy-on-write disk)."""
+    return [qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, path]
+
+
+def probe_argv(accel: str, kernel: str, initrd: str, qemu: str = QEMU_BINARY) -> list[str]:
+    """A guest that boots the kernel to the point of looking for init and panics.
+
+    Reaching that point proves the accelerator really runs this kernel: PVM's
+    /dev/kvm exists but hangs a stock kernel early in boot (PLATFORM.md).
+    """
+    return [
+        qemu, "-nodefaults", "-no-user-config", "-display", "none",
+        "-machine", "q35", *cpu_args(accel), "-m", "256M",
+        "-kernel", kernel, "-initrd", initrd,
+        "-append", "console=ttyS0 panic=-1 rdinit=/sfmpi-accel-probe",
+        "-serial", "stdio", "-no-reboot",
+    ]

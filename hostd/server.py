@@ -1,0 +1,173 @@
+"""hostd: the per-host daemon. Serves the sfmpi CLI on a Unix socket.
+
+Protocol: the client sends one JSON request line {"op": ..., "args": {...}}.
+hostd answers with zero or more {"out": fd, "data": base64} lines (vm.exec
+only) and then exactly one {"ok": result} or {"error": {"type", "message"}}.
+
+Why JSON lines on a Unix socket rather than an HTTP framework: the only peers
+are the CLI and the guest-facing parts of hostd on the same host, the socket's
+file mode is the access control, and streaming exec output needs nothing more.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+
+from sfmpi.errors import HostdError, SfmpiError, UsageError
+from sfmpi.paths import Paths
+
+from .admission import Budget
+from .manager import HostManager
+from .store import Store
+
+log = logging.getLogger("sfmpi.hostd")
+PROTOCOL_VERSION = 1
+
+
+class HostLock:
+    """One hostd per state directory: an exclusive flock held for hostd's life."""
+
+    def __init__(self, paths: Paths):
+        self.path = paths.lock
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode().strip() or "?"
+            os.close(fd)
+            raise HostdError(f"another hostd (pid {holder}) already runs on state directory "
+                             f"{self.path.parent}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Hostd:
+    def __init__(self, paths: Paths, budget: Budget):
+        self.paths = paths
+        self.budget = budget
+        self.lock = HostLock(paths)
+        self.manager: HostManager | None = None
+        self.shutdown = asyncio.Event()
+
+    async def run(self) -> None:
+        self.lock.acquire()
+        try:
+            self.paths.ensure()
+            store = Store(self.paths.db)
+            self.manager = HostManager(self.paths, store, self.budget)
+            recovered = await self.manager.recover()
+            if recovered["attached"] or recovered["reaped"]:
+                log.info("recovered: attached %s, reaped %s", recovered["attached"], recovered["reaped"])
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.paths.socket)
+            server = await asyncio.start_unix_server(self._handle, path=str(self.paths.socket))
+            os.chmod(self.paths.socket, 0o600)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.shutdown.set)
+            log.info("hostd %d serving %s (budget %d MiB, %d vCPUs)", os.getpid(), self.paths.socket,
+                     self.budget.mem_mb, self.budget.vcpus)
+            async with server:
+                await self.shutdown.wait()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.paths.socket)
+            store.close()
+        finally:
+            self.lock.release()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send(msg: dict) -> None:
+            writer.write((json.dumps(msg) + "\n").encode())
+            await writer.drain()
+
+        op = None
+        try:
+            line = await reader.readline()
+            try:
+                req = json.loads(line)
+                op, args = req["op"], req.get("args") or {}
+            except (ValueError, KeyError, TypeError):
+                raise UsageError("malformed request to hostd")
+            try:
+                result = await self._dispatch(op, args, send, reader)
+            except KeyError as exc:
+                raise UsageError(f"hostd: {op} needs the argument {exc.args[0]!r}") from None
+            await send({"ok": result})
+        except SfmpiError as exc:
+            with contextlib.suppress(Exception):
+                await send({"error": {"type": type(exc).__name__, "message": str(exc)}})
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception as exc:  # a bug: report it rather than hang the client
+            log.exception("hostd: internal error")
+            with contextlib.suppress(Exception):
+                await send({"error": {"type": "SfmpiError", "message": f"hostd internal error: {exc!r}"}})
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        if op == "down":
+            self.shutdown.set()
+
+    async def _dispatch(self, op: str, args: dict, send, reader: asyncio.StreamReader):
+        m = self.manager
+        if op == "ping":
+            return {"pid": os.getpid(), "home": str(self.paths.home), "protocol": PROTOCOL_VERSION,
+                    "budget": {"mem_mb": self.budget.mem_mb, "vcpus": self.budget.vcpus}}
+        if op == "vm.start":
+            return await m.start_vm(args["name"], args["image"], int(args.get("mem_mb", 512)),
+                                    int(args.get("cpus", 1)), args.get("accel"),
+                                    float(args.get("timeout", 300)))
+        if op == "vm.stop":
+            return await m.stop_vm(args["name"])
+        if op == "vm.list":
+            return m.list_vms()
+        if op == "vm.exec":
+            async def sink(fd: int, data: bytes) -> None:
+                await send({"out": fd, "data": base64.b64encode(data).decode()})
+
+            job = asyncio.ensure_future(m.exec(args["name"], list(args["argv"]), sink,
+                                               args.get("env"), args.get("cwd")))
+            # The client hanging up (Ctrl-C) ends the guest command too.
+            gone = asyncio.ensure_future(reader.read())
+            done, _ = await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if job not in done:
+                job.cancel()
+                with contextlib.suppress(BaseException):
+                    await job
+                raise ConnectionError("client went away")
+            gone.cancel()
+            return {"code": job.result()}
+        if op == "checkpoint":
+            return await m.checkpoint(args["name"], args.get("mode", "precopy"))
+        if op == "checkpoint.list":
+            return [{"id": i, "vm": vm, "path": p} for i, vm, p in m.store.checkpoints()]
+        if op == "clone":
+            return await m.clone(args["checkpoint"], int(args["n"]), bool(args.get("allow_fewer")))
+        if op == "down":
+            return await m.down()
+        if op == "shutdown":
+            # Leave VMs running: a new hostd re-attaches to them.
+            self.shutdown.set()
+            return {"pid": os.getpid()}
+        raise UsageError(f"hostd does not know the operation {op!r}")
+
+
+def serve(paths: Paths, budget: Budget) -> None:
+    asyncio.run(Hostd(paths, budget).run())

@@ -1,0 +1,1 @@
+"""sfmpirun, the drop-in mpirun that forks its worker cluster (issue #4)."""

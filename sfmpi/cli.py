@@ -1,0 +1,219 @@
+"""The `sfmpi` command (host side). Every failure: one clear line, non-zero exit."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from .errors import SfmpiError, UsageError
+
+
+def _client():
+    from .client import HostdClient
+    return HostdClient()
+
+
+def _emit(obj, as_json: bool, human) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2))
+    else:
+        human(obj)
+
+
+class SfmpiGroup(click.Group):
+    """Turns SfmpiError into `sfmpi: error: ...` and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SfmpiError as exc:
+            msg = str(exc)
+            first, _, rest = msg.partition("\n")
+            click.echo(f"sfmpi: error: {first}", err=True)
+            if rest:
+                click.echo(rest, err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=SfmpiGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Log what sfmpi does.")
+def main(verbose: bool) -> None:
+    """sfmpi: fork running QEMU/KVM virtual machines (SnowFlock-style)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+# -- image ----------------------------------------------------------------
+@main.group()
+def image() -> None:
+    """Guest images."""
+
+
+@image.command("build")
+@click.option("--packages", default="", help="Extra Debian packages, comma-separated.")
+@click.option("--out", type=click.Path(), default=None, help="Copy the image directory here.")
+@click.option("--mirror", default=None, help="Debian mirror (default: $SFMPI_MIRROR or deb.debian.org).")
+@click.option("--force", is_flag=True, help="Rebuild even if a cached image matches.")
+def image_build(packages: str, out, mirror, force: bool) -> None:
+    """Build the guest image (cached by recipe) and print its path."""
+    from rich.console import Console
+
+    from . import image as image_mod
+
+    extra = tuple(p.strip() for p in packages.split(",") if p.strip())
+    console = Console(stderr=True)
+    with console.status("building guest image") as status:
+        def progress(step: str) -> None:
+            status.update(f"guest image: {step}")
+            console.log(step)
+        path = image_mod.build(image_mod.Recipe(extra_packages=extra), out=out, mirror=mirror,
+                               progress=progress, force=force)
+    click.echo(str(path))
+
+
+def _default_image() -> str:
+    from . import image as image_mod
+    from .paths import image_dir
+    candidate = image_dir() / image_mod.Recipe().image_hash() / "disk.qcow2"
+    if not candidate.exists():
+        raise UsageError("no --image given and the default image is not built (run `sfmpi image build`)")
+    return str(candidate)
+
+
+# -- vm -------------------------------------------------------------------
+@main.group()
+def vm() -> None:
+    """Virtual machines on this host."""
+
+
+@vm.command("start")
+@click.argument("name")
+@click.option("--image", "image_path", default=None, help="Image from `sfmpi image build` (default: the default image).")
+@click.option("--mem", default="512M", show_default=True, help="Guest RAM.")
+@click.option("--cpus", default=1, show_default=True, type=int, help="vCPUs.")
+@click.option("--accel", type=click.Choice(["kvm", "tcg"]), default=None,
+              help="Force the accelerator (default: KVM if a probe guest boots under it, else TCG).")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the guest agent.")
+@click.option("--json", "as_json", is_flag=True)
+def vm_start(name, image_path, mem, cpus, accel, timeout, as_json) -> None:
+    """Boot a VM from an image and wait until its agent answers."""
+    from .hostd.admission import parse_size_mb
+    image_path = os.path.abspath(image_path) if image_path else _default_image()
+    res = _client().call("vm.start", name=name, image=image_path, mem_mb=parse_size_mb(mem), cpus=cpus,
+                         accel=accel, timeout=timeout)
+    _emit(res, as_json, lambda r: click.echo(
+        f"{r['name']} running ({r['accel']}, {r['mem_mb']} MiB, {r['cpus']} vCPU) in {r['boot_ms'] / 1000:.1f} s"))
+
+
+@vm.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def vm_exec(name, argv) -> None:
+    """Run a command in the guest: `sfmpi vm exec NAME -- CMD...`. Exits with its code."""
+    def out(fd: int, data: bytes) -> None:
+        stream = sys.stdout.buffer if fd == 1 else sys.stderr.buffer
+        stream.write(data)
+        stream.flush()
+    res = _client().call("vm.exec", on_output=out, name=name, argv=list(argv))
+    code = int(res["code"])
+    sys.exit(code if 0 <= code < 256 else 128 + abs(code))
+
+
+@vm.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def vm_list(as_json) -> None:
+    """VMs this host runs."""
+    client = _client()
+    if not client.running():
+        rows = []
+    else:
+        rows = client.call("vm.list")
+
+    def human(rows):
+        if not rows:
+            click.echo("no VMs")
+            return
+        fmt = "{:<28} {:<8} {:<8} {:>7} {:>5} {:>4}  {}"
+        click.echo(fmt.format("NAME", "ROLE", "STATE", "PID", "MEM", "CPU", "FROM / ERROR"))
+        for r in rows:
+            click.echo(fmt.format(r["name"], r["role"], r["state"], r["pid"] or "-", r["mem_mb"], r["cpus"],
+                                  r["error"] or r["checkpoint"]))
+    _emit(rows, as_json, human)
+
+
+@vm.command("stop")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def vm_stop(name, as_json) -> None:
+    """Stop a VM and remove its runtime files."""
+    res = _client().call("vm.stop", name=name)
+    _emit(res, as_json, lambda r: click.echo(f"{r['name']} stopped"))
+
+
+# -- checkpoint / clone -----------------------------------------------------
+@main.command("checkpoint")
+@click.argument("name")
+@click.option("--mode", type=click.Choice(["precopy", "paused"]), default="precopy", show_default=True,
+              help="precopy: live copy to a local receiver, millisecond pause; paused: copy while stopped.")
+@click.option("--json", "as_json", is_flag=True)
+def checkpoint(name, mode, as_json) -> None:
+    """Checkpoint a running VM (it goes on running); print the checkpoint id."""
+    res = _client().call("checkpoint", name=name, mode=mode)
+    _emit(res, as_json, lambda r: click.echo(r["id"]))
+
+
+@main.command("clone")
+@click.argument("ckpt")
+@click.option("-n", "n", type=int, required=True, help="Number of clones.")
+@click.option("--allow-fewer", is_flag=True, help="Take fewer clones if the host budget cannot hold n.")
+@click.option("--json", "as_json", is_flag=True)
+def clone(ckpt, n, allow_fewer, as_json) -> None:
+    """Start N clones from a checkpoint; they resume where the parent was."""
+    if n <= 0:
+        raise UsageError(f"clone: -n must be at least 1 (got {n})")
+    res = _client().call("clone", checkpoint=ckpt, n=n, allow_fewer=allow_fewer)
+
+    def human(r):
+        for name in r["clones"]:
+            click.echo(name)
+        note = f" (asked {r['requested']})" if r["granted"] < r["requested"] else ""
+        click.echo(f"{r['granted']} clone(s) running in {r['total_ms'] / 1000:.2f} s{note}", err=True)
+    _emit(res, as_json, human)
+
+
+@main.command("down")
+@click.option("--json", "as_json", is_flag=True)
+def down(as_json) -> None:
+    """Stop every VM sfmpi started on this host, and hostd; leave nothing behind."""
+    client = _client()
+    from .paths import Paths
+    if not client.running() and not Paths.from_env().db.exists():
+        res = {"stopped": []}
+    else:
+        res = client.call("down")
+    _emit(res, as_json, lambda r: click.echo(f"stopped {len(r['stopped'])} VM(s)"))
+
+
+@main.command("hostd")
+@click.option("--mem-budget", default=None, help="Memory VMs may use (default: 75% of host RAM).")
+@click.option("--vcpu-budget", default=None, type=int, help="vCPUs VMs may use (default: 8 per core).")
+def hostd_cmd(mem_budget, vcpu_budget) -> None:
+    """Run hostd in the foreground (commands start it on demand otherwise)."""
+    from .hostd.admission import Budget, parse_size_mb
+    from .hostd.server import serve
+
+    from .paths import Paths
+    logging.getLogger().setLevel(logging.INFO)
+    budget = Budget.default()
+    if mem_budget:
+        budget = Budget(parse_size_mb(mem_budget), budget.vcpus)
+    if vcpu_budget:
+        budget = Budget(budget.mem_mb, vcpu_budget)
+    serve(Paths.from_env(), budget)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The one error tree of sfmpi.
+
+Every failure a user can cause ends as one of these, with a message that names
+the host, the VM and the clone where that applies; the CLI prints the message
+on one line and exits non-zero.
+"""
+from __future__ import annotations
+
+
+class SfmpiError(Exception):
+    """Root of every error sfmpi raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(SfmpiError):
+    """Bad input from the user: a value out of range, a malformed name."""
+
+    exit_code = 2
+
+
+class NotFound(SfmpiError):
+    """A VM, image or checkpoint the user named does not exist."""
+
+
+class AlreadyExists(SfmpiError):
+    """A name the user chose is taken."""
+
+
+class CommandError(SfmpiError):
+    """An external command failed; carries its argv, exit code and stderr."""
+
+    def __init__(self, argv: list[str], returncode: int, stderr: str):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        tail = stderr.strip().splitlines()[-1:] if stderr else []
+        detail = f": {tail[0]}" if tail else ""
+        super().__init__(f"{argv[0]} exited with {returncode}{detail}")
+
+
+class QemuError(SfmpiError):
+    """A QEMU process failed to start, crashed or refused a QMP command."""
+
+
+class CheckpointError(SfmpiError):
+    """A checkpoint could not be taken or is unusable (corrupt, incomplete)."""
+
+
+class CapacityError(SfmpiError):
+    """The host's memory or CPU budget cannot hold what was asked."""
+
+
+class AgentError(SfmpiError):
+    """The guest agent did not answer or reported a failure."""
+
+
+class HostdError(SfmpiError):
+    """hostd could not be reached, started, or is already running."""
+
+
+class ImageError(SfmpiError):
+    """The guest image is missing or could not be built."""
+
+
+# Errors cross the hostd socket as {"error": {"type": name, "message": text}};
+# this table turns them back into the same class on the client side.
+BY_NAME: dict[str, type[SfmpiError]] = {
+    cls.__name__: cls
+    for cls in (
+        SfmpiError, UsageError, NotFound, AlreadyExists, CommandError, QemuError,
+        CheckpointError, CapacityError, AgentError, HostdError, ImageError,
+    )
+}
+
+
+def from_wire(kind: str, message: str) -> SfmpiError:
+    cls = BY_NAME.get(kind, SfmpiError)
+    err = SfmpiError.__new__(cls)
+    SfmpiError.__init__(err, message)
+    return err

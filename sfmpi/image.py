@@ -1,0 +1,256 @@
+"""Guest image builder: debootstrap Debian bookworm, add the sfmpi agent, ext4, qcow2.
+
+An image is a directory `<image dir>/<recipe hash>/` holding `disk.qcow2`, the
+kernel and initrd for direct kernel boot, and `image.json`. The hash covers
+everything that goes into the image (suite, packages, agent source, guest
+configuration), so a second build with the same recipe returns at once.
+
+The debootstrapped root tree is cached separately, keyed by the package list
+only, so changing the agent re-runs the quick steps (configure, mkfs) and not
+the download.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import proc
+from .errors import ImageError
+from .paths import image_dir
+
+SUITE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+BASE_PACKAGES = (
+    "linux-image-cloud-amd64", "systemd-sysv", "udev", "kmod", "python3",
+    "mpich", "openmpi-bin", "python3-mpi4py", "openssh-server", "iproute2",
+)
+# Bump when the guest configuration below changes in a way the hash of the agent
+# source does not capture.
+GUEST_CONFIG_VERSION = 1
+# mitigations=off: speculative-execution defences only slow an emulated guest down.
+KERNEL_APPEND = "root=/dev/vda rw console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off"
+AGENT_SOURCE = Path(__file__).with_name("guest") / "agent.py"
+
+AGENT_UNIT = """\
+[Unit]
+Description=sfmpi guest agent (virtio-serial channel to hostd)
+# No udev and no local-fs ordering: the root file system is mounted rw by the
+# kernel, devtmpfs creates /dev/vport*, and the agent loads virtio_console
+# itself. Waiting for udev cost ~25 s of a TCG boot.
+DefaultDependencies=no
+After=systemd-journald.socket
+
+[Service]
+ExecStart=/usr/bin/python3 /usr/lib/sfmpi/sfmpi-agent
+Restart=always
+RestartSec=0.2
+
+[Install]
+WantedBy=sysinit.target
+"""
+
+# Timers and services that only cost boot time in a short-lived guest.
+MASKED_UNITS = (
+    "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer",
+    "man-db.timer", "dpkg-db-backup.timer", "getty@tty1.service", "e2scrub_reap.service",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    packages: tuple[str, ...] = BASE_PACKAGES
+    extra_packages: tuple[str, ...] = ()
+    suite: str = SUITE
+
+    @property
+    def all_packages(self) -> tuple[str, ...]:
+        return tuple(self.packages) + tuple(p for p in self.extra_packages if p not in self.packages)
+
+    def rootfs_hash(self) -> str:
+        return _sha({"suite": self.suite, "packages": sorted(self.all_packages)})
+
+    def image_hash(self) -> str:
+        return _sha({
+            "rootfs": self.rootfs_hash(),
+            "agent": hashlib.sha256(AGENT_SOURCE.read_bytes()).hexdigest(),
+            "unit": AGENT_UNIT, "masked": MASKED_UNITS, "append": KERNEL_APPEND,
+            "config": GUEST_CONFIG_VERSION,
+        })
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built guest image (what `vm start --image` needs)."""
+    disk: Path
+    kernel: Path
+    initrd: Path
+    append: str
+    virtual_size: int
+    recipe: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Image":
+        """Accept the qcow2 path printed by `image build`, or its directory."""
+        p = Path(path)
+        meta = (p if p.is_dir() else p.parent) / "image.json"
+        if not p.exists():
+            raise ImageError(f"image {path} does not exist (build one with `sfmpi image build`)")
+        if not meta.exists():
+            raise ImageError(f"{path} is not an sfmpi image: {meta} is missing")
+        try:
+            d = json.loads(meta.read_text())
+            img = cls(disk=Path(d["disk"]), kernel=Path(d["kernel"]), initrd=Path(d["initrd"]),
+                      append=d["append"], virtual_size=int(d["virtual_size"]), recipe=d.get("recipe", {}))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ImageError(f"image metadata {meta} is unreadable: {exc}") from exc
+        for f in (img.disk, img.kernel, img.initrd):
+            if not f.exists():
+                raise ImageError(f"image {path} is incomplete: {f} is missing")
+        return img
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+Progress = Callable[[str], None]
+
+
+def build(recipe: Recipe = Recipe(), out: Path | None = None, mirror: str | None = None,
+          progress: Progress = lambda s: None, force: bool = False) -> Path:
+    """Build (or find in the cache) the image for `recipe`; return the qcow2 path."""
+    mirror = mirror or os.environ.get("SFMPI_MIRROR", DEFAULT_MIRROR)
+    root = image_dir()
+    final = root / recipe.image_hash()
+    if (final / "image.json").exists() and not force:
+        progress("cached")
+        disk = final / "disk.qcow2"
+        return _export(disk, out)
+    root.mkdir(parents=True, exist_ok=True)
+    rootfs = _rootfs(recipe, mirror, root, progress)
+    progress("configuring guest")
+    _configure(rootfs)
+    work = root / f".build-{recipe.image_hash()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        kernel, initrd = _kernel_files(rootfs)
+        shutil.copy2(kernel, work / "vmlinuz")
+        shutil.copy2(initrd, work / "initrd.img")
+        progress("making ext4 file system")
+        raw = work / "disk.raw"
+        size = _tree_bytes(rootfs) * 13 // 10 + (512 << 20)
+        size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)
+        proc.run(["mkfs.ext4", "-q", "-F", "-L", "sfmpi-root", "-d", rootfs, raw, f"{size // 1024}K"])
+        progress("converting to qcow2")
+        proc.run(["qemu-img", "convert", "-O", "qcow2", raw, work / "disk.qcow2"])
+        raw.unlink()
+        meta = Image(disk=final / "disk.qcow2", kernel=final / "vmlinuz", initrd=final / "initrd.img",
+                     append=KERNEL_APPEND, virtual_size=size,
+                     recipe={"suite": recipe.suite, "packages": list(recipe.all_packages),
+                             "hash": recipe.image_hash()})
+        (work / "image.json").write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    progress("done")
+    return _export(final / "disk.qcow2", out)
+
+
+def _export(disk: Path, out: Path | None) -> Path:
+    """--out: place a copy of the whole image directory where the user asked."""
+    if out is None:
+        return disk
+    out = Path(out)
+    if out.exists():
+        raise ImageError(f"--out {out} already exists")
+    shutil.copytree(disk.parent, out)
+    meta = json.loads((out / "image.json").read_text())
+    for key, name in (("disk", "disk.qcow2"), ("kernel", "vmlinuz"), ("initrd", "initrd.img")):
+        meta[key] = str((out / name).resolve())
+    (out / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return (out / "disk.qcow2").resolve()
+
+
+def _rootfs(recipe: Recipe, mirror: str, root: Path, progress: Progress) -> Path:
+    rootfs = root / f"rootfs-{recipe.rootfs_hash()}"
+    done = rootfs.with_suffix(".done")
+    if done.exists():
+        return rootfs
+    shutil.rmtree(rootfs, ignore_errors=True)
+    cache = root / "debs"
+    cache.mkdir(exist_ok=True)
+    progress(f"debootstrap {recipe.suite} ({len(recipe.all_packages)} packages, a few minutes)")
+    log = root / f"debootstrap-{recipe.rootfs_hash()}.log"
+    argv = ["debootstrap", "--variant=minbase", f"--cache-dir={cache}",
+            "--include=" + ",".join(recipe.all_packages), recipe.suite, str(rootfs), mirror]
+    with open(log, "wb") as logf:
+        try:
+            proc.run(argv, capture=False, stdout=logf, stderr=logf)
+        except Exception as exc:
+            shutil.rmtree(rootfs, ignore_errors=True)
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise ImageError(f"debootstrap failed (log {log}): {' | '.join(tail)}") from exc
+    for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+        deb.unlink()
+    done.touch()
+    return rootfs
+
+
+def _configure(rootfs: Path) -> None:
+    """Write the guest files sfmpi owns. Idempotent: rewrites them every build."""
+    (rootfs / "etc/hostname").write_text("sfmpi\n")
+    (rootfs / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 sfmpi\n")
+    (rootfs / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
+    (rootfs / "etc/modules-load.d/sfmpi.conf").write_text("virtio_console\n")
+    lib = rootfs / "usr/lib/sfmpi"
+    shutil.rmtree(lib, ignore_errors=True)
+    lib.mkdir(parents=True)
+    shutil.copy2(AGENT_SOURCE, lib / "sfmpi-agent")
+    (lib / "sfmpi-agent").chmod(0o755)
+    (rootfs / "etc/sfmpi/clone.d").mkdir(parents=True, exist_ok=True)
+    units = rootfs / "etc/systemd/system"
+    (units / "sfmpi-agent.service").write_text(AGENT_UNIT)
+    wants = units / "sysinit.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / "sfmpi-agent.service"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to("/etc/systemd/system/sfmpi-agent.service")
+    for unit in MASKED_UNITS:
+        target = units / unit
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        target.symlink_to("/dev/null")
+    # No password login: the agent is the way in.
+    proc.run(["chroot", rootfs, "passwd", "-l", "root"], check=False)
+
+
+def _kernel_files(rootfs: Path) -> tuple[Path, Path]:
+    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+    initrds = sorted((rootfs / "boot").glob("initrd.img-*"))
+    if not kernels or not initrds:
+        raise ImageError(f"no kernel or initrd in {rootfs}/boot")
+    return kernels[-1], initrds[-1]
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
