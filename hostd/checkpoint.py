@@ -35,6 +35,8 @@ MODES = ("precopy", "paused")
 # (QEMU's default max-bandwidth is 128 MiB/s).
 LOCAL_BANDWIDTH = 8 << 30
 DOWNTIME_LIMIT_MS = 20
+# Without this capability QEMU 7.2 sends no MIGRATION events at all.
+EVENTS_ON = {"capability": "events", "state": True}
 
 
 @dataclass(frozen=True)
@@ -141,14 +143,16 @@ def pause_from_events(events: list) -> float:
 async def top_disk_node(vm: QemuProcess) -> str:
     """The node the guest disk currently writes to (changes at each snapshot)."""
     for dev in await vm.execute("query-block"):
-        if dev.get("qdev", "").endswith(DISK_DEVICE) or dev.get("qdev") == DISK_DEVICE:
+        # qdev is a QOM path such as /machine/peripheral/vblk0/virtio-backend
+        if DISK_DEVICE in dev.get("qdev", "").split("/"):
             return dev["inserted"]["node-name"]
     raise CheckpointError(f"VM {vm.name}: no disk device {DISK_DEVICE}")
 
 
-async def freeze_disk(vm: QemuProcess, new_layer: str, node_name: str) -> None:
+async def freeze_disk(vm: QemuProcess, new_layer: str, node_name: str, top: str | None = None) -> None:
+    """Freeze the disk: the VM goes on in new_layer, the old top layer is read-only from now."""
     await vm.execute("blockdev-snapshot-sync", {
-        "node-name": await top_disk_node(vm), "snapshot-file": new_layer,
+        "node-name": top or await top_disk_node(vm), "snapshot-file": new_layer,
         "snapshot-node-name": node_name, "format": "qcow2",
     })
 
@@ -156,6 +160,7 @@ async def freeze_disk(vm: QemuProcess, new_layer: str, node_name: str) -> None:
 async def save_device_state(vm: QemuProcess, state_file: Path, timeout: float = 120.0) -> None:
     """migrate exec:cat > state with x-ignore-shared: device state only, no shared RAM."""
     await vm.execute("migrate-set-capabilities", {"capabilities": [
+        EVENTS_ON,
         {"capability": "x-ignore-shared", "state": True},
         {"capability": "pause-before-switchover", "state": False},
     ]})
@@ -174,6 +179,7 @@ async def capture_precopy(parent: QemuProcess, receiver: QemuProcess, receiver_u
     t0 = time.monotonic()
     was_running = await parent.status() == "running"
     await parent.execute("migrate-set-capabilities", {"capabilities": [
+        EVENTS_ON,
         {"capability": "x-ignore-shared", "state": False},
         {"capability": "pause-before-switchover", "state": True},
     ]})
@@ -182,6 +188,39 @@ async def capture_precopy(parent: QemuProcess, receiver: QemuProcess, receiver_u
     rx_listener = receiver.listen("MIGRATION")
     listener = parent.listen("MIGRATION", "STOP", "RESUME")
     events = []
+    # Looked up now, not at the switchover: every QMP round trip there is pause.
+    top = await top_disk_node(parent)
+    try:
+        t_switch = await _precopy(parent, receiver, receiver_uri, listener, rx_listener, events,
+                                  new_layer, node_name, top, was_running)
+    except BaseException:
+        await abort_migration(parent, was_running)
+        raise
+    t_parent = time.monotonic()
+    await save_device_state(receiver, state_file)
+    t_state = time.monotonic()
+    return {
+        "pause_ms": pause_from_events(events),
+        "precopy_ms": (t_switch - t0) * 1000.0,
+        "parent_total_ms": (t_parent - t0) * 1000.0,
+        "state_save_ms": (t_state - t_parent) * 1000.0,
+    }
+
+
+async def abort_migration(vm: QemuProcess, was_running: bool) -> None:
+    """Leave the parent as it was: no migration in flight, running if it ran."""
+    import contextlib
+    with contextlib.suppress(Exception):
+        await vm.execute("migrate_cancel", timeout=10)
+    if was_running:
+        with contextlib.suppress(Exception):
+            if await vm.status() != "running":
+                await vm.execute("cont", timeout=10)
+
+
+async def _precopy(parent, receiver, receiver_uri, listener, rx_listener, events,
+                   new_layer, node_name, top, was_running) -> float:
+    t_switch = time.monotonic()
     with parent.listening(listener), receiver.listening(rx_listener):
         await parent.execute("migrate", {"uri": receiver_uri})
         while True:
@@ -193,7 +232,7 @@ async def capture_precopy(parent: QemuProcess, receiver: QemuProcess, receiver_u
             if status == "pre-switchover":
                 # The parent is stopped: its disk now matches the RAM being sent.
                 t_switch = time.monotonic()
-                await freeze_disk(parent, new_layer, node_name)
+                await freeze_disk(parent, new_layer, node_name, top)
                 await parent.execute("migrate-continue", {"state": "pre-switchover"})
             elif status == "completed":
                 if was_running:
@@ -208,15 +247,7 @@ async def capture_precopy(parent: QemuProcess, receiver: QemuProcess, receiver_u
             while not any(e["event"] == "RESUME" for e in events):
                 events.append(await parent.next_event(listener, 10.0))
         await receiver.wait_migration(rx_listener, {"completed"}, 60.0)
-    t_parent = time.monotonic()
-    await save_device_state(receiver, state_file)
-    t_state = time.monotonic()
-    return {
-        "pause_ms": pause_from_events(events),
-        "precopy_ms": (t_switch - t0) * 1000.0,
-        "parent_total_ms": (t_parent - t0) * 1000.0,
-        "state_save_ms": (t_state - t_parent) * 1000.0,
-    }
+    return t_switch
 
 
 async def capture_paused(parent: QemuProcess, parent_ram: str, ram_file: Path,

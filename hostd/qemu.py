@@ -174,7 +174,7 @@ class QemuProcess:
         try:
             return await asyncio.wait_for(self.qmp.execute(cmd, args), timeout)
         except ExecuteError as exc:
-            raise QemuError(f"VM {self.name}: {cmd} failed: {exc.error.desc}") from exc
+            raise QemuError(f"VM {self.name}: {cmd} failed: {exc.error_class}: {exc.error.error.desc}") from exc
         except asyncio.TimeoutError as exc:
             raise QemuError(f"VM {self.name}: {cmd} timed out after {timeout:.0f} s") from exc
         except Exception as exc:

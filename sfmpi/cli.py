@@ -126,11 +126,8 @@ def vm_exec(name, argv) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def vm_list(as_json) -> None:
     """VMs this host runs."""
-    client = _client()
-    if not client.running():
-        rows = []
-    else:
-        rows = client.call("vm.list")
+    # Starts hostd if needed: a new hostd re-attaches to VMs a previous one left.
+    rows = _client().call("vm.list")
 
     def human(rows):
         if not rows:
