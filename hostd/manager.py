@@ -91,7 +91,10 @@ class HostManager:
         self.store.put_vm(rec)
 
     def _release_files(self, rec: VmRecord, keep_logs: bool = False) -> None:
-        for f in (rec.ram_path, rec.qmp_path, rec.agent_path):
+        # Only a parent owns its RAM file (on tmpfs). A clone maps the checkpoint's
+        # RAM privately and a receiver writes it: that file belongs to the checkpoint.
+        owned = [rec.qmp_path, rec.agent_path] + ([rec.ram_path] if rec.role == VmRole.PARENT else [])
+        for f in owned:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f)
         # The active overlay is never part of a checkpoint (a checkpoint freezes
@@ -345,8 +348,7 @@ class HostManager:
         await receiver.qemu.stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._mig_socket(receiver.rec.name))
-        # Its RAM file is the checkpoint's: keep it (ram_path is not released).
-        self._release_files(receiver.rec.with_(ram_path=""))
+        self._release_files(receiver.rec)
         self.store.delete_vm(receiver.rec.name)
 
     @staticmethod
@@ -457,7 +459,7 @@ class HostManager:
             if alive:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(rec.pid, 9)
-            self._release_files(rec.with_(ram_path="" if rec.role == VmRole.RECEIVER else rec.ram_path))
+            self._release_files(rec)
             self.store.delete_vm(rec.name)
             reaped.append(rec.name)
         for partial in self.paths.checkpoints.glob(".*.partial"):

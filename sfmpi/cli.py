@@ -190,7 +190,13 @@ def down(as_json) -> None:
     if not client.running() and not Paths.from_env().db.exists():
         res = {"stopped": []}
     else:
+        from .client import wait_gone
+        from .errors import HostdError
+        pid = client.call("ping")["pid"]
         res = client.call("down")
+        # "Leaves nothing behind" includes hostd itself: return once it is gone.
+        if not wait_gone(pid):
+            raise HostdError(f"hostd (pid {pid}) did not exit after stopping every VM")
     _emit(res, as_json, lambda r: click.echo(f"stopped {len(r['stopped'])} VM(s)"))
 
 

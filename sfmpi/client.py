@@ -86,6 +86,20 @@ class HostdClient:
                          f"(see {self.paths.hostd_log})")
 
 
+def wait_gone(pid: int, timeout: float = 15.0) -> bool:
+    """Wait for a process to end; a zombie (dead, not yet reaped) counts as ended."""
+    import psutil
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def _last_line(path) -> str:
     try:
         lines = [l for l in open(path, errors="replace").read().splitlines() if l.strip()]

@@ -1,0 +1,48 @@
+# sfmpi: `make demo` and `make test` work on a fresh Debian 12 machine as root.
+# Every step is idempotent and quick the second time.
+
+PYTHON ?= python3
+DEBS := qemu-system-x86 qemu-utils debootstrap nftables iproute2 e2fsprogs util-linux fuse3 libfuse3-dev pkg-config
+STAMP := .make
+
+.PHONY: deps image test unit integration demo bench clean
+
+$(STAMP):
+	mkdir -p $(STAMP)
+
+# Debian packages: only call apt when one is missing.
+$(STAMP)/debs: Makefile | $(STAMP)
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	touch $@
+
+$(STAMP)/python: setup.py | $(STAMP)
+	$(PYTHON) -m pip install -q -e '.[test]'
+	touch $@
+
+deps: $(STAMP)/debs $(STAMP)/python
+
+# Cached by a hash of its recipe: a second build returns at once.
+image: deps
+	sfmpi image build
+
+unit: deps
+	$(PYTHON) -m pytest tests/unit -q
+
+integration: deps image
+	$(PYTHON) -m pytest tests/integration -q
+
+test: deps image
+	$(PYTHON) -m pytest tests -q
+
+demo: deps image
+	$(PYTHON) examples/demo.py
+
+bench: deps image
+	$(PYTHON) bench/fork.py
+
+clean:
+	rm -rf $(STAMP)
