@@ -92,6 +92,8 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {path.name}: no manifest at {manifest}")
         try:
             d = json.loads(manifest.read_text())
+            if not isinstance(d, dict):
+                raise TypeError("not a JSON object")
             if d.get("format") != FORMAT or d.get("version") != VERSION:
                 raise CheckpointError(f"checkpoint {path.name}: not a {FORMAT} v{VERSION} manifest")
             fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}

@@ -158,13 +158,35 @@ class HostManager:
                            serial_log=rec.serial_log)
             vm = await self._launch(rec, argv)
             info = await vm.agent.wait_ready(timeout)
+            t_agent = time.monotonic()
+            system = await self._wait_booted(vm, max(1.0, timeout - (t_agent - t0)))
         except BaseException as exc:
             await self._abandon(name, exc)
             raise
         vm.rec = vm.rec.with_(state=VmState.RUNNING)
         self.store.put_vm(vm.rec)
         return {**self.describe(vm.rec), "boot_ms": (time.monotonic() - t0) * 1000.0,
+                "agent_ms": (t_agent - t0) * 1000.0, "system": system,
                 "guest_uptime_s": info.get("uptime")}
+
+    async def _wait_booted(self, vm: Vm, timeout: float) -> str:
+        """Return once the guest finished booting (systemd running or degraded).
+
+        The agent answers early in boot; a VM handed to the user (and any
+        checkpoint of it) should not still be starting services, or every clone
+        would spend its first seconds finishing the parent's boot.
+        """
+        out = bytearray()
+
+        async def sink(_fd: int, data: bytes) -> None:
+            out.extend(data)
+        try:
+            await asyncio.wait_for(
+                vm.agent.exec(["systemctl", "is-system-running", "--wait"], sink), timeout)
+        except asyncio.TimeoutError:
+            raise AgentError(f"VM {vm.rec.name}: guest did not finish booting in {timeout:.0f} s") from None
+        state = out.decode(errors="replace").strip().splitlines()[-1:] or ["unknown"]
+        return state[0]
 
     async def _launch(self, rec: VmRecord, argv: list[str]) -> Vm:
         """Start QEMU for rec, connect its agent channel, start watching it."""

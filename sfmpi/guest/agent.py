@@ -122,12 +122,15 @@ class Agent:
         elif op == "exec":
             threading.Thread(target=self.run_job, args=(msg,), daemon=True).start()
         elif op == "signal":
-            job = self.jobs.get(msg.get("id"))
-            if job is not None:
-                try:
+            try:
+                job = self.jobs.get(msg.get("id"))
+                if job is not None:
                     os.killpg(job.pid, int(msg.get("sig", signal.SIGTERM)))
-                except ProcessLookupError:
-                    pass
+            except ProcessLookupError:
+                pass
+            except (TypeError, ValueError, OSError) as exc:
+                # A bad request must not end the agent (serve() would die with it).
+                self.send({"ev": "error", "id": None, "message": f"bad signal request: {exc}"})
         else:
             self.send({"ev": "error", "id": msg.get("id"), "message": f"unknown op {op!r}"})
 

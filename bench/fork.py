@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Fork benchmark: clone N vs cold-boot N, and the parent's pause per checkpoint.
+
+    python3 bench/fork.py [--json] [--ns 1,4,8,16] [--cold-ns 1,4,8,16] [--sizes 256,512,1024]
+
+1. For each N: time from the clone request to all N clones running guest code
+   (their agent answered), median of --repeats, vs cold-booting N VMs from the
+   image in parallel to the same point (agent answered).
+2. For guests of 256 MiB, 512 MiB and 1 GiB: the parent's pause per checkpoint
+   (from QEMU's STOP/RESUME event timestamps) for the live pre-copy (default)
+   and the copy-while-paused fallback, with the guest idle and with a guest
+   process dirtying 64 MiB of memory in a loop.
+
+Everything runs against its own state directory and is torn down at the end
+(with the same leak check as the tests). Side by side in one run: this machine
+is shared and noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sfmpi.client import HostdClient, wait_gone  # noqa: E402
+from sfmpi.paths import Paths  # noqa: E402
+from tests.leakcheck import leaks  # noqa: E402
+
+DIRTY = ("import time\nb = bytearray(64 << 20)\ni = 0\n"
+         "while True:\n    b[(i * 4096) % len(b)] = i & 255\n    i += 1\n")
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+class Bench:
+    def __init__(self, image: str):
+        self.home = Path(tempfile.mkdtemp(prefix="sfmpi-bench-", dir="/tmp"))
+        os.environ["SFMPI_HOME"] = str(self.home)
+        self.paths = Paths(self.home)
+        self.client = HostdClient(self.paths)
+        self.image = image
+
+    def start(self, name: str, mem_mb: int) -> dict:
+        return self.client.call("vm.start", name=name, image=self.image, mem_mb=mem_mb, cpus=1)
+
+    def stop_all(self, names: list[str]) -> None:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda n: self.client.call("vm.stop", name=n), names))
+
+    def run_in(self, vm: str, script: str) -> None:
+        res = self.client.call("vm.exec", name=vm, argv=["sh", "-c", script])
+        if res["code"] != 0:
+            raise RuntimeError(f"{vm}: {script!r} exited {res['code']}")
+
+    def down(self) -> list[str]:
+        pid = self.client.call("ping")["pid"]
+        self.client.call("down")
+        wait_gone(pid)
+        left = leaks(self.paths.home, self.paths.shm)
+        shutil.rmtree(self.home, ignore_errors=True)
+        return left
+
+    # -- 1. clone vs cold boot --------------------------------------------
+    def clone_vs_cold(self, ns: list[int], cold_ns: list[int], repeats: int, mem_mb: int) -> list[dict]:
+        self.start("bparent", mem_mb)
+        ck = self.client.call("checkpoint", name="bparent")
+        rows = []
+        for n in ns:
+            hostd_ms, wall_ms = [], []
+            for _ in range(repeats):
+                t0 = time.monotonic()
+                res = self.client.call("clone", checkpoint=ck["id"], n=n)
+                wall_ms.append((time.monotonic() - t0) * 1000)
+                hostd_ms.append(res["total_ms"])
+                self.stop_all(res["clones"])
+            row = {"n": n, "clone_s": statistics.median(wall_ms) / 1000,
+                   "clone_hostd_s": statistics.median(hostd_ms) / 1000,
+                   "clone_runs_s": [round(x / 1000, 3) for x in wall_ms]}
+            if n in cold_ns:
+                names = [f"cold{n}-{i}" for i in range(n)]
+                t0 = time.monotonic()
+                with ThreadPoolExecutor(max_workers=n) as pool:
+                    list(pool.map(lambda name: self.start(name, mem_mb), names))
+                row["cold_s"] = time.monotonic() - t0
+                row["speedup"] = row["cold_s"] / row["clone_s"]
+                self.stop_all(names)
+            rows.append(row)
+        self.stop_all(["bparent"])
+        return rows
+
+    # -- 2. parent pause ----------------------------------------------------
+    def pauses(self, sizes: list[int], repeats: int) -> list[dict]:
+        rows = []
+        for mem in sizes:
+            name = f"pause{mem}"
+            self.start(name, mem)
+            for load in ("idle", "dirtying 64 MiB"):
+                if load != "idle":
+                    self.run_in(name, f"printf '%s' '{DIRTY}' > /tmp/dirty.py; "
+                                      "setsid python3 /tmp/dirty.py >/dev/null 2>&1 < /dev/null &")
+                    time.sleep(2)
+                for mode in ("precopy", "paused"):
+                    runs = [self.client.call("checkpoint", name=name, mode=mode) for _ in range(repeats)]
+                    rows.append({
+                        "mem_mb": mem, "load": load, "mode": mode,
+                        "pause_ms": statistics.median(r["pause_ms"] for r in runs),
+                        "pause_runs_ms": [round(r["pause_ms"], 1) for r in runs],
+                        "checkpoint_s": statistics.median(r["timings"]["total_ms"] for r in runs) / 1000,
+                        "ram_allocated_mb": runs[-1]["ram_allocated_mb"],
+                    })
+            self.stop_all([name])
+        return rows
+
+
+def print_tables(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"Clone N vs cold boot N (to guest code running; {result['mem_mb']} MiB guests, "
+                    f"accel {result['accel']}, median of {result['repeats']})")
+    for col in ("N", "clone (s)", "clone, in hostd (s)", "cold boot (s)", "speedup"):
+        t.add_column(col, justify="right")
+    for r in result["clone_vs_cold"]:
+        t.add_row(str(r["n"]), f"{r['clone_s']:.3f}", f"{r['clone_hostd_s']:.3f}",
+                  f"{r['cold_s']:.1f}" if "cold_s" in r else "-",
+                  f"{r['speedup']:.0f}x" if "speedup" in r else "-")
+    console.print(t)
+    t = Table(title="Parent pause per checkpoint (QEMU STOP->RESUME)")
+    for col in ("guest RAM", "guest load", "mode", "pause (ms)", "runs (ms)", "checkpoint (s)", "RAM file (MiB)"):
+        t.add_column(col, justify="right")
+    for r in result["pauses"]:
+        t.add_row(f"{r['mem_mb']} MiB", r["load"], r["mode"], f"{r['pause_ms']:.1f}",
+                  " ".join(str(x) for x in r["pause_runs_ms"]), f"{r['checkpoint_s']:.2f}",
+                  f"{r['ram_allocated_mb']:.0f}")
+    console.print(t)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    ap.add_argument("--ns", default="1,4,8,16")
+    ap.add_argument("--cold-ns", default="1,4,8,16")
+    ap.add_argument("--sizes", default="256,512,1024")
+    ap.add_argument("--mem", type=int, default=512, help="MiB per guest for the clone benchmark")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--image", default=None)
+    args = ap.parse_args()
+
+    from sfmpi.cli import _default_image
+    bench = Bench(args.image or _default_image())
+    left: list[str] = []
+    try:
+        clone_rows = bench.clone_vs_cold(ints(args.ns), ints(args.cold_ns), args.repeats, args.mem)
+        pause_rows = bench.pauses(ints(args.sizes), args.repeats)
+        accel = json.loads(bench.paths.accel_cache.read_text())["accel"]
+    finally:
+        left = bench.down()
+    result = {"mem_mb": args.mem, "repeats": args.repeats, "accel": accel, "cpus": os.cpu_count(),
+              "clone_vs_cold": clone_rows, "pauses": pause_rows, "leaks": left}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_tables(result)
+        if left:
+            print(f"LEAKS: {left}")
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
