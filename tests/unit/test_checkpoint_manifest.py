@@ -1,0 +1,151 @@
+"""Checkpoint manifests: write/load round trip, and every kind of damage is named."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from sfmpi.errors import CheckpointError
+from sfmpi.hostd.checkpoint import Checkpoint, pause_from_events
+from sfmpi.hostd.qemu_cmdline import MachineSpec
+
+SPEC = MachineSpec(mem_mb=64, cpus=1, accel="tcg", kernel="/k", initrd="/i", append="x", disk_size=1 << 30)
+STATE = b"QEVM device state \x00\x01\x02" * 100
+RAM_SIZE = 64 << 20
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Checkpoint:
+    d = tmp_path / "checkpoints" / "ck-1"
+    d.mkdir(parents=True)
+    (d / "state").write_bytes(STATE)
+    with open(d / "ram", "wb") as f:
+        f.truncate(RAM_SIZE)  # sparse: all holes
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    chain = [disks / "base.qcow2", disks / "mid.qcow2"]
+    for p in chain + [disks / "top.qcow2"]:
+        p.write_bytes(b"QFI\xfb")
+    c = Checkpoint(
+        id="ck-1", vm="vm1", path=str(d), machine=SPEC.to_json(), disk=str(disks / "top.qcow2"),
+        disk_chain=tuple(map(str, chain)), state_sha256=hashlib.sha256(STATE).hexdigest(),
+        state_size=len(STATE), ram_size=RAM_SIZE, ram_allocated=os.stat(d / "ram").st_blocks * 512,
+        mode="precopy", pause_ms=12.5, qemu_version="QEMU emulator version 7.2.0",
+        created=1700000000.123456, timings={"precopy_ms": 40.0}, family="fam")
+    c.write()
+    return c
+
+
+def load_error(ckpt) -> str:
+    with pytest.raises(CheckpointError) as ei:
+        Checkpoint.load(ckpt.path)
+    return str(ei.value)
+
+
+def edit_manifest(ckpt, change):
+    m = os.path.join(ckpt.path, "manifest.json")
+    d = json.loads(open(m).read())
+    change(d)
+    with open(m, "w") as f:
+        json.dump(d, f)
+
+
+def test_round_trip(ckpt):
+    loaded = Checkpoint.load(ckpt.path)
+    assert loaded == ckpt
+    assert isinstance(loaded.disk_chain, tuple)
+    assert loaded.spec == SPEC
+    assert not os.path.exists(os.path.join(ckpt.path, "manifest.tmp"))
+
+
+def test_write_into_other_directory(ckpt, tmp_path):
+    other = tmp_path / "building"
+    other.mkdir()
+    ckpt.write(other)
+    d = json.loads((other / "manifest.json").read_text())
+    assert d["format"] == "sfmpi-checkpoint" and d["version"] == 1 and d["id"] == "ck-1"
+
+
+def test_missing_manifest(ckpt):
+    os.unlink(os.path.join(ckpt.path, "manifest.json"))
+    assert "no manifest" in load_error(ckpt)
+
+
+def test_manifest_not_json(ckpt):
+    with open(os.path.join(ckpt.path, "manifest.json"), "w") as f:
+        f.write("{not json")
+    assert "ck-1: manifest is corrupt" in load_error(ckpt)
+
+
+def test_manifest_not_an_object(ckpt):
+    with open(os.path.join(ckpt.path, "manifest.json"), "w") as f:
+        f.write("[1, 2]")
+    assert "ck-1: manifest is corrupt" in load_error(ckpt)
+
+
+@pytest.mark.parametrize("change", [{"format": "something-else"}, {"version": 2}, {"format": None}])
+def test_wrong_format_or_version(ckpt, change):
+    edit_manifest(ckpt, lambda d: d.update(change))
+    assert "ck-1: not a sfmpi-checkpoint v1 manifest" in load_error(ckpt)
+
+
+def test_missing_field(ckpt):
+    edit_manifest(ckpt, lambda d: d.pop("state_sha256"))
+    msg = load_error(ckpt)
+    assert "manifest is corrupt" in msg and "state_sha256" in msg
+
+
+def test_bad_machine(ckpt):
+    edit_manifest(ckpt, lambda d: d["machine"].pop("mem_mb"))
+    assert "manifest is corrupt" in load_error(ckpt)
+
+
+def test_state_altered(ckpt):
+    data = bytearray(STATE)
+    data[5] ^= 0xFF
+    with open(ckpt.state_file, "wb") as f:
+        f.write(data)
+    assert "checksum does not match" in load_error(ckpt)
+
+
+def test_state_truncated(ckpt):
+    with open(ckpt.state_file, "r+b") as f:
+        f.truncate(10)
+    assert "device state has the wrong size" in load_error(ckpt)
+
+
+def test_ram_wrong_size(ckpt):
+    with open(ckpt.ram_file, "r+b") as f:
+        f.truncate(RAM_SIZE // 2)
+    assert "RAM file has the wrong size" in load_error(ckpt)
+
+
+@pytest.mark.parametrize("which", ["disk", "chain", "state", "ram"])
+def test_missing_file(ckpt, which):
+    victim = {"disk": ckpt.disk, "chain": ckpt.disk_chain[0],
+              "state": str(ckpt.state_file), "ram": str(ckpt.ram_file)}[which]
+    os.unlink(victim)
+    msg = load_error(ckpt)
+    assert msg == f"checkpoint ck-1: {victim} is missing"
+
+
+def ev(name, seconds, micro):
+    return {"event": name, "timestamp": {"seconds": seconds, "microseconds": micro}}
+
+
+def test_pause_from_events():
+    events = [ev("MIGRATION", 99, 0), ev("STOP", 100, 250_000), ev("MIGRATION", 100, 260_000),
+              ev("RESUME", 100, 265_500)]
+    assert pause_from_events(events) == pytest.approx(15.5)
+
+
+def test_pause_uses_first_stop_and_last_resume():
+    events = [ev("STOP", 10, 0), ev("RESUME", 10, 1000), ev("STOP", 10, 2000), ev("RESUME", 10, 5000)]
+    assert pause_from_events(events) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("events", [[], [ev("STOP", 1, 0)], [ev("RESUME", 1, 0)]])
+def test_pause_without_both_events_is_zero(events):
+    assert pause_from_events(events) == 0.0

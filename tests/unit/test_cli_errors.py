@@ -1,0 +1,78 @@
+"""CLI errors: one line, the right exit code, and no hostd started for bad input."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from sfmpi.cli import main
+
+
+@pytest.fixture
+def env(tmp_path):
+    home, images = tmp_path / "home", tmp_path / "images"
+    images.mkdir()
+    return {"SFMPI_HOME": str(home), "SFMPI_IMAGE_DIR": str(images)}
+
+
+@pytest.fixture
+def cli(env):
+    runner = CliRunner()
+    return lambda *args: runner.invoke(main, list(args), env=env)
+
+
+def no_hostd(env):
+    from pathlib import Path
+    home = Path(env["SFMPI_HOME"])
+    return not (home / "hostd.sock").exists() and not (home / "hostd.log").exists() \
+        and not (home / "hostd.lock").exists()
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_clone_n_must_be_positive(cli, env, n):
+    r = cli("clone", "ck-1", "-n", n)
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("sfmpi: error: ") and "at least 1" in lines[0]
+    assert r.stdout == ""
+    assert no_hostd(env)
+
+
+def test_vm_start_without_default_image(cli, env):
+    r = cli("vm", "start", "x")
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no --image given" in lines[0]
+    assert no_hostd(env)
+
+
+def test_clone_requires_n(cli, env):
+    r = cli("clone", "ck-1")
+    assert r.exit_code == 2 and "-n" in r.stderr
+    assert no_hostd(env)
+
+
+def test_bad_choice_rejected_by_click(cli, env):
+    r = cli("checkpoint", "vm1", "--mode", "sideways")
+    assert r.exit_code == 2 and "sideways" in r.stderr
+    assert no_hostd(env)
+
+
+COMMANDS = [[], ["image"], ["image", "build"], ["vm"], ["vm", "start"], ["vm", "exec"], ["vm", "list"],
+            ["vm", "stop"], ["checkpoint"], ["clone"], ["down"], ["hostd"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "main")
+def test_help(cli, env, cmd):
+    r = cli(*cmd, "--help")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("Usage: ")
+    assert no_hostd(env)
+
+
+def test_every_command_is_covered_by_help_test():
+    listed = {tuple(c) for c in COMMANDS}
+    for name, cmd in main.commands.items():
+        assert (name,) in listed
+        for sub in getattr(cmd, "commands", {}):
+            assert (name, sub) in listed

@@ -1,0 +1,132 @@
+"""The QEMU command-line builders: parent, clone and receiver share one machine."""
+from __future__ import annotations
+
+import json
+
+from sfmpi.hostd.qemu_cmdline import (AGENT_PORT_NAME, MachineSpec, NullDisk, Qcow2Disk, Sockets,
+                                      cpu_args, overlay_argv, probe_argv, vm_argv)
+
+SPEC = MachineSpec(mem_mb=512, cpus=2, accel="tcg", kernel="/img/vmlinuz", initrd="/img/initrd.img",
+                   append="root=/dev/vda rw", disk_size=3 << 30)
+
+
+def _argv(spec=SPEC, **kw):
+    base = dict(name="vm1", ram_path="/shm/ram", share_ram=True, disk=Qcow2Disk("/d/vm1.qcow2"),
+                sockets=Sockets(qmp="/s/qmp.sock", agent="/s/agent.sock"), serial_log="/s/serial.log")
+    base.update(kw)
+    return vm_argv(spec, **base)
+
+
+def parent():
+    return _argv()
+
+
+def clone():
+    return _argv(name="c1", ram_path="/ck/ram", share_ram=False, disk=Qcow2Disk("/d/c1.qcow2"),
+                 incoming="defer")
+
+
+def receiver():
+    return _argv(name="rx", ram_path="/ck/ram", share_ram=True, disk=NullDisk(SPEC.disk_size),
+                 paused=True, incoming="unix:/s/rx-migrate.sock")
+
+
+def opt(argv, flag):
+    """Every value following `flag`."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def ram_object(argv):
+    objs = [o for o in opt(argv, "-object") if o.startswith("memory-backend-file,")]
+    assert len(objs) == 1
+    return dict(kv.split("=", 1) for kv in objs[0].split(",")[1:])
+
+
+def machine_parts(argv):
+    ram = ram_object(argv)
+    ram.pop("mem-path"), ram.pop("share")
+    return {
+        "machine": opt(argv, "-machine"), "m": opt(argv, "-m"), "smp": opt(argv, "-smp"),
+        "accel": opt(argv, "-accel"), "cpu": opt(argv, "-cpu"), "ram": ram,
+        "kernel": opt(argv, "-kernel"), "initrd": opt(argv, "-initrd"), "append": opt(argv, "-append"),
+        "devices": opt(argv, "-device"), "nodefaults": "-nodefaults" in argv,
+    }
+
+
+def test_parent_shares_ram_boots_from_qcow2_without_incoming():
+    a = parent()
+    assert a[0] == "qemu-system-x86_64"
+    ram = ram_object(a)
+    assert ram == {"id": "ram0", "size": "512M", "mem-path": "/shm/ram", "share": "on"}
+    assert "driver=file,filename=/d/vm1.qcow2,node-name=disk0-file" in opt(a, "-blockdev")
+    assert "driver=qcow2,file=disk0-file,node-name=disk0" in opt(a, "-blockdev")
+    assert "-incoming" not in a and "-S" not in a
+    assert opt(a, "-name") == ["sfmpi:vm1"]
+    assert opt(a, "-qmp") == ["unix:/s/qmp.sock,server=on,wait=off"]
+    assert opt(a, "-serial") == ["file:/s/serial.log"]
+
+
+def test_clone_has_private_ram_and_deferred_incoming():
+    a = clone()
+    assert ram_object(a)["share"] == "off"
+    assert ram_object(a)["mem-path"] == "/ck/ram"
+    assert opt(a, "-incoming") == ["defer"]
+    assert "-S" not in a
+    assert "driver=file,filename=/d/c1.qcow2,node-name=disk0-file" in opt(a, "-blockdev")
+
+
+def test_receiver_uses_null_disk_paused_and_unix_incoming():
+    a = receiver()
+    assert opt(a, "-blockdev") == [f"driver=null-co,node-name=disk0,size={SPEC.disk_size}"]
+    assert "-S" in a
+    assert opt(a, "-incoming") == ["unix:/s/rx-migrate.sock"]
+    assert not any("qcow2" in b for b in opt(a, "-blockdev"))
+
+
+def test_machine_is_identical_for_parent_clone_and_receiver():
+    p, c, r = machine_parts(parent()), machine_parts(clone()), machine_parts(receiver())
+    assert p == c == r
+    assert p["machine"] == ["q35,memory-backend=ram0"]
+    assert p["m"] == ["512M"] and p["smp"] == ["2"]
+    assert p["kernel"] == ["/img/vmlinuz"] and p["initrd"] == ["/img/initrd.img"]
+    assert p["append"] == ["root=/dev/vda rw"]
+    devices = p["devices"]
+    assert "virtio-blk-pci,drive=disk0,id=vblk0" in devices
+    assert "virtio-serial-pci,id=vser0" in devices
+    assert f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME},id=agentport0" in devices
+    assert AGENT_PORT_NAME == "org.sfmpi.0"
+
+
+def test_different_spec_changes_machine_parts():
+    other = MachineSpec(**{**SPEC.to_json(), "mem_mb": 1024})
+    assert machine_parts(_argv(other)) != machine_parts(parent())
+    assert opt(_argv(other), "-m") == ["1024M"]
+
+
+def test_cpu_args():
+    assert cpu_args("kvm") == ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
+    assert cpu_args("tcg") == ["-accel", "tcg", "-cpu", "max"]
+    kvm = _argv(MachineSpec(**{**SPEC.to_json(), "accel": "kvm"}))
+    assert opt(kvm, "-accel") == ["kvm"] and opt(kvm, "-cpu") == ["host,-arch-capabilities"]
+
+
+def test_overlay_argv():
+    assert overlay_argv("/d/top.qcow2", "/d/base.qcow2") == [
+        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "/d/base.qcow2", "/d/top.qcow2"]
+    assert overlay_argv("a", "b", qemu_img="/opt/qemu-img")[0] == "/opt/qemu-img"
+
+
+def test_probe_argv():
+    a = probe_argv("kvm", "/k", "/i")
+    assert a[0] == "qemu-system-x86_64"
+    assert opt(a, "-accel") == ["kvm"] and opt(a, "-cpu") == ["host,-arch-capabilities"]
+    assert opt(a, "-kernel") == ["/k"] and opt(a, "-initrd") == ["/i"]
+    assert "panic=-1" in opt(a, "-append")[0]
+    assert "-no-reboot" in a and opt(a, "-serial") == ["stdio"]
+    assert opt(probe_argv("tcg", "/k", "/i", qemu="/q"), "-cpu") == ["max"]
+
+
+def test_machine_spec_json_round_trip():
+    d = json.loads(json.dumps(SPEC.to_json()))
+    assert MachineSpec.from_json(d) == SPEC
+    assert MachineSpec.from_json({**d, "extra": 1}) == SPEC
