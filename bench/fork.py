@@ -104,7 +104,7 @@ class Bench:
         for mem in sizes:
             name = f"pause{mem}"
             self.start(name, mem)
-            for load in ("idle", "dirtying 64 MiB"):
+            for load in ("idle", "dirty 64M"):
                 if load != "idle":
                     self.run_in(name, f"printf '%s' '{DIRTY}' > /tmp/dirty.py; "
                                       "setsid python3 /tmp/dirty.py >/dev/null 2>&1 < /dev/null &")
@@ -137,11 +137,11 @@ def print_tables(result: dict) -> None:
                   f"{r['speedup']:.0f}x" if "speedup" in r else "-")
     console.print(t)
     t = Table(title="Parent pause per checkpoint (QEMU STOP->RESUME)")
-    for col in ("guest RAM", "guest load", "mode", "pause (ms)", "runs (ms)", "checkpoint (s)", "RAM file (MiB)"):
+    for col in ("RAM", "guest", "mode", "pause ms", "min-max", "ckpt s", "file MiB"):
         t.add_column(col, justify="right")
     for r in result["pauses"]:
         t.add_row(f"{r['mem_mb']} MiB", r["load"], r["mode"], f"{r['pause_ms']:.1f}",
-                  " ".join(str(x) for x in r["pause_runs_ms"]), f"{r['checkpoint_s']:.2f}",
+                  f"{min(r['pause_runs_ms']):.0f}-{max(r['pause_runs_ms']):.0f}", f"{r['checkpoint_s']:.2f}",
                   f"{r['ram_allocated_mb']:.0f}")
     console.print(t)
 

@@ -15,6 +15,8 @@ Two ways to take one, both leaving the parent running on a new disk overlay:
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -23,10 +25,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sfmpi import proc
 from sfmpi.errors import CheckpointError
 
 from .qemu import QemuProcess
-from .qemu_cmdline import DISK_DEVICE, MachineSpec
+from .qemu_cmdline import DISK_DEVICE, MachineSpec, overlay_argv
 
 FORMAT = "sfmpi-checkpoint"
 VERSION = 1
@@ -142,21 +145,48 @@ def pause_from_events(events: list) -> float:
     return (resume - stop) * 1000.0
 
 
-async def top_disk_node(vm: QemuProcess) -> str:
-    """The node the guest disk currently writes to (changes at each snapshot)."""
+async def top_disk(vm: QemuProcess) -> tuple[str, str]:
+    """(node name, file) the guest disk currently writes to (changes at each snapshot)."""
     for dev in await vm.execute("query-block"):
         # qdev is a QOM path such as /machine/peripheral/vblk0/virtio-backend
         if DISK_DEVICE in dev.get("qdev", "").split("/"):
-            return dev["inserted"]["node-name"]
+            return dev["inserted"]["node-name"], dev["inserted"]["file"]
     raise CheckpointError(f"VM {vm.name}: no disk device {DISK_DEVICE}")
 
 
-async def freeze_disk(vm: QemuProcess, new_layer: str, node_name: str, top: str | None = None) -> None:
-    """Freeze the disk: the VM goes on in new_layer, the old top layer is read-only from now."""
-    await vm.execute("blockdev-snapshot-sync", {
-        "node-name": top or await top_disk_node(vm), "snapshot-file": new_layer,
-        "snapshot-node-name": node_name, "format": "qcow2",
-    })
+class DiskFreeze:
+    """Freezing the disk in two steps, so that the parent's pause holds only the cheap one.
+
+    prepare() (parent running): create the new overlay file and open it in QEMU
+    with no backing yet. freeze() (parent stopped): `blockdev-snapshot` makes it
+    the active layer on top of the old one, a change of the block graph only;
+    `blockdev-snapshot-sync` would create and write the qcow2 file while paused.
+    """
+
+    def __init__(self, vm: QemuProcess, new_layer: str, node_name: str):
+        self.vm, self.new_layer, self.node = vm, new_layer, node_name
+        self.top = ""
+        self.frozen_file = ""
+        self.added = self.done = False
+
+    async def prepare(self) -> None:
+        self.top, self.frozen_file = await top_disk(self.vm)
+        # The backing file name goes into the header so later opens find the chain.
+        await proc.run_async(overlay_argv(self.new_layer, self.frozen_file))
+        await self.vm.execute("blockdev-add", {
+            "driver": "qcow2", "node-name": self.node, "backing": None,
+            "file": {"driver": "file", "filename": self.new_layer}})
+        self.added = True
+
+    async def freeze(self) -> None:
+        await self.vm.execute("blockdev-snapshot", {"node": self.top, "overlay": self.node})
+        self.done = True
+
+    async def undo(self) -> None:
+        """Before freeze(): drop the prepared overlay again."""
+        if self.added and not self.done:
+            with contextlib.suppress(Exception):
+                await self.vm.execute("blockdev-del", {"node-name": self.node}, timeout=10)
 
 
 async def save_device_state(vm: QemuProcess, state_file: Path, timeout: float = 120.0) -> None:
@@ -173,7 +203,7 @@ async def save_device_state(vm: QemuProcess, state_file: Path, timeout: float = 
 
 
 async def capture_precopy(parent: QemuProcess, receiver: QemuProcess, receiver_uri: str,
-                          new_layer: str, node_name: str, state_file: Path) -> dict:
+                          disk: DiskFreeze, state_file: Path) -> dict:
     """Live pre-copy into `receiver`; freeze the disk at the switchover; save state from the receiver.
 
     Returns timings in ms and the parent's pause measured from QEMU's events.
@@ -190,13 +220,14 @@ async def capture_precopy(parent: QemuProcess, receiver: QemuProcess, receiver_u
     rx_listener = receiver.listen("MIGRATION")
     listener = parent.listen("MIGRATION", "STOP", "RESUME")
     events = []
-    # Looked up now, not at the switchover: every QMP round trip there is pause.
-    top = await top_disk_node(parent)
     try:
+        # Prepared now, not at the switchover: everything done there is pause.
+        await disk.prepare()
         t_switch = await _precopy(parent, receiver, receiver_uri, listener, rx_listener, events,
-                                  new_layer, node_name, top, was_running)
+                                  disk, was_running)
     except BaseException:
         await abort_migration(parent, was_running)
+        await disk.undo()
         raise
     t_parent = time.monotonic()
     await save_device_state(receiver, state_file)
@@ -211,7 +242,6 @@ async def capture_precopy(parent: QemuProcess, receiver: QemuProcess, receiver_u
 
 async def abort_migration(vm: QemuProcess, was_running: bool) -> None:
     """Leave the parent as it was: no migration in flight, running if it ran."""
-    import contextlib
     with contextlib.suppress(Exception):
         await vm.execute("migrate_cancel", timeout=10)
     if was_running:
@@ -221,7 +251,7 @@ async def abort_migration(vm: QemuProcess, was_running: bool) -> None:
 
 
 async def _precopy(parent, receiver, receiver_uri, listener, rx_listener, events,
-                   new_layer, node_name, top, was_running) -> float:
+                   disk: DiskFreeze, was_running) -> float:
     t_switch = time.monotonic()
     with parent.listening(listener), receiver.listening(rx_listener):
         await parent.execute("migrate", {"uri": receiver_uri})
@@ -234,8 +264,10 @@ async def _precopy(parent, receiver, receiver_uri, listener, rx_listener, events
             if status == "pre-switchover":
                 # The parent is stopped: its disk now matches the RAM being sent.
                 t_switch = time.monotonic()
-                await freeze_disk(parent, new_layer, node_name, top)
-                await parent.execute("migrate-continue", {"state": "pre-switchover"})
+                # Sent together: QMP runs them in order, and the round trip saved
+                # is pause saved. A failed freeze fails the checkpoint below.
+                await asyncio.gather(
+                    disk.freeze(), parent.execute("migrate-continue", {"state": "pre-switchover"}))
             elif status == "completed":
                 if was_running:
                     await parent.execute("cont")
@@ -253,7 +285,7 @@ async def _precopy(parent, receiver, receiver_uri, listener, rx_listener, events
 
 
 async def capture_paused(parent: QemuProcess, parent_ram: str, ram_file: Path,
-                         new_layer: str, node_name: str, state_file: Path, copy) -> dict:
+                         disk: DiskFreeze, state_file: Path, copy) -> dict:
     """Fallback: everything while the parent is stopped (pause grows with touched RAM).
 
     `copy(src, dst)` is an async sparse copy (a coroutine running `cp --sparse=always`).
@@ -264,6 +296,7 @@ async def capture_paused(parent: QemuProcess, parent_ram: str, ram_file: Path,
     was_running = await parent.status() == "running"
     listener = parent.listen("STOP", "RESUME")
     events = []
+    await disk.prepare()
     with parent.listening(listener):
         if was_running:
             await parent.execute("stop")
@@ -272,7 +305,10 @@ async def capture_paused(parent: QemuProcess, parent_ram: str, ram_file: Path,
             t_state = time.monotonic()
             await copy(parent_ram, str(ram_file))
             t_copy = time.monotonic()
-            await freeze_disk(parent, new_layer, node_name)
+            await disk.freeze()
+        except BaseException:
+            await disk.undo()
+            raise
         finally:
             await parent.execute("migrate-set-capabilities", {"capabilities": [
                 {"capability": "x-ignore-shared", "state": False}]})

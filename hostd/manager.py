@@ -26,7 +26,7 @@ from sfmpi.paths import Paths
 from . import accel as accel_mod
 from .admission import Budget, Usage, admit
 from .agent_channel import AgentChannel, OutputSink
-from .checkpoint import EVENTS_ON, MODES, Checkpoint, capture_paused, capture_precopy, sha256_file
+from .checkpoint import EVENTS_ON, MODES, Checkpoint, DiskFreeze, capture_paused, capture_precopy, sha256_file
 from .qemu import QemuProcess, pid_alive, tail
 from .qemu_cmdline import MachineSpec, NullDisk, Qcow2Disk, Sockets, overlay_argv, vm_argv
 from .store import Store, VmRecord, VmRole, VmState
@@ -288,10 +288,11 @@ class HostManager:
                 receiver = await self._start_receiver(vm, work / "ram")
                 timings = await capture_precopy(
                     vm.qemu, receiver.qemu, f"unix:{self._mig_socket(receiver.rec.name)}",
-                    new_layer, node, work / "state")
+                    DiskFreeze(vm.qemu, new_layer, node), work / "state")
             else:
                 timings = await capture_paused(
-                    vm.qemu, vm.rec.ram_path, work / "ram", new_layer, node, work / "state", self._sparse_copy)
+                    vm.qemu, vm.rec.ram_path, work / "ram", DiskFreeze(vm.qemu, new_layer, node),
+                    work / "state", self._sparse_copy)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             if await self._top_is(vm, new_layer):
