@@ -136,3 +136,21 @@ def test_restarted_hostd_reattaches_to_running_vms(cli, parent):
     assert HostdClient(cli.paths).call("ping")["pid"] != pid_before
     row = next(r for r in cli.json("vm", "list") if r["name"] == parent)
     assert row["state"] == "running"
+
+
+def test_killed_hostd_reattaches_live_vms_and_reaps_dead_ones(cli, ck):
+    from sfmpi.client import HostdClient, wait_gone
+    a, b = cli.json("clone", ck["id"], "-n", "2")["clones"]
+    pids = {r["name"]: r["pid"] for r in cli.json("vm", "list")}
+    hostd_pid = HostdClient(cli.paths).call("ping")["pid"]
+    os.kill(hostd_pid, signal.SIGKILL)
+    assert wait_gone(hostd_pid)
+    # While no hostd runs, one clone's QEMU dies.
+    os.kill(pids[b], signal.SIGKILL)
+    assert wait_gone(pids[b])
+    rows = {r["name"]: r for r in cli.json("vm", "list")}  # starts a new hostd
+    assert rows[a]["state"] == "running" and rows[a]["pid"] == pids[a]
+    assert b not in rows
+    assert not (cli.paths.shm / f"{b}.qmp").exists()
+    assert cli.exec(a, "echo alive").stdout == "alive\n"
+    cli("vm", "stop", a)
