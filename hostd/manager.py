@@ -26,7 +26,8 @@ from sfmpi.paths import Paths
 from . import accel as accel_mod
 from .admission import Budget, Usage, admit
 from .agent_channel import AgentChannel, OutputSink
-from .checkpoint import EVENTS_ON, MODES, Checkpoint, DiskFreeze, capture_paused, capture_precopy, sha256_file
+from .checkpoint import (EVENTS_ON, MODES, Checkpoint, DiskFreeze, capture_background, capture_paused,
+                         capture_precopy, sha256_file)
 from .qemu import QemuProcess, pid_alive, tail
 from .qemu_cmdline import MachineSpec, NullDisk, Qcow2Disk, Sockets, overlay_argv, vm_argv
 from .store import Store, VmRecord, VmRole, VmState
@@ -155,7 +156,7 @@ class HostManager:
             await proc.run_async(overlay_argv(rec.overlay, str(img.disk)))
             argv = vm_argv(spec, name=name, ram_path=rec.ram_path, share_ram=True,
                            disk=Qcow2Disk(rec.overlay), sockets=Sockets(rec.qmp_path, rec.agent_path),
-                           serial_log=rec.serial_log)
+                           serial_log=rec.serial_log, prealloc=True)
             vm = await self._launch(rec, argv)
             info = await vm.agent.wait_ready(timeout)
             t_agent = time.monotonic()
@@ -212,7 +213,8 @@ class HostManager:
             await vm.qemu.stop()
         rec = self.store.get_vm(name)
         if rec is not None:
-            self._release_files(rec)
+            # Logs stay in vms/NAME/ for the user to read; `down` clears them.
+            self._release_files(rec, keep_logs=True)
             self.store.delete_vm(name)
         if isinstance(exc, AgentError) and report and isinstance(exc.args[0], str) and report not in exc.args[0]:
             exc.args = (exc.args[0] + report,)
@@ -259,7 +261,7 @@ class HostManager:
             raise
 
     # -- checkpoint ------------------------------------------------------
-    async def checkpoint(self, name: str, mode: str = "precopy") -> dict:
+    async def checkpoint(self, name: str, mode: str = "background") -> dict:
         if mode not in MODES:
             raise UsageError(f"checkpoint mode must be one of {', '.join(MODES)} (got {mode!r})")
         vm = self._get(name)
@@ -284,9 +286,10 @@ class HostManager:
         t0 = time.monotonic()
         receiver = None
         try:
-            if mode == "precopy":
+            if mode in ("background", "precopy"):
                 receiver = await self._start_receiver(vm, work / "ram")
-                timings = await capture_precopy(
+                capture = capture_background if mode == "background" else capture_precopy
+                timings = await capture(
                     vm.qemu, receiver.qemu, f"unix:{self._mig_socket(receiver.rec.name)}",
                     DiskFreeze(vm.qemu, new_layer, node), work / "state")
             else:
@@ -455,7 +458,12 @@ class HostManager:
         t_loaded = time.monotonic()
         await qemu.execute("cont")
         t_resumed = time.monotonic()
-        await vm.agent.wait_ready(ready_timeout, ping_every=0.2)
+        try:
+            await vm.agent.wait_ready(ready_timeout, ping_every=0.2)
+        except AgentError:
+            if vm.qemu.exited.is_set():
+                raise QemuError(f"clone {rec.name} died after resuming{vm.qemu.failure_report()}") from None
+            raise
         t_ready = time.monotonic()
         return {"name": rec.name, "qemu_start_ms": (t_started - t0) * 1000.0,
                 "state_load_ms": (t_loaded - t_started) * 1000.0,
@@ -505,6 +513,8 @@ class HostManager:
         for task in list(self._watchers):
             task.cancel()
         shutil.rmtree(self.paths.shm, ignore_errors=True)
+        for leftover in self.paths.vms.glob("*"):  # logs of VMs that failed to start
+            shutil.rmtree(leftover, ignore_errors=True)
         return {"stopped": stopped}
 
 

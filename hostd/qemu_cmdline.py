@@ -64,12 +64,15 @@ def cpu_args(accel: str) -> list[str]:
     return ["-accel", "tcg", "-cpu", "max"]
 
 
-def ram_args(spec: MachineSpec, ram_path: str, share: bool) -> list[str]:
+def ram_args(spec: MachineSpec, ram_path: str, share: bool, prealloc: bool = False) -> list[str]:
+    # prealloc: a parent's RAM is populated at start, because the first background
+    # checkpoint would otherwise populate it while the parent is stopped (345 ms
+    # measured for 512 MiB). prealloc is not part of the migrated machine.
     return [
         "-m", f"{spec.mem_mb}M",
         "-object",
         f"memory-backend-file,id={RAM_BACKEND_ID},size={spec.mem_mb}M,"
-        f"mem-path={ram_path},share={'on' if share else 'off'}",
+        f"mem-path={ram_path},share={'on' if share else 'off'}" + (",prealloc=on" if prealloc else ""),
     ]
 
 
@@ -95,6 +98,7 @@ def vm_argv(
     serial_log: str,
     incoming: str | None = None,
     paused: bool = False,
+    prealloc: bool = False,
     qemu: str = QEMU_BINARY,
 ) -> list[str]:
     """The whole command line of one VM.
@@ -109,7 +113,7 @@ def vm_argv(
         "-machine", f"q35,memory-backend={RAM_BACKEND_ID}",
         *cpu_args(spec.accel),
         "-smp", str(spec.cpus),
-        *ram_args(spec, ram_path, share_ram),
+        *ram_args(spec, ram_path, share_ram, prealloc),
         "-kernel", spec.kernel, "-initrd", spec.initrd, "-append", spec.append,
         *disk_args(disk),
         "-device", "virtio-serial-pci,id=vser0",

@@ -155,7 +155,7 @@ class Hostd:
             gone.cancel()
             return {"code": job.result()}
         if op == "checkpoint":
-            return await m.checkpoint(args["name"], args.get("mode", "precopy"))
+            return await m.checkpoint(args["name"], args.get("mode", "background"))
         if op == "checkpoint.list":
             return [{"id": i, "vm": vm, "path": p} for i, vm, p in m.store.checkpoints()]
         if op == "clone":

@@ -153,8 +153,11 @@ def vm_stop(name, as_json) -> None:
 # -- checkpoint / clone -----------------------------------------------------
 @main.command("checkpoint")
 @click.argument("name")
-@click.option("--mode", type=click.Choice(["precopy", "paused"]), default="precopy", show_default=True,
-              help="precopy: live copy to a local receiver, millisecond pause; paused: copy while stopped.")
+@click.option("--mode", type=click.Choice(["background", "precopy", "paused"]), default="background",
+              show_default=True,
+              help="background: short stop, RAM copied while the VM runs (write-protected); "
+                   "precopy: live pre-copy (relies on dirty tracking, unreliable under TCG); "
+                   "paused: everything copied while stopped.")
 @click.option("--json", "as_json", is_flag=True)
 def checkpoint(name, mode, as_json) -> None:
     """Checkpoint a running VM (it goes on running); print the checkpoint id."""
