@@ -7,9 +7,9 @@
    (their agent answered), median of --repeats, vs cold-booting N VMs from the
    image in parallel to the same point (agent answered).
 2. For guests of 256 MiB, 512 MiB and 1 GiB: the parent's pause per checkpoint
-   (from QEMU's STOP/RESUME event timestamps) for the live pre-copy (default)
-   and the copy-while-paused fallback, with the guest idle and with a guest
-   process dirtying 64 MiB of memory in a loop.
+   (from QEMU's STOP/RESUME event timestamps) for the background snapshot
+   (default), the live pre-copy and the copy-while-paused fallback, with the
+   guest idle and with a guest process dirtying 64 MiB of memory in a loop.
 
 Everything runs against its own state directory and is torn down at the end
 (with the same leak check as the tests). Side by side in one run: this machine
@@ -114,7 +114,7 @@ class Bench:
                     self.run_in(name, f"printf '%s' '{DIRTY}' > /tmp/dirty.py; "
                                       "setsid python3 /tmp/dirty.py >/dev/null 2>&1 < /dev/null &")
                     time.sleep(2)
-                for mode in ("precopy", "paused"):
+                for mode in ("background", "precopy", "paused"):
                     runs = [self.client.call("checkpoint", name=name, mode=mode) for _ in range(repeats)]
                     rows.append({
                         "mem_mb": mem, "load": load, "mode": mode,
