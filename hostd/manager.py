@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -383,7 +384,6 @@ class HostManager:
 
     @staticmethod
     async def _backing_chain(layer: str) -> list[str]:
-        import json
         _, out, _ = await proc.run_async(["qemu-img", "info", "-U", "--backing-chain", "--output=json", layer])
         return [entry["filename"] for entry in json.loads(out)][1:]
 
@@ -407,10 +407,8 @@ class HostManager:
         async with self._admission:
             granted = admit(self.budget, self.usage(), n, spec.mem_mb, spec.cpus, allow_fewer,
                             what=f"clone of checkpoint {ckpt.id}")
-            base = self.store.next("clones:" + ckpt.id)
+            base = self.store.next("clones:" + ckpt.id, granted)
             names = [f"{ckpt.id}-{base + i}" for i in range(granted)]
-            for _ in range(granted - 1):
-                self.store.next("clones:" + ckpt.id)
             recs = []
             for name in names:
                 rec = VmRecord(name=name, role=VmRole.CLONE, state=VmState.STARTING, spec=spec.to_json(),

@@ -112,11 +112,13 @@ class Store:
         self.db.execute("DELETE FROM checkpoints WHERE id = ?", (ckpt_id,))
 
     # -- counters --------------------------------------------------------
-    def next(self, name: str) -> int:
-        """A number never handed out before under this name (survives restarts)."""
+    def next(self, name: str, count: int = 1) -> int:
+        """The first of `count` numbers never handed out before under this name
+        (survives restarts)."""
         self.db.execute("INSERT OR IGNORE INTO counters VALUES (?, 0)", (name,))
-        self.db.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (name,))
-        return self.db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
+        self.db.execute("UPDATE counters SET value = value + ? WHERE name = ?", (count, name))
+        last = self.db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
+        return last - count + 1
 
 
 def _vm(body: str) -> VmRecord:

@@ -84,3 +84,12 @@ def test_checkpoints_table(db, monkeypatch):
     s = Store(db)
     assert s.checkpoints() == [("ck-1", "vm2", "/c/ck-1")]
     s.close()
+
+
+def test_next_reserves_a_block(tmp_path):
+    from sfmpi.hostd.store import Store
+    store = Store(tmp_path / "s.db")
+    assert store.next("c", 4) == 1   # 1..4
+    assert store.next("c") == 5
+    assert store.next("c", 3) == 6   # 6..8
+    assert store.next("c") == 9
