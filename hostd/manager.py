@@ -172,7 +172,7 @@ class HostManager:
                 "guest_uptime_s": info.get("uptime")}
 
     async def _wait_booted(self, vm: Vm, timeout: float) -> str:
-        """Return once the guest finished booting (systemd running or degraded).
+        """Return once the guest finished booting (systemd running or degraded, udev settled).
 
         The agent answers early in boot; a VM handed to the user (and any
         checkpoint of it) should not still be starting services, or every clone
@@ -183,8 +183,11 @@ class HostManager:
         async def sink(_fd: int, data: bytes) -> None:
             out.extend(data)
         try:
-            await asyncio.wait_for(
-                vm.agent.exec(["systemctl", "is-system-running", "--wait"], sink), timeout)
+            # udev goes on loading CPU-feature modules after systemd reports the
+            # boot done; their crypto self-tests take seconds under TCG (measured:
+            # settle took 5 s more), and clones of a checkpoint taken then inherit that work.
+            await asyncio.wait_for(vm.agent.exec(
+                ["sh", "-c", "systemctl is-system-running --wait; udevadm settle"], sink), timeout)
         except asyncio.TimeoutError:
             raise AgentError(f"VM {vm.rec.name}: guest did not finish booting in {timeout:.0f} s") from None
         state = out.decode(errors="replace").strip().splitlines()[-1:] or ["unknown"]
