@@ -38,8 +38,6 @@ MODES = ("background", "precopy", "paused")
 # (QEMU's default max-bandwidth is 128 MiB/s).
 LOCAL_BANDWIDTH = 8 << 30
 DOWNTIME_LIMIT_MS = 20
-# Without this capability QEMU 7.2 sends no MIGRATION events at all.
-EVENTS_ON = {"capability": "events", "state": True}
 
 
 @dataclass(frozen=True)
@@ -189,13 +187,19 @@ class DiskFreeze:
                 await self.vm.execute("blockdev-del", {"node-name": self.node}, timeout=10)
 
 
+async def set_capabilities(vm: QemuProcess, **states: bool) -> None:
+    """migrate-set-capabilities with keyword names: x_ignore_shared=True -> x-ignore-shared.
+
+    Every migration here turns `events` on: without it QEMU 7.2 sends no
+    MIGRATION events at all, and we would wait for them forever.
+    """
+    await vm.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": name.replace("_", "-"), "state": state} for name, state in states.items()]})
+
+
 async def save_device_state(vm: QemuProcess, state_file: Path, timeout: float = 120.0) -> None:
     """migrate exec:cat > state with x-ignore-shared: device state only, no shared RAM."""
-    await vm.execute("migrate-set-capabilities", {"capabilities": [
-        EVENTS_ON,
-        {"capability": "x-ignore-shared", "state": True},
-        {"capability": "pause-before-switchover", "state": False},
-    ]})
+    await set_capabilities(vm, events=True, x_ignore_shared=True, pause_before_switchover=False)
     listener = vm.listen("MIGRATION")
     with vm.listening(listener):
         await vm.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
@@ -210,11 +214,7 @@ async def capture_precopy(parent: QemuProcess, receiver: QemuProcess, receiver_u
     """
     t0 = time.monotonic()
     was_running = await parent.status() == "running"
-    await parent.execute("migrate-set-capabilities", {"capabilities": [
-        EVENTS_ON,
-        {"capability": "x-ignore-shared", "state": False},
-        {"capability": "pause-before-switchover", "state": True},
-    ]})
+    await set_capabilities(parent, events=True, x_ignore_shared=False, pause_before_switchover=True)
     await parent.execute("migrate-set-parameters", {
         "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": LOCAL_BANDWIDTH})
     rx_listener = receiver.listen("MIGRATION")
@@ -301,12 +301,8 @@ async def capture_background(parent: QemuProcess, receiver: QemuProcess, receive
     """
     t0 = time.monotonic()
     was_running = await parent.status() == "running"
-    await parent.execute("migrate-set-capabilities", {"capabilities": [
-        EVENTS_ON,
-        {"capability": "x-ignore-shared", "state": False},
-        {"capability": "pause-before-switchover", "state": False},
-        {"capability": "background-snapshot", "state": True},
-    ]})
+    await set_capabilities(parent, events=True, x_ignore_shared=False, pause_before_switchover=False,
+                           background_snapshot=True)
     await parent.execute("migrate-set-parameters", {"max-bandwidth": LOCAL_BANDWIDTH})
     rx_listener = receiver.listen("MIGRATION")
     listener = parent.listen("MIGRATION", "STOP", "RESUME")
@@ -340,8 +336,7 @@ async def capture_background(parent: QemuProcess, receiver: QemuProcess, receive
         raise
     finally:
         with contextlib.suppress(Exception):
-            await parent.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "background-snapshot", "state": False}]})
+            await set_capabilities(parent, background_snapshot=False)
     t_parent = time.monotonic()
     await save_device_state(receiver, state_file)
     return {
@@ -377,8 +372,7 @@ async def capture_paused(parent: QemuProcess, parent_ram: str, ram_file: Path,
             await disk.undo()
             raise
         finally:
-            await parent.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "x-ignore-shared", "state": False}]})
+            await set_capabilities(parent, x_ignore_shared=False)
             if was_running:
                 await parent.execute("cont")
         while was_running and not any(e["event"] == "RESUME" for e in events):

@@ -27,8 +27,8 @@ from sfmpi.paths import Paths
 from . import accel as accel_mod
 from .admission import Budget, Usage, admit
 from .agent_channel import AgentChannel, OutputSink
-from .checkpoint import (EVENTS_ON, MODES, Checkpoint, DiskFreeze, capture_background, capture_paused,
-                         capture_precopy, sha256_file)
+from .checkpoint import (MODES, Checkpoint, DiskFreeze, capture_background, capture_paused,
+                         capture_precopy, set_capabilities, sha256_file)
 from .qemu import QemuProcess, pid_alive, tail
 from .qemu_cmdline import MachineSpec, NullDisk, Qcow2Disk, Sockets, overlay_argv, vm_argv
 from .store import Store, VmRecord, VmRole, VmState
@@ -370,7 +370,7 @@ class HostManager:
         vm.rec = vm.rec.with_(pid=qemu.pid, state=VmState.PAUSED)
         self.store.put_vm(vm.rec)
         self._watch(vm)
-        await qemu.execute("migrate-set-capabilities", {"capabilities": [EVENTS_ON]})
+        await set_capabilities(qemu, events=True)
         return vm
 
     async def _drop_receiver(self, receiver: Vm) -> None:
@@ -450,8 +450,7 @@ class HostManager:
         vm = await self._launch(rec, argv)
         t_started = time.monotonic()
         qemu = vm.qemu
-        await qemu.execute("migrate-set-capabilities", {"capabilities": [
-            EVENTS_ON, {"capability": "x-ignore-shared", "state": True}]})
+        await set_capabilities(qemu, events=True, x_ignore_shared=True)
         listener = qemu.listen("MIGRATION")
         with qemu.listening(listener):
             await qemu.execute("migrate-incoming", {"uri": f"exec:cat {ckpt.state_file}"})
