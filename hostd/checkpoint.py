@@ -240,6 +240,13 @@ async def capture_precopy(parent: QemuProcess, receiver: QemuProcess, receiver_u
     }
 
 
+async def raise_migration_failure(parent: QemuProcess, receiver: QemuProcess, what: str, status: str):
+    """A failed checkpoint migration: QEMU's reason and the receiver's logs, in one error."""
+    info = await parent.execute("query-migrate")
+    raise CheckpointError(f"VM {parent.name}: {what} {status}: {info.get('error-desc', 'no reason given')}"
+                          f"{receiver.failure_report()}")
+
+
 async def abort_migration(vm: QemuProcess, was_running: bool) -> None:
     """Leave the parent as it was: no migration in flight, running if it ran."""
     with contextlib.suppress(Exception):
@@ -273,10 +280,7 @@ async def _precopy(parent, receiver, receiver_uri, listener, rx_listener, events
                     await parent.execute("cont")
                 break
             elif status in ("failed", "cancelled"):
-                info = await parent.execute("query-migrate")
-                raise CheckpointError(f"VM {parent.name}: pre-copy {status}: "
-                                      f"{info.get('error-desc', 'no reason given')}"
-                                      f"{receiver.failure_report()}")
+                await raise_migration_failure(parent, receiver, "pre-copy", status)
         if was_running:
             while not any(e["event"] == "RESUME" for e in events):
                 events.append(await parent.next_event(listener, 10.0))
@@ -321,10 +325,7 @@ async def capture_background(parent: QemuProcess, receiver: QemuProcess, receive
                     if status == "completed":
                         break
                     if status in ("failed", "cancelled"):
-                        info = await parent.execute("query-migrate")
-                        raise CheckpointError(f"VM {parent.name}: background snapshot {status}: "
-                                              f"{info.get('error-desc', 'no reason given')}"
-                                              f"{receiver.failure_report()}")
+                        await raise_migration_failure(parent, receiver, "background snapshot", status)
             while not any(e["event"] == "RESUME" for e in events):
                 events.append(await parent.next_event(listener, 10.0))
             if not was_running:
