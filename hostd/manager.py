@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfmpi import proc
-from sfmpi.errors import (AgentError, AlreadyExists, CheckpointError, NotFound, QemuError,
-                          SfmpiError, UsageError)
+from sfmpi.errors import AgentError, AlreadyExists, NotFound, QemuError, SfmpiError, UsageError
 from sfmpi.image import Image
 from sfmpi.paths import Paths
 
@@ -28,8 +27,8 @@ from . import accel as accel_mod
 from .admission import Budget, Usage, admit
 from .agent_channel import AgentChannel, OutputSink
 from .checkpoint import (MODES, Checkpoint, DiskFreeze, capture_background, capture_paused,
-                         capture_precopy, set_capabilities, sha256_file)
-from .qemu import QemuProcess, pid_alive, tail
+                         capture_precopy, set_capabilities, sha256_file, top_disk)
+from .qemu import QemuProcess, pid_alive
 from .qemu_cmdline import MachineSpec, NullDisk, Qcow2Disk, Sockets, overlay_argv, vm_argv
 from .store import Store, VmRecord, VmRole, VmState
 
@@ -339,9 +338,7 @@ class HostManager:
 
     async def _top_is(self, vm: Vm, layer: str) -> bool:
         with contextlib.suppress(Exception):
-            for dev in await vm.qemu.execute("query-block"):
-                if dev.get("inserted", {}).get("file") == layer:
-                    return True
+            return (await top_disk(vm.qemu))[1] == layer
         return False
 
     def _mig_socket(self, name: str) -> str:

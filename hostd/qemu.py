@@ -107,7 +107,7 @@ class QemuProcess:
         while True:
             if self.exited.is_set():
                 raise QemuError(f"VM {self.name}: QEMU exited at start (code {self.returncode})"
-                                f"{self._report()}")
+                                f"{self.failure_report()}")
             if os.path.exists(self.qmp_path):
                 qmp = QMPClient(self.name)
                 # The default listener (which cannot be removed) would queue every
@@ -121,10 +121,11 @@ class QemuProcess:
                     pass
             if time.monotonic() > deadline:
                 raise QemuError(f"VM {self.name}: QMP socket did not come up in {timeout:.0f} s"
-                                f"{self._report()}")
+                                f"{self.failure_report()}")
             await asyncio.sleep(0.01)
 
-    def _report(self) -> str:
+    def failure_report(self) -> str:
+        """QEMU's stderr and the serial console tail, for error messages."""
         parts = []
         err = tail(self.log_path)
         if err:
@@ -133,9 +134,6 @@ class QemuProcess:
         if ser:
             parts.append(f"\n  serial console ({self.serial_log}):\n    " + ser.replace("\n", "\n    "))
         return "".join(parts)
-
-    def failure_report(self) -> str:
-        return self._report()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Quit QEMU (QMP `quit`, then SIGTERM, then SIGKILL). Safe to call twice."""
@@ -170,7 +168,7 @@ class QemuProcess:
     # -- QMP -------------------------------------------------------------
     async def execute(self, cmd: str, args: dict | None = None, timeout: float = 60.0):
         if self.qmp is None or self.exited.is_set():
-            raise QemuError(f"VM {self.name}: QEMU is not running{self._report()}")
+            raise QemuError(f"VM {self.name}: QEMU is not running{self.failure_report()}")
         try:
             return await asyncio.wait_for(self.qmp.execute(cmd, args), timeout)
         except ExecuteError as exc:
@@ -179,7 +177,7 @@ class QemuProcess:
             raise QemuError(f"VM {self.name}: {cmd} timed out after {timeout:.0f} s") from exc
         except Exception as exc:
             if self.exited.is_set():
-                raise QemuError(f"VM {self.name}: QEMU died during {cmd}{self._report()}") from exc
+                raise QemuError(f"VM {self.name}: QEMU died during {cmd}{self.failure_report()}") from exc
             raise QemuError(f"VM {self.name}: {cmd}: {exc}") from exc
 
     def listen(self, *names: str) -> EventListener:
@@ -203,7 +201,7 @@ class QemuProcess:
         get.cancel()
         died.cancel()
         if died in done:
-            raise QemuError(f"VM {self.name}: QEMU died{self._report()}")
+            raise QemuError(f"VM {self.name}: QEMU died{self.failure_report()}")
         raise QemuError(f"VM {self.name}: no event from QEMU in {timeout:.0f} s")
 
     async def wait_migration(self, listener: EventListener, want: set[str], timeout: float = 120.0) -> str:
@@ -219,7 +217,7 @@ class QemuProcess:
             if status in ("failed", "cancelled"):
                 info = await self.execute("query-migrate")
                 desc = info.get("error-desc", "no reason given")
-                raise QemuError(f"VM {self.name}: migration {status}: {desc}{self._report()}")
+                raise QemuError(f"VM {self.name}: migration {status}: {desc}{self.failure_report()}")
 
     async def status(self) -> str:
         return (await self.execute("query-status"))["status"]
