@@ -38,6 +38,14 @@ MODES = ("background", "precopy", "paused")
 # (QEMU's default max-bandwidth is 128 MiB/s).
 LOCAL_BANDWIDTH = 8 << 30
 DOWNTIME_LIMIT_MS = 20
+# An empty qcow2 overlay on the frozen disk; each clone starts on a copy of it.
+OVERLAY_TEMPLATE = "overlay.qcow2"
+
+
+async def make_overlay_template(path: Path, frozen_disk: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    await proc.run_async(overlay_argv(str(partial), frozen_disk))
+    os.rename(partial, path)
 
 
 @dataclass(frozen=True)

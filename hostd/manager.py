@@ -26,8 +26,9 @@ from sfmpi.paths import Paths
 from . import accel as accel_mod
 from .admission import Budget, Usage, admit
 from .agent_channel import AgentChannel, OutputSink
-from .checkpoint import (MODES, Checkpoint, DiskFreeze, capture_background, capture_paused,
-                         capture_precopy, set_capabilities, sha256_file, top_disk)
+from .checkpoint import (MODES, OVERLAY_TEMPLATE, Checkpoint, DiskFreeze, capture_background,
+                         capture_paused, capture_precopy, make_overlay_template, set_capabilities,
+                         sha256_file, top_disk)
 from .qemu import QemuProcess, pid_alive
 from .qemu_cmdline import MachineSpec, NullDisk, Qcow2Disk, Sockets, overlay_argv, vm_argv
 from .store import Store, VmRecord, VmRole, VmState
@@ -65,6 +66,7 @@ class HostManager:
         self.budget = budget
         self.vms: dict[str, Vm] = {}
         self._admission = asyncio.Lock()
+        self._template_lock = asyncio.Lock()
         self._watchers: set[asyncio.Task] = set()
 
     # -- bookkeeping -----------------------------------------------------
@@ -192,9 +194,9 @@ class HostManager:
         state = out.decode(errors="replace").strip().splitlines()[-1:] or ["unknown"]
         return state[0]
 
-    async def _launch(self, rec: VmRecord, argv: list[str]) -> Vm:
+    async def _launch(self, rec: VmRecord, argv: list[str], pass_fds: tuple[int, ...] = ()) -> Vm:
         """Start QEMU for rec, connect its agent channel, start watching it."""
-        qemu = QemuProcess(rec.name, argv, rec.qmp_path, rec.log_path, rec.serial_log)
+        qemu = QemuProcess(rec.name, argv, rec.qmp_path, rec.log_path, rec.serial_log, pass_fds)
         vm = Vm(rec=rec, qemu=qemu)
         self.vms[rec.name] = vm
         await qemu.start()
@@ -320,6 +322,7 @@ class HostManager:
         await proc.run_async(["fallocate", "--dig-holes", str(work / "ram")])
         timings["dig_holes_ms"] = (time.monotonic() - t_dig) * 1000.0
         chain = await self._backing_chain(frozen)
+        await make_overlay_template(work / OVERLAY_TEMPLATE, frozen)
         ram_stat = (work / "ram").stat()
         ckpt = Checkpoint(
             id=ckpt_id, vm=name, path=str(final), machine=spec.to_json(), disk=frozen,
@@ -416,9 +419,12 @@ class HostManager:
                                **{**self._files(name), "ram_path": str(ckpt.ram_file)})
                 self._reserve(rec)
                 recs.append(rec)
-        results = await asyncio.gather(*(self._start_clone(rec, ckpt, ready_timeout) for rec in recs),
+        resume = asyncio.Barrier(len(recs))
+        results = await asyncio.gather(*(self._start_clone(rec, ckpt, resume, ready_timeout) for rec in recs),
                                        return_exceptions=True)
-        failures = [(rec.name, r) for rec, r in zip(recs, results) if isinstance(r, BaseException)]
+        # A clone that only saw the resume barrier broken is not the cause.
+        failures = sorted(((rec.name, r) for rec, r in zip(recs, results) if isinstance(r, BaseException)),
+                          key=lambda f: isinstance(f[1], asyncio.BrokenBarrierError))
         if failures:
             # Never half-done: one failed clone undoes the whole request.
             for rec in recs:
@@ -438,21 +444,41 @@ class HostManager:
         return {"checkpoint": ckpt.id, "requested": n, "granted": granted, "clones": names,
                 "total_ms": total_ms, "resumed_ms": resumed_ms, "per_clone": list(results)}
 
-    async def _start_clone(self, rec: VmRecord, ckpt: Checkpoint, ready_timeout: float) -> dict:
+    async def _start_clone(self, rec: VmRecord, ckpt: Checkpoint, resume: asyncio.Barrier,
+                           ready_timeout: float) -> dict:
+        try:
+            return await self._start_one_clone(rec, ckpt, resume, ready_timeout)
+        except BaseException:
+            await resume.abort()  # the others must not wait for this one
+            raise
+
+    async def _start_one_clone(self, rec: VmRecord, ckpt: Checkpoint, resume: asyncio.Barrier,
+                               ready_timeout: float) -> dict:
         t0 = time.monotonic()
-        await proc.run_async(overlay_argv(rec.overlay, ckpt.disk))
+        # A fresh qcow2 overlay is the same bytes for every clone of a checkpoint:
+        # copying the checkpoint's template costs far less than running qemu-img.
+        shutil.copyfile(await self._overlay_template(ckpt), rec.overlay)
         argv = vm_argv(ckpt.spec, name=rec.name, ram_path=str(ckpt.ram_file), share_ram=False,
                        disk=Qcow2Disk(rec.overlay), sockets=Sockets(rec.qmp_path, rec.agent_path),
                        serial_log=rec.serial_log, incoming="defer")
-        vm = await self._launch(rec, argv)
+        # QEMU reads the device state from an inherited descriptor: no shell and
+        # no `cat` process per clone (QEMU 7.2 has no file: migration URI).
+        state_fd = os.open(ckpt.state_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            vm = await self._launch(rec, argv, pass_fds=(state_fd,))
+        finally:
+            os.close(state_fd)
         t_started = time.monotonic()
         qemu = vm.qemu
         await set_capabilities(qemu, events=True, x_ignore_shared=True)
         listener = qemu.listen("MIGRATION")
         with qemu.listening(listener):
-            await qemu.execute("migrate-incoming", {"uri": f"exec:cat {ckpt.state_file}"})
+            await qemu.execute("migrate-incoming", {"uri": f"fd:{state_fd}"})
             await qemu.wait_migration(listener, {"completed"}, 60.0)
         t_loaded = time.monotonic()
+        # All clones of one request resume together, from the same instant: a
+        # clone that ran early would take the CPU from the others still loading.
+        await resume.wait()
         await qemu.execute("cont")
         t_resumed = time.monotonic()
         try:
@@ -464,8 +490,15 @@ class HostManager:
         t_ready = time.monotonic()
         return {"name": rec.name, "qemu_start_ms": (t_started - t0) * 1000.0,
                 "state_load_ms": (t_loaded - t_started) * 1000.0,
-                "resume_to_agent_ms": (t_ready - t_loaded) * 1000.0,
+                "resume_to_agent_ms": (t_ready - t_resumed) * 1000.0,
                 "resumed_at": t_resumed, "total_ms": (t_ready - t0) * 1000.0}
+
+    async def _overlay_template(self, ckpt: Checkpoint) -> Path:
+        template = Path(ckpt.path) / OVERLAY_TEMPLATE
+        async with self._template_lock:
+            if not template.exists():  # a checkpoint from before templates existed
+                await make_overlay_template(template, ckpt.disk)
+        return template
 
     # -- recovery and teardown --------------------------------------------
     async def recover(self) -> dict:

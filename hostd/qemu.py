@@ -46,9 +46,13 @@ def pid_alive(pid: int) -> bool:
 class QemuProcess:
     """start() / stop() (safe twice, always cleans up) / async context manager."""
 
-    def __init__(self, name: str, argv: list[str], qmp_path: str, log_path: str, serial_log: str):
+    def __init__(self, name: str, argv: list[str], qmp_path: str, log_path: str, serial_log: str,
+                 pass_fds: tuple[int, ...] = ()):
         self.name = name
         self.argv = argv
+        # File descriptors QEMU inherits under the same numbers (e.g. the
+        # checkpoint's device state, for `migrate-incoming fd:N`).
+        self.pass_fds = pass_fds
         self.qmp_path = qmp_path
         self.log_path = log_path
         self.serial_log = serial_log
@@ -67,7 +71,7 @@ class QemuProcess:
             try:
                 self.popen = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    start_new_session=True,
+                    start_new_session=True, pass_fds=self.pass_fds,
                 )
             except OSError as exc:
                 raise QemuError(f"VM {self.name}: cannot run {self.argv[0]}: {exc}") from exc
