@@ -63,6 +63,30 @@ class ImageError(SfmpiError):
     """The guest image is missing or could not be built."""
 
 
+class RoleError(SfmpiError):
+    """A clone-API call made in the wrong role: exit in the parent, join in a clone."""
+
+
+class TicketError(SfmpiError):
+    """A ticket that is unknown, already used, killed or expired."""
+
+
+class BusyError(SfmpiError):
+    """A second clone call while one is still in progress."""
+
+
+class CloneError(SfmpiError):
+    """A clone failed to come up (QEMU died, a clone.d hook failed)."""
+
+
+class ProtocolError(SfmpiError):
+    """The other end speaks another protocol version or sent garbage."""
+
+
+class NetworkError(SfmpiError):
+    """A family network (bridge, tap, nftables, DHCP) could not be set up."""
+
+
 # Errors cross the hostd socket as {"error": {"type": name, "message": text}};
 # this table turns them back into the same class on the client side.
 BY_NAME: dict[str, type[SfmpiError]] = {
@@ -70,6 +94,7 @@ BY_NAME: dict[str, type[SfmpiError]] = {
     for cls in (
         SfmpiError, UsageError, NotFound, AlreadyExists, CommandError, QemuError,
         CheckpointError, CapacityError, AgentError, HostdError, ImageError,
+        RoleError, TicketError, BusyError, CloneError, ProtocolError, NetworkError,
     )
 }
 
