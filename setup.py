@@ -12,5 +12,5 @@ setup(
     package_dir={"sfmpi": "sfmpi", "sfmpi.launcher": "launcher", "sfmpi.hostd": "hostd"},
     install_requires=["qemu.qmp>=0.0.3", "click>=8", "rich>=13", "psutil>=5"],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2"]},
-    entry_points={"console_scripts": ["sfmpi = sfmpi.cli:main"]},
+    entry_points={"console_scripts": ["sfmpi = sfmpi.cli:main", "sfclone = sfmpi.sfclone:run"]},
 )

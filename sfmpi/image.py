@@ -28,13 +28,26 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = (
     "linux-image-cloud-amd64", "systemd-sysv", "udev", "kmod", "python3",
     "mpich", "openmpi-bin", "python3-mpi4py", "openssh-server", "iproute2",
+    # Users compile MPI and clone-API programs inside the VM (libsfclone needs json-c).
+    "gcc", "libc6-dev", "make", "libmpich-dev", "libopenmpi-dev", "libjson-c-dev",
+    # sfclone (click), sfmpirun's SSH agent (paramiko), parallel sections (numpy
+    # is what their users compute with), and stock DHCP clients for the family network.
+    "python3-click", "python3-paramiko", "python3-numpy", "isc-dhcp-client", "busybox",
 )
 # Bump when the guest configuration below changes in a way the hash of the agent
 # source does not capture.
-GUEST_CONFIG_VERSION = 1
+GUEST_CONFIG_VERSION = 2
 # mitigations=off: speculative-execution defences only slow an emulated guest down.
 KERNEL_APPEND = "root=/dev/vda rw console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off"
-AGENT_SOURCE = Path(__file__).with_name("guest") / "agent.py"
+PACKAGE_DIR = Path(__file__).parent
+# The part of the sfmpi package a guest runs: the agent and the clone API
+# (host-only modules such as hostd stay out of the image).
+GUEST_MODULES = (
+    "__init__.py", "errors.py", "api.py", "sfclone.py",
+    "guest/__init__.py", "guest/agent.py", "guest/api_server.py", "guest/identity.py",
+)
+GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"
+SFCLONE_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.sfclone import run\nrun()\n"
 
 AGENT_UNIT = """\
 [Unit]
@@ -46,7 +59,7 @@ DefaultDependencies=no
 After=systemd-journald.socket
 
 [Service]
-ExecStart=/usr/bin/python3 /usr/lib/sfmpi/sfmpi-agent
+ExecStart=/usr/bin/python3 -m sfmpi.guest.agent
 Restart=always
 RestartSec=0.2
 
@@ -77,7 +90,8 @@ class Recipe:
     def image_hash(self) -> str:
         return _sha({
             "rootfs": self.rootfs_hash(),
-            "agent": hashlib.sha256(AGENT_SOURCE.read_bytes()).hexdigest(),
+            "guest_modules": {m: hashlib.sha256((PACKAGE_DIR / m).read_bytes()).hexdigest()
+                              for m in GUEST_MODULES},
             "unit": AGENT_UNIT, "masked": MASKED_UNITS, "append": KERNEL_APPEND,
             "config": GUEST_CONFIG_VERSION,
         })
@@ -214,11 +228,17 @@ def _configure(rootfs: Path) -> None:
     (rootfs / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 sfmpi\n")
     (rootfs / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
     (rootfs / "etc/modules-load.d/sfmpi.conf").write_text("virtio_console\n")
-    lib = rootfs / "usr/lib/sfmpi"
-    shutil.rmtree(lib, ignore_errors=True)
-    lib.mkdir(parents=True)
-    shutil.copy2(AGENT_SOURCE, lib / "sfmpi-agent")
-    (lib / "sfmpi-agent").chmod(0o755)
+    shutil.rmtree(rootfs / "usr/lib/sfmpi", ignore_errors=True)
+    pkg = rootfs / GUEST_PYTHON_DIR
+    shutil.rmtree(pkg, ignore_errors=True)
+    for module in GUEST_MODULES:
+        (pkg / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PACKAGE_DIR / module, pkg / module)
+    (rootfs / "usr/bin/sfclone").write_text(SFCLONE_WRAPPER)
+    (rootfs / "usr/bin/sfclone").chmod(0o755)
+    # Members of group sfmpi may fork the VM (the API socket is root:sfmpi 0660).
+    if proc.run(["chroot", rootfs, "getent", "group", "sfmpi"], check=False).returncode != 0:
+        proc.run(["chroot", rootfs, "groupadd", "--system", "sfmpi"])
     (rootfs / "etc/sfmpi/clone.d").mkdir(parents=True, exist_ok=True)
     units = rootfs / "etc/systemd/system"
     (units / "sfmpi-agent.service").write_text(AGENT_UNIT)

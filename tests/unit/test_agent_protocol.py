@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 
 import pytest
 
@@ -36,10 +35,7 @@ class Host:
 @pytest.fixture
 def pair():
     host_sock, guest_sock = socket.socketpair()
-    agent = Agent.__new__(Agent)
-    agent.fd = guest_sock.fileno()
-    agent.write_lock = threading.Lock()
-    agent.jobs = {}
+    agent = Agent(guest_sock.fileno())
     agent._sock = guest_sock  # keep the fd open
     yield agent, Host(host_sock)
     guest_sock.close()
@@ -92,7 +88,7 @@ def test_ping_answers_ready(pair):
     agent, host = pair
     agent.dispatch(b'{"op":"ping"}')
     ev = host.next()
-    assert ev["ev"] == "ready" and ev["version"] == PROTOCOL_VERSION == 1
+    assert ev["ev"] == "ready" and ev["version"] == PROTOCOL_VERSION == 2
     assert ev["hostname"] == socket.gethostname()
     assert isinstance(ev["uptime"], float) and "boot_id" in ev
 

@@ -12,9 +12,13 @@ from sfmpi.image import Image, Recipe
 
 @pytest.fixture
 def agent(tmp_path, monkeypatch):
-    src = tmp_path / "agent.py"
+    """A copy of the guest modules whose agent the test may change."""
+    for module in image.GUEST_MODULES:
+        (tmp_path / module).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / module).write_bytes((image.PACKAGE_DIR / module).read_bytes())
+    monkeypatch.setattr(image, "PACKAGE_DIR", tmp_path)
+    src = tmp_path / "guest/agent.py"
     src.write_text("print('agent v1')\n")
-    monkeypatch.setattr(image, "AGENT_SOURCE", src)
     return src
 
 

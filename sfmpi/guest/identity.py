@@ -1,0 +1,143 @@
+"""Re-identification of a guest: what makes a clone a machine of its own.
+
+Applied by the agent to the parent at boot (without hooks) and to every clone
+before its clone call returns: wall clock from the host, kernel RNG reseeded
+with the host's entropy, a new machine-id, MAC, IP and hostname from
+(family, ID), the family's hosts in /etc/hosts, then /etc/sfmpi/clone.d hooks.
+QEMU's vmgenid device got a new generation ID on the clone's command line; the
+guest kernel reseeds on that too.
+"""
+from __future__ import annotations
+
+import base64
+import fcntl
+import os
+import socket
+import struct
+import subprocess
+import time
+
+HOOK_DIR = "/etc/sfmpi/clone.d"
+HOOK_TIMEOUT = 60.0
+# RNDADDENTROPY = _IOW('R', 0x03, int[2]): add bytes to the pool and credit them.
+RNDADDENTROPY = 0x40085203
+HOSTS_BEGIN = "# sfmpi family begin"
+HOSTS_END = "# sfmpi family end"
+
+
+class IdentityError(Exception):
+    pass
+
+
+def apply(msg: dict, run_hooks: bool) -> None:
+    received = time.monotonic()
+    ident = msg["identity"]
+    if msg.get("time"):
+        # The host's clock at sending, plus what passed since we got it.
+        time.clock_settime(time.CLOCK_REALTIME, float(msg["time"]) + (time.monotonic() - received))
+    if msg.get("entropy"):
+        reseed(base64.b64decode(msg["entropy"]))
+    if msg.get("machine_id"):
+        write_machine_id(msg["machine_id"])
+    configure_network(ident)
+    set_hostname(ident["hostname"])
+    write_hosts(msg.get("hosts") or [[ident["hostname"], ident["ip"]]])
+    if run_hooks:
+        run_clone_hooks(ident)
+
+
+def reseed(data: bytes) -> None:
+    req = struct.pack("ii", len(data) * 8, len(data)) + data
+    with open("/dev/random", "wb") as f:
+        fcntl.ioctl(f, RNDADDENTROPY, req)
+
+
+def write_machine_id(machine_id: str) -> None:
+    _write_atomic("/etc/machine-id", machine_id.strip() + "\n")
+
+
+def nic_name() -> str:
+    """The one Ethernet NIC sfmpi gives every VM."""
+    for name in sorted(os.listdir("/sys/class/net")):
+        if name == "lo":
+            continue
+        try:
+            with open(f"/sys/class/net/{name}/type") as f:
+                if f.read().strip() == "1":  # ARPHRD_ETHER
+                    return name
+        except OSError:
+            continue
+    raise IdentityError("no Ethernet interface in this VM")
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise IdentityError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def configure_network(ident: dict) -> None:
+    dev = nic_name()
+    # virtio-net changes its MAC live (VIRTIO_NET_F_CTRL_MAC_ADDR): QEMU's
+    # receive filter follows, and the tap's nft rules expect the new one.
+    _ip("link", "set", "dev", dev, "address", ident["mac"])
+    _ip("addr", "flush", "dev", dev)
+    _ip("addr", "add", f"{ident['ip']}/{ident['prefix']}", "dev", dev)
+    _ip("link", "set", "dev", dev, "up")
+    _ip("route", "replace", "default", "via", ident["gateway"], "dev", dev)
+    # Neighbours learned by the parent point at old MACs of nobody now.
+    subprocess.run(["ip", "neigh", "flush", "dev", dev], capture_output=True)
+
+
+def set_hostname(name: str) -> None:
+    socket.sethostname(name)
+    _write_atomic("/etc/hostname", name + "\n")
+
+
+def write_hosts(hosts: list) -> None:
+    """Every member of the family resolves by name (MPI launchers need it)."""
+    try:
+        with open("/etc/hosts") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        lines = ["127.0.0.1 localhost"]
+    keep, inside = [], False
+    for line in lines:
+        if line == HOSTS_BEGIN:
+            inside = True
+        elif line == HOSTS_END:
+            inside = False
+        elif not inside and not line.startswith("127.0.1.1"):
+            keep.append(line)
+    block = [HOSTS_BEGIN] + [f"{ip} {name}" for name, ip in hosts] + [HOSTS_END]
+    _write_atomic("/etc/hosts", "\n".join(keep + block) + "\n")
+
+
+def run_clone_hooks(ident: dict) -> None:
+    try:
+        names = sorted(os.listdir(HOOK_DIR))
+    except FileNotFoundError:
+        return
+    env = dict(os.environ, SF_CLONE_ID=str(ident["id"]), SF_FAMILY=str(ident["family"]),
+               SF_IP=ident["ip"], SF_HOSTNAME=ident["hostname"])
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    for name in names:
+        path = os.path.join(HOOK_DIR, name)
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            continue
+        try:
+            proc = subprocess.run([path], env=env, capture_output=True, text=True, timeout=HOOK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise IdentityError(f"hook {name} did not finish in {HOOK_TIMEOUT:.0f} s") from None
+        except OSError as exc:
+            raise IdentityError(f"hook {name} could not run: {exc}") from None
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+            raise IdentityError(f"hook {name} failed with exit {proc.returncode}: {tail[0]}")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".sfmpi-new"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
