@@ -2,10 +2,11 @@
 # Every step is idempotent and quick the second time.
 
 PYTHON ?= python3
-DEBS := qemu-system-x86 qemu-utils debootstrap nftables iproute2 e2fsprogs util-linux fuse3 libfuse3-dev pkg-config
+DEBS := qemu-system-x86 qemu-utils debootstrap nftables iproute2 e2fsprogs util-linux fuse3 libfuse3-dev pkg-config \
+        libjson-c-dev gcc g++ make
 STAMP := .make
 
-.PHONY: deps image test unit integration demo bench clean
+.PHONY: deps image native test unit integration demo bench clean
 
 $(STAMP):
 	mkdir -p $(STAMP)
@@ -29,13 +30,17 @@ deps: $(STAMP)/debs $(STAMP)/python
 image: deps
 	sfmpi image build
 
-unit: deps
+# libsfclone, the C client of the guest clone API: native/build/.
+native: $(STAMP)/debs
+	$(MAKE) -C native
+
+unit: deps native
 	$(PYTHON) -m pytest tests/unit -q
 
 integration: deps image
 	$(PYTHON) -m pytest tests/integration -q
 
-test: deps image
+test: deps image native
 	$(PYTHON) -m pytest tests -q
 
 demo: deps image
