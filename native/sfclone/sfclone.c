@@ -354,10 +354,12 @@ int sfc_checkpoint_parent(sfc_checkpoint *out, int *id_out)
         return rc;
     sfc_checkpoint r = {0};
     int id = 0;
+    json_object *k;
+    /* "id" may be left out in the parent, where it is 0 (as sfmpi.api reads it) */
     if ((rc = get_obj(ans, "checkpoint", json_type_object, &c)) == 0 &&
         (rc = get_str(c, "id", r.id, sizeof r.id, SFC_EPROTO)) == 0 &&
         (rc = get_str(c, "family", r.family, sizeof r.family, SFC_EPROTO)) == 0 &&
-        (rc = get_int(ans, "id", &id)) == 0) {
+        (!json_object_object_get_ex(ans, "id", &k) || (rc = get_int(ans, "id", &id)) == 0)) {
         *out = r;
         if (id_out != NULL)
             *id_out = id;

@@ -181,10 +181,11 @@ def test_clone_read_retries_after_eintr(sockdir):
     assert parse(stdout) == {"id": "0", "rc": 0, "error": ""}
 
 
-def test_checkpoint(sockdir):
-    out, reqs = call(sockdir, [answer(checkpoint={"id": "c-1", "family": "9"}, id=0)], "checkpoint")
+@pytest.mark.parametrize("ids,expect", [({"id": 0}, "0"), ({"id": 2}, "2"), ({}, "0")])
+def test_checkpoint(sockdir, ids, expect):
+    out, reqs = call(sockdir, [answer(checkpoint={"id": "c-1", "family": 9}, **ids)], "checkpoint")
     assert reqs == [{"v": 1, "op": "checkpoint"}]
-    assert out == {"checkpoint": "c-1", "family": "9", "id": "0", "rc": 0, "error": ""}
+    assert out == {"checkpoint": "c-1", "family": "9", "id": expect, "rc": 0, "error": ""}
 
 
 @pytest.mark.parametrize("max_,stored", [(4, "1,2,3,-99"), (2, "1,2"), (0, "")])
