@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import time
+from collections import deque
 from typing import Awaitable, Callable
 
 from sfmpi.errors import AgentError
@@ -20,6 +21,9 @@ from sfmpi.errors import AgentError
 log = logging.getLogger("sfmpi.hostd.agent")
 
 OutputSink = Callable[[int, bytes], Awaitable[None]]
+RequestHandler = Callable[["AgentChannel", dict], Awaitable[None]]
+# Events the agent sends once, that hostd waits for by name.
+AWAITED_EVENTS = ("identified", "cloned")
 
 
 class AgentChannel:
@@ -33,6 +37,11 @@ class AgentChannel:
         self._jobs: dict[int, asyncio.Queue] = {}
         self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
+        # Clone-API calls from programs in the guest (set by hostd's manager).
+        self.on_request: RequestHandler | None = None
+        self._requests: set[asyncio.Task] = set()
+        self._events: dict[str, deque] = {name: deque() for name in AWAITED_EVENTS}
+        self._event_arrived = asyncio.Condition()
 
     async def connect(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -47,6 +56,8 @@ class AgentChannel:
         self._task = asyncio.ensure_future(self._read_loop())
 
     async def close(self) -> None:
+        for task in list(self._requests):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
@@ -81,7 +92,13 @@ class AgentChannel:
                     log.debug("VM %s: unparsable agent line %r", self.vm_name, line[:80])
                     continue
                 ev = msg.get("ev")
-                if ev == "ready":
+                if "req" in msg:
+                    self._dispatch_request(msg)
+                elif ev in self._events:
+                    async with self._event_arrived:
+                        self._events[ev].append(msg)
+                        self._event_arrived.notify_all()
+                elif ev == "ready":
                     self.ready_info = msg
                     self._ready.set()
                 elif msg.get("id") in self._jobs:
@@ -89,6 +106,39 @@ class AgentChannel:
         finally:
             for q in self._jobs.values():
                 q.put_nowait({"ev": "lost"})
+
+    def _dispatch_request(self, msg: dict) -> None:
+        if self.on_request is None:
+            asyncio.ensure_future(self.answer(msg.get("req"), error=("HostdError", "hostd takes no requests "
+                                                                      "from this VM")))
+            return
+        task = asyncio.ensure_future(self.on_request(self, msg))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    async def answer(self, req_id, result: dict | None = None, error: tuple[str, str] | None = None) -> None:
+        """Answer the guest's request req_id (never raises: the VM may be gone)."""
+        msg = {"re": req_id, "ok": error is None, **(result or {})}
+        if error is not None:
+            msg["error"] = {"type": error[0], "message": error[1]}
+        try:
+            await self._send(msg)
+        except (AgentError, OSError, ConnectionError) as exc:
+            log.info("VM %s: could not answer request %s: %s", self.vm_name, req_id, exc)
+
+    async def send_op(self, msg: dict) -> None:
+        await self._send(msg)
+
+    async def wait_event(self, name: str, timeout: float) -> dict:
+        """The next `name` event from the agent (kept if it came before the wait)."""
+        async def arrived() -> dict:
+            async with self._event_arrived:
+                await self._event_arrived.wait_for(lambda: bool(self._events[name]))
+                return self._events[name].popleft()
+        try:
+            return await asyncio.wait_for(arrived(), timeout)
+        except asyncio.TimeoutError:
+            raise AgentError(f"VM {self.vm_name}: the agent did not report {name} in {timeout:.0f} s") from None
 
     async def wait_ready(self, timeout: float, ping_every: float = 0.5) -> dict:
         """Ping until the agent answers. Returns its `ready` message."""

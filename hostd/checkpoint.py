@@ -65,8 +65,11 @@ class Checkpoint:
     qemu_version: str
     created: float = field(default_factory=time.time)
     timings: dict = field(default_factory=dict)
-    # Issue #3 fills these: the family network and identity clones derive from.
+    # The family (named after its parent VM) whose network the clones join.
     family: str = ""
+    # Taken by checkpoint_parent() in the guest: the id of that pending call,
+    # which clones created from this checkpoint are answered on.
+    guest_req: int | None = None
 
     @property
     def state_file(self) -> Path:

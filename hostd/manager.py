@@ -15,29 +15,38 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfmpi import proc
-from sfmpi.errors import AgentError, AlreadyExists, NotFound, QemuError, SfmpiError, UsageError
+from sfmpi.errors import (AgentError, AlreadyExists, CapacityError, NetworkError, NotFound, QemuError,
+                          SfmpiError, UsageError)
 from sfmpi.image import Image
 from sfmpi.paths import Paths
 
 from . import accel as accel_mod
+from . import netplan
 from .admission import Budget, Usage, admit
 from .agent_channel import AgentChannel, OutputSink
 from .checkpoint import (MODES, OVERLAY_TEMPLATE, Checkpoint, DiskFreeze, capture_background,
                          capture_paused, capture_precopy, make_overlay_template, set_capabilities,
                          sha256_file, top_disk)
+from .clone_api import CloneApi
+from .cloning import Cloner
+from .families import Families
+from .tap import open_unattached_tap
 from .qemu import QemuProcess, pid_alive
-from .qemu_cmdline import MachineSpec, NullDisk, Qcow2Disk, Sockets, overlay_argv, vm_argv
+from .qemu_cmdline import MachineSpec, Nic, NullDisk, Qcow2Disk, Sockets, overlay_argv, vm_argv
 from .store import Store, VmRecord, VmRole, VmState
+from .tickets import DEFAULT_FAMILY_LIMIT, TicketBook
 
 log = logging.getLogger("sfmpi.hostd")
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 BOOT_TIMEOUT = float(os.environ.get("SFMPI_BOOT_TIMEOUT", "300"))
-CLONE_READY_TIMEOUT = 60.0
+IDENTIFY_TIMEOUT = 60.0
+FAMILY_LIMIT = int(os.environ.get("SFMPI_FAMILY_LIMIT", DEFAULT_FAMILY_LIMIT))
 
 
 def check_name(name: str) -> str:
@@ -65,16 +74,28 @@ class HostManager:
         self.store = store
         self.budget = budget
         self.vms: dict[str, Vm] = {}
-        self._admission = asyncio.Lock()
-        self._template_lock = asyncio.Lock()
+        self.admission = asyncio.Lock()
         self._watchers: set[asyncio.Task] = set()
+        self.families = Families(paths.home / "net")
+        self.tickets = TicketBook(FAMILY_LIMIT)
+        self.clone_api = CloneApi(self, self.tickets)
+        self.cloner = Cloner(self)
 
     # -- bookkeeping -----------------------------------------------------
     def usage(self) -> Usage:
         live = [r for r in self.store.vms() if r.state not in (VmState.STOPPED, VmState.CRASHED)]
-        return Usage(mem_mb=sum(r.spec["mem_mb"] for r in live), vcpus=sum(r.spec["cpus"] for r in live))
+        held_mb, held_cpus = self.tickets.reserved()  # granted tickets' clones to come
+        return Usage(mem_mb=sum(r.spec["mem_mb"] for r in live) + held_mb,
+                     vcpus=sum(r.spec["cpus"] for r in live) + held_cpus)
 
-    def _files(self, name: str) -> dict:
+    def host_room(self, mem_mb: int, cpus: int) -> int:
+        """How many more VMs of this size the budget holds."""
+        try:
+            return admit(self.budget, self.usage(), 1 << 16, mem_mb, cpus, allow_fewer=True)
+        except CapacityError:
+            return 0
+
+    def files(self, name: str) -> dict:
         vm_dir = self.paths.vm_dir(name)
         return dict(
             ram_path=str(self.paths.shm / f"{name}.ram"),
@@ -84,16 +105,16 @@ class HostManager:
             serial_log=str(vm_dir / "serial.log"),
         )
 
-    def _new_layer(self, name: str) -> str:
+    def new_layer(self, name: str) -> str:
         return str(self.paths.disks / f"{name}-{self.store.next('layer')}.qcow2")
 
-    def _reserve(self, rec: VmRecord) -> None:
+    def reserve(self, rec: VmRecord) -> None:
         if rec.name in self.vms or self.store.get_vm(rec.name) is not None:
             raise AlreadyExists(f"VM {rec.name} already exists (stop it first, or pick another name)")
         self.paths.vm_dir(rec.name).mkdir(parents=True, exist_ok=True)
         self.store.put_vm(rec)
 
-    def _release_files(self, rec: VmRecord, keep_logs: bool = False) -> None:
+    def release_files(self, rec: VmRecord, keep_logs: bool = False, reason: str = "stopped") -> None:
         # Only a parent owns its RAM file (on tmpfs). A clone maps the checkpoint's
         # RAM privately and a receiver writes it: that file belongs to the checkpoint.
         owned = [rec.qmp_path, rec.agent_path] + ([rec.ram_path] if rec.role == VmRole.PARENT else [])
@@ -107,6 +128,8 @@ class HostManager:
                 os.unlink(rec.overlay)
         if not keep_logs:
             shutil.rmtree(self.paths.vm_dir(rec.name), ignore_errors=True)
+        self.families.leave(rec.name)
+        self.clone_api.vm_gone(rec.name, reason)
 
     def _watch(self, vm: Vm) -> None:
         task = asyncio.ensure_future(self._on_exit(vm))
@@ -125,7 +148,7 @@ class HostManager:
         await vm.qemu.stop()
         rec = vm.rec.with_(state=VmState.CRASHED, pid=None,
                            error=f"QEMU exited with code {vm.qemu.returncode}{report}")
-        self._release_files(rec, keep_logs=True)
+        self.release_files(rec, keep_logs=True, reason=f"crashed: QEMU exited with code {vm.qemu.returncode}")
         self.store.put_vm(rec)
 
     def _get(self, name: str) -> Vm:
@@ -148,29 +171,58 @@ class HostManager:
                                          self.paths.accel_cache, accel)
         spec = MachineSpec(mem_mb=mem_mb, cpus=cpus, accel=chosen, kernel=str(img.kernel),
                            initrd=str(img.initrd), append=img.append, disk_size=img.virtual_size)
-        async with self._admission:
+        async with self.admission:
             admit(self.budget, self.usage(), 1, mem_mb, cpus, what=f"start of VM {name}")
             rec = VmRecord(name=name, role=VmRole.PARENT, state=VmState.STARTING, spec=spec.to_json(),
-                           overlay=self._new_layer(name), image=str(img.disk), **self._files(name))
-            self._reserve(rec)
+                           overlay=self.new_layer(name), image=str(img.disk), family=name, netid=0,
+                           **self.files(name))
+            self.reserve(rec)
         t0 = time.monotonic()
         try:
+            fam = self.families.ensure(name)
+            tap = self.families.add(fam, [(name, 0)])[name]
+            vm_rec = rec.with_(family_no=fam.number)
+            self.store.put_vm(vm_rec)
             await proc.run_async(overlay_argv(rec.overlay, str(img.disk)))
             argv = vm_argv(spec, name=name, ram_path=rec.ram_path, share_ram=True,
                            disk=Qcow2Disk(rec.overlay), sockets=Sockets(rec.qmp_path, rec.agent_path),
-                           serial_log=rec.serial_log, prealloc=True)
-            vm = await self._launch(rec, argv)
+                           serial_log=rec.serial_log, nic=Nic(mac=netplan.mac(fam.number, 0), tap=tap),
+                           vmgenid=str(uuid.uuid4()), prealloc=True)
+            vm = await self.launch(vm_rec, argv)
             info = await vm.agent.wait_ready(timeout)
             t_agent = time.monotonic()
             system = await self._wait_booted(vm, max(1.0, timeout - (t_agent - t0)))
+            await self._identify(vm)
         except BaseException as exc:
-            await self._abandon(name, exc)
+            await self.abandon(name, exc)
             raise
         vm.rec = vm.rec.with_(state=VmState.RUNNING)
         self.store.put_vm(vm.rec)
         return {**self.describe(vm.rec), "boot_ms": (time.monotonic() - t0) * 1000.0,
                 "agent_ms": (t_agent - t0) * 1000.0, "system": system,
                 "guest_uptime_s": info.get("uptime")}
+
+    def identity_of(self, name: str) -> dict:
+        rec = self._get(name).rec
+        fam = self.families.of_vm(name)
+        if fam is None:
+            return {}
+        return netplan.identity(fam.number, fam.name, rec.netid)
+
+    def family_hosts(self, name: str) -> list[list[str]]:
+        fam = self.families.of_vm(name)
+        return fam.hosts() if fam is not None else []
+
+    async def _identify(self, vm: Vm) -> None:
+        """Give a booted parent its family identity (address, hostname)."""
+        fam = self.families.of_vm(vm.rec.name)
+        assert fam is not None and vm.agent is not None
+        ident = {**netplan.identity(fam.number, fam.name, 0), "ticket": None}
+        await vm.agent.send_op({"op": "identify", "identity": ident, "hosts": fam.hosts()})
+        report = await vm.agent.wait_event("identified", IDENTIFY_TIMEOUT)
+        if not report.get("ok"):
+            raise NetworkError(f"VM {vm.rec.name}: the guest could not configure its identity: "
+                               f"{report.get('error')}")
 
     async def _wait_booted(self, vm: Vm, timeout: float) -> str:
         """Return once the guest finished booting (systemd running or degraded, udev settled).
@@ -194,7 +246,7 @@ class HostManager:
         state = out.decode(errors="replace").strip().splitlines()[-1:] or ["unknown"]
         return state[0]
 
-    async def _launch(self, rec: VmRecord, argv: list[str], pass_fds: tuple[int, ...] = ()) -> Vm:
+    async def launch(self, rec: VmRecord, argv: list[str], pass_fds: tuple[int, ...] = ()) -> Vm:
         """Start QEMU for rec, connect its agent channel, start watching it."""
         qemu = QemuProcess(rec.name, argv, rec.qmp_path, rec.log_path, rec.serial_log, pass_fds)
         vm = Vm(rec=rec, qemu=qemu)
@@ -205,9 +257,10 @@ class HostManager:
         self._watch(vm)
         vm.agent = AgentChannel(rec.name, rec.agent_path)
         await vm.agent.connect()
+        self.clone_api.attach(vm)
         return vm
 
-    async def _abandon(self, name: str, exc: BaseException) -> None:
+    async def abandon(self, name: str, exc: BaseException) -> None:
         """Undo a VM that failed to come up: nothing of it may stay behind."""
         vm = self.vms.pop(name, None)
         report = ""
@@ -219,7 +272,7 @@ class HostManager:
         rec = self.store.get_vm(name)
         if rec is not None:
             # Logs stay in vms/NAME/ for the user to read; `down` clears them.
-            self._release_files(rec, keep_logs=True)
+            self.release_files(rec, keep_logs=True)
             self.store.delete_vm(name)
         if isinstance(exc, AgentError) and report and isinstance(exc.args[0], str) and report not in exc.args[0]:
             exc.args = (exc.args[0] + report,)
@@ -237,7 +290,7 @@ class HostManager:
                     await vm.agent.close()
                 await vm.qemu.stop()
                 rec = vm.rec
-        self._release_files(rec)
+        self.release_files(rec)
         self.store.delete_vm(name)
         return {"name": name, "state": VmState.STOPPED.value}
 
@@ -246,6 +299,9 @@ class HostManager:
             "name": rec.name, "role": rec.role.value, "state": rec.state.value, "pid": rec.pid,
             "mem_mb": rec.spec["mem_mb"], "cpus": rec.spec["cpus"], "accel": rec.spec["accel"],
             "checkpoint": rec.checkpoint, "error": rec.error.splitlines()[0] if rec.error else "",
+            "family": rec.family, "netid": rec.netid if rec.family else None,
+            "ip": str(netplan.ip(rec.family_no, rec.netid)) if rec.family_no else "",
+            "ticket": rec.ticket,
         }
 
     def list_vms(self) -> list[dict]:
@@ -277,7 +333,14 @@ class HostManager:
         async with vm.lock:
             return await self._checkpoint(vm, mode)
 
-    async def _checkpoint(self, vm: Vm, mode: str) -> dict:
+    async def checkpoint_for_clone(self, name: str, mode: str, guest_req: int | None = None) -> Checkpoint:
+        """A checkpoint taken for the clone API (guest_req: the guest's pending call)."""
+        vm = self._get(name)
+        async with vm.lock:
+            res = await self._checkpoint(vm, mode, guest_req)
+        return self.find_checkpoint(res["id"])
+
+    async def _checkpoint(self, vm: Vm, mode: str, guest_req: int | None = None) -> dict:
         name = vm.rec.name
         ckpt_id = f"{name}-ck{self.store.next('ckpt:' + name)}"
         final = self.paths.checkpoints / ckpt_id
@@ -285,7 +348,7 @@ class HostManager:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         frozen = vm.rec.overlay
-        new_layer = self._new_layer(name)
+        new_layer = self.new_layer(name)
         node = "disk0-" + Path(new_layer).stem.rsplit("-", 1)[-1]
         spec = MachineSpec.from_json(vm.rec.spec)
         t0 = time.monotonic()
@@ -329,7 +392,8 @@ class HostManager:
             disk_chain=tuple(chain), state_sha256=sha256_file(work / "state"),
             state_size=(work / "state").stat().st_size, ram_size=ram_stat.st_size,
             ram_allocated=ram_stat.st_blocks * 512, mode=mode, pause_ms=timings["pause_ms"],
-            qemu_version=qemu_version(), timings=timings, family=name,
+            qemu_version=qemu_version(), timings=timings, family=vm.rec.family or name,
+            guest_req=guest_req,
         )
         ckpt.write(work)
         os.rename(work, final)
@@ -350,23 +414,29 @@ class HostManager:
     async def _start_receiver(self, parent: Vm, ram_file: Path) -> Vm:
         name = f"{parent.rec.name}-rx"
         spec = MachineSpec.from_json(parent.rec.spec)
-        async with self._admission:
+        async with self.admission:
             admit(self.budget, self.usage(), 1, spec.mem_mb, spec.cpus,
                   what=f"checkpoint receiver for VM {parent.rec.name}")
             rec = VmRecord(name=name, role=VmRole.RECEIVER, state=VmState.STARTING, spec=spec.to_json(),
-                           overlay="", **{**self._files(name), "ram_path": str(ram_file)})
-            self._reserve(rec)
+                           overlay="", **{**self.files(name), "ram_path": str(ram_file)})
+            self.reserve(rec)
+        # The receiver's NIC must negotiate what the parent's did (a tap's
+        # offloads), but it never runs: a tap that vanishes with it, on no bridge.
+        tap_fd = open_unattached_tap()
         argv = vm_argv(spec, name=name, ram_path=str(ram_file), share_ram=True,
                        disk=NullDisk(spec.disk_size), sockets=Sockets(rec.qmp_path, rec.agent_path),
-                       serial_log=rec.serial_log, incoming=f"unix:{self._mig_socket(name)}", paused=True)
-        qemu = QemuProcess(name, argv, rec.qmp_path, rec.log_path, rec.serial_log)
+                       serial_log=rec.serial_log, nic=Nic(mac=netplan.mac(1, 0), tap_fd=tap_fd),
+                       vmgenid=str(uuid.uuid4()), incoming=f"unix:{self._mig_socket(name)}", paused=True)
+        qemu = QemuProcess(name, argv, rec.qmp_path, rec.log_path, rec.serial_log, pass_fds=(tap_fd,))
         vm = Vm(rec=rec, qemu=qemu)
         self.vms[name] = vm
         try:
             await qemu.start()
         except BaseException as exc:
-            await self._abandon(name, exc)
+            await self.abandon(name, exc)
             raise
+        finally:
+            os.close(tap_fd)
         vm.rec = vm.rec.with_(pid=qemu.pid, state=VmState.PAUSED)
         self.store.put_vm(vm.rec)
         self._watch(vm)
@@ -378,7 +448,7 @@ class HostManager:
         await receiver.qemu.stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._mig_socket(receiver.rec.name))
-        self._release_files(receiver.rec)
+        self.release_files(receiver.rec)
         self.store.delete_vm(receiver.rec.name)
 
     @staticmethod
@@ -400,111 +470,25 @@ class HostManager:
         return Checkpoint.load(path)
 
     # -- clone -----------------------------------------------------------
-    async def clone(self, ref: str, n: int, allow_fewer: bool = False,
-                    ready_timeout: float = CLONE_READY_TIMEOUT) -> dict:
-        if n <= 0:
-            raise UsageError(f"clone: -n must be at least 1 (got {n})")
-        t0 = time.monotonic()
-        ckpt = self.find_checkpoint(ref)
-        spec = ckpt.spec
-        async with self._admission:
-            granted = admit(self.budget, self.usage(), n, spec.mem_mb, spec.cpus, allow_fewer,
-                            what=f"clone of checkpoint {ckpt.id}")
-            base = self.store.next("clones:" + ckpt.id, granted)
-            names = [f"{ckpt.id}-{base + i}" for i in range(granted)]
-            recs = []
-            for name in names:
-                rec = VmRecord(name=name, role=VmRole.CLONE, state=VmState.STARTING, spec=spec.to_json(),
-                               overlay=self._new_layer(name), checkpoint=ckpt.id,
-                               **{**self._files(name), "ram_path": str(ckpt.ram_file)})
-                self._reserve(rec)
-                recs.append(rec)
-        resume = asyncio.Barrier(len(recs))
-        results = await asyncio.gather(*(self._start_clone(rec, ckpt, resume, ready_timeout) for rec in recs),
-                                       return_exceptions=True)
-        # A clone that only saw the resume barrier broken is not the cause.
-        failures = sorted(((rec.name, r) for rec, r in zip(recs, results) if isinstance(r, BaseException)),
-                          key=lambda f: isinstance(f[1], asyncio.BrokenBarrierError))
-        if failures:
-            # Never half-done: one failed clone undoes the whole request.
-            for rec in recs:
-                await self._abandon(rec.name, failures[0][1])
-            name, exc = failures[0]
-            if isinstance(exc, SfmpiError):
-                raise exc
-            raise QemuError(f"clone {name}: {exc}") from exc
-        total_ms = (time.monotonic() - t0) * 1000.0
-        # All clones resumed (running guest code) vs all agents answered (user
-        # space in every clone responds): under TCG the gap is code translation.
-        resumed_ms = (max(r.pop("resumed_at") for r in results) - t0) * 1000.0
-        for rec in recs:
-            vm = self.vms[rec.name]
-            vm.rec = vm.rec.with_(state=VmState.RUNNING)
-            self.store.put_vm(vm.rec)
-        return {"checkpoint": ckpt.id, "requested": n, "granted": granted, "clones": names,
-                "total_ms": total_ms, "resumed_ms": resumed_ms, "per_clone": list(results)}
+    async def clone(self, ref: str, n: int, allow_fewer: bool = False) -> dict:
+        return await self.cloner.clone(ref, n, allow_fewer)
 
-    async def _start_clone(self, rec: VmRecord, ckpt: Checkpoint, resume: asyncio.Barrier,
-                           ready_timeout: float) -> dict:
-        try:
-            return await self._start_one_clone(rec, ckpt, resume, ready_timeout)
-        except BaseException:
-            await resume.abort()  # the others must not wait for this one
-            raise
+    async def start_family_clones(self, ckpt: Checkpoint, count: int, ticket: str, greeting) -> dict:
+        return await self.cloner.clone_for_ticket(ckpt, count, ticket, greeting)
 
-    async def _start_one_clone(self, rec: VmRecord, ckpt: Checkpoint, resume: asyncio.Barrier,
-                               ready_timeout: float) -> dict:
-        t0 = time.monotonic()
-        # A fresh qcow2 overlay is the same bytes for every clone of a checkpoint:
-        # copying the checkpoint's template costs far less than running qemu-img.
-        shutil.copyfile(await self._overlay_template(ckpt), rec.overlay)
-        argv = vm_argv(ckpt.spec, name=rec.name, ram_path=str(ckpt.ram_file), share_ram=False,
-                       disk=Qcow2Disk(rec.overlay), sockets=Sockets(rec.qmp_path, rec.agent_path),
-                       serial_log=rec.serial_log, incoming="defer")
-        # QEMU reads the device state from an inherited descriptor: no shell and
-        # no `cat` process per clone (QEMU 7.2 has no file: migration URI).
-        state_fd = os.open(ckpt.state_file, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            vm = await self._launch(rec, argv, pass_fds=(state_fd,))
-        finally:
-            os.close(state_fd)
-        t_started = time.monotonic()
-        qemu = vm.qemu
-        await set_capabilities(qemu, events=True, x_ignore_shared=True)
-        listener = qemu.listen("MIGRATION")
-        with qemu.listening(listener):
-            await qemu.execute("migrate-incoming", {"uri": f"fd:{state_fd}"})
-            await qemu.wait_migration(listener, {"completed"}, 60.0)
-        t_loaded = time.monotonic()
-        # All clones of one request resume together, from the same instant: a
-        # clone that ran early would take the CPU from the others still loading.
-        await resume.wait()
-        await qemu.execute("cont")
-        t_resumed = time.monotonic()
-        try:
-            await vm.agent.wait_ready(ready_timeout, ping_every=0.2)
-        except AgentError:
-            if vm.qemu.exited.is_set():
-                raise QemuError(f"clone {rec.name} died after resuming{vm.qemu.failure_report()}") from None
-            raise
-        t_ready = time.monotonic()
-        return {"name": rec.name, "qemu_start_ms": (t_started - t0) * 1000.0,
-                "state_load_ms": (t_loaded - t_started) * 1000.0,
-                "resume_to_agent_ms": (t_ready - t_resumed) * 1000.0,
-                "resumed_at": t_resumed, "total_ms": (t_ready - t0) * 1000.0}
-
-    async def _overlay_template(self, ckpt: Checkpoint) -> Path:
-        template = Path(ckpt.path) / OVERLAY_TEMPLATE
-        async with self._template_lock:
-            if not template.exists():  # a checkpoint from before templates existed
-                await make_overlay_template(template, ckpt.disk)
-        return template
+    def mark_running(self, name: str) -> None:
+        vm = self.vms[name]
+        vm.rec = vm.rec.with_(state=VmState.RUNNING)
+        self.store.put_vm(vm.rec)
 
     # -- recovery and teardown --------------------------------------------
     async def recover(self) -> dict:
         """After a restart: re-attach to VMs whose QEMU still runs, reap the rest."""
         attached, reaped = [], []
+        seen_families: set[int] = set()
         for rec in self.store.vms():
+            if rec.family_no:
+                seen_families.add(rec.family_no)
             if rec.state in (VmState.CRASHED, VmState.STOPPED):
                 continue
             alive = rec.pid is not None and pid_alive(rec.pid) and _is_our_qemu(rec.pid, rec.qmp_path)
@@ -516,6 +500,11 @@ class HostManager:
                     self._watch(vm)
                     vm.agent = AgentChannel(rec.name, rec.agent_path)
                     await vm.agent.connect()
+                    self.clone_api.attach(vm)
+                    if rec.family_no:
+                        # Re-adopt the family: same bridge, the running QEMU's tap.
+                        fam = self.families.ensure(rec.family, rec.family_no)
+                        self.families.add(fam, [(rec.name, rec.netid)])
                     attached.append(rec.name)
                     continue
                 except SfmpiError as exc:
@@ -524,11 +513,12 @@ class HostManager:
             if alive:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(rec.pid, 9)
-            self._release_files(rec)
+            self.release_files(rec)
             self.store.delete_vm(rec.name)
             reaped.append(rec.name)
         for partial in self.paths.checkpoints.glob(".*.partial"):
             shutil.rmtree(partial, ignore_errors=True)
+        self.families.sweep(seen_families)
         return {"attached": attached, "reaped": reaped}
 
     async def down(self) -> dict:
@@ -542,6 +532,7 @@ class HostManager:
             stopped += [r.name for r in batch]
         for task in list(self._watchers):
             task.cancel()
+        self.families.down()
         shutil.rmtree(self.paths.shm, ignore_errors=True)
         for leftover in self.paths.vms.glob("*"):  # logs of VMs that failed to start
             shutil.rmtree(leftover, ignore_errors=True)

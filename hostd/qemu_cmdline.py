@@ -17,6 +17,8 @@ AGENT_PORT_NAME = "org.sfmpi.0"
 RAM_BACKEND_ID = "ram0"
 DISK_NODE = "disk0"
 DISK_DEVICE = "vblk0"
+NET_ID = "net0"
+NIC_DEVICE = "nic0"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,20 @@ class NullDisk:
     """A disk that is never read: the checkpoint receiver needs a virtio-blk device
     of the right size for the device state to load, but never runs the guest."""
     size: int
+
+
+@dataclass(frozen=True)
+class Nic:
+    """The VM's one NIC, on a tap of its family bridge.
+
+    Every VM of a family has it, the checkpoint receiver included, because
+    virtio-net's negotiated features (offloads need a tap's vnet header) are part
+    of the migrated state. `tap` names a persistent tap on the bridge; `tap_fd`
+    is an open tap (the receiver's, unattached) that QEMU inherits.
+    """
+    mac: str
+    tap: str | None = None
+    tap_fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,16 @@ def disk_args(disk: Qcow2Disk | NullDisk) -> list[str]:
     ]
 
 
+def nic_args(nic: Nic) -> list[str]:
+    if nic.tap_fd is not None:
+        netdev = f"tap,id={NET_ID},fd={nic.tap_fd},vhost=off"
+    elif nic.tap is not None:
+        netdev = f"tap,id={NET_ID},ifname={nic.tap},script=no,downscript=no,vhost=off"
+    else:
+        raise ValueError("a NIC needs a tap name or an open tap descriptor")
+    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={NET_ID},mac={nic.mac},id={NIC_DEVICE}"]
+
+
 def vm_argv(
     spec: MachineSpec,
     *,
@@ -96,6 +122,8 @@ def vm_argv(
     disk: Qcow2Disk | NullDisk,
     sockets: Sockets,
     serial_log: str,
+    nic: Nic,
+    vmgenid: str,
     incoming: str | None = None,
     paused: bool = False,
     prealloc: bool = False,
@@ -116,6 +144,9 @@ def vm_argv(
         *ram_args(spec, ram_path, share_ram, prealloc),
         "-kernel", spec.kernel, "-initrd", spec.initrd, "-append", spec.append,
         *disk_args(disk),
+        *nic_args(nic),
+        # A new generation ID per clone tells the guest kernel to reseed its RNG.
+        "-device", f"vmgenid,guid={vmgenid},id=vmgenid0",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=agent0,path={sockets.agent},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME},id=agentport0",

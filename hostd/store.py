@@ -44,6 +44,10 @@ class VmRecord:
     image: str = ""
     checkpoint: str = ""       # clones: the checkpoint they came from
     error: str = ""
+    family: str = ""           # the family (parent VM's name) this VM belongs to
+    family_no: int = 0         # its number: bridge, subnet, MACs (hostd/netplan.py)
+    netid: int = 0             # the VM's ID in the family: 0 parent, 1.. clones
+    ticket: str = ""           # clones made for a ticket of the clone API
     created: float = field(default_factory=time.time)
 
     def with_(self, **changes) -> "VmRecord":

@@ -47,6 +47,9 @@ GUEST_MODULES = (
     "guest/__init__.py", "guest/agent.py", "guest/api_server.py", "guest/identity.py",
 )
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"
+# libsfclone, the clone API for C and C++ (built on the host, Debian bookworm too).
+NATIVE_DIR = PACKAGE_DIR.parent / "native"
+NATIVE_SOURCES = ("Makefile", "sfclone/sfclone.c", "sfclone/sfclone.h")
 SFCLONE_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.sfclone import run\nrun()\n"
 
 AGENT_UNIT = """\
@@ -92,6 +95,8 @@ class Recipe:
             "rootfs": self.rootfs_hash(),
             "guest_modules": {m: hashlib.sha256((PACKAGE_DIR / m).read_bytes()).hexdigest()
                               for m in GUEST_MODULES},
+            "native": {m: hashlib.sha256((NATIVE_DIR / m).read_bytes()).hexdigest()
+                       for m in NATIVE_SOURCES if (NATIVE_DIR / m).exists()},
             "unit": AGENT_UNIT, "masked": MASKED_UNITS, "append": KERNEL_APPEND,
             "config": GUEST_CONFIG_VERSION,
         })
@@ -236,6 +241,8 @@ def _configure(rootfs: Path) -> None:
         shutil.copy2(PACKAGE_DIR / module, pkg / module)
     (rootfs / "usr/bin/sfclone").write_text(SFCLONE_WRAPPER)
     (rootfs / "usr/bin/sfclone").chmod(0o755)
+    proc.run(["make", "-s", "-C", NATIVE_DIR, "install", f"DESTDIR={rootfs}", "PREFIX=/usr/local"])
+    proc.run(["chroot", rootfs, "ldconfig"])
     # Members of group sfmpi may fork the VM (the API socket is root:sfmpi 0660).
     if proc.run(["chroot", rootfs, "getent", "group", "sfmpi"], check=False).returncode != 0:
         proc.run(["chroot", rootfs, "groupadd", "--system", "sfmpi"])

@@ -212,10 +212,11 @@ class Agent:
             self.send({"ev": "error", "id": msg.get("id"), "message": f"unknown op {op!r}"})
 
     def identify(self, msg: dict) -> None:
-        """The parent's identity at boot (a clone's comes with its clone answer)."""
+        """The parent's identity at boot, or a host-side clone's after resume (an
+        in-guest clone's comes with the answer to its clone call)."""
         from sfmpi.guest import identity
         try:
-            identity.apply(msg, run_hooks=False)
+            identity.apply(msg, run_hooks=msg["identity"].get("id", 0) != 0)
             self.identity = dict(msg["identity"])
             self.send({"ev": "identified", "ok": True})
         except Exception as exc:  # reported to hostd, which fails the VM start visibly

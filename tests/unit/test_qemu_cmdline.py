@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
-from sfmpi.hostd.qemu_cmdline import (AGENT_PORT_NAME, MachineSpec, NullDisk, Qcow2Disk, Sockets,
-                                      cpu_args, overlay_argv, probe_argv, vm_argv)
+import pytest
+
+from sfmpi.hostd.qemu_cmdline import (AGENT_PORT_NAME, MachineSpec, Nic, NullDisk, Qcow2Disk, Sockets,
+                                      cpu_args, nic_args, overlay_argv, probe_argv, vm_argv)
 
 SPEC = MachineSpec(mem_mb=512, cpus=2, accel="tcg", kernel="/img/vmlinuz", initrd="/img/initrd.img",
                    append="root=/dev/vda rw", disk_size=3 << 30)
@@ -12,7 +14,8 @@ SPEC = MachineSpec(mem_mb=512, cpus=2, accel="tcg", kernel="/img/vmlinuz", initr
 
 def _argv(spec=SPEC, **kw):
     base = dict(name="vm1", ram_path="/shm/ram", share_ram=True, disk=Qcow2Disk("/d/vm1.qcow2"),
-                sockets=Sockets(qmp="/s/qmp.sock", agent="/s/agent.sock"), serial_log="/s/serial.log")
+                sockets=Sockets(qmp="/s/qmp.sock", agent="/s/agent.sock"), serial_log="/s/serial.log",
+                nic=Nic(mac="0a:5f:00:01:00:00", tap="sft1x0"), vmgenid="11111111-2222-3333-4444-555555555555")
     base.update(kw)
     return vm_argv(spec, **base)
 
@@ -130,3 +133,19 @@ def test_machine_spec_json_round_trip():
     d = json.loads(json.dumps(SPEC.to_json()))
     assert MachineSpec.from_json(d) == SPEC
     assert MachineSpec.from_json({**d, "extra": 1}) == SPEC
+
+
+def test_nic_on_named_tap_or_inherited_fd():
+    named = nic_args(Nic(mac="0a:5f:00:01:00:03", tap="sft1x3"))
+    assert named == ["-netdev", "tap,id=net0,ifname=sft1x3,script=no,downscript=no,vhost=off",
+                     "-device", "virtio-net-pci,netdev=net0,mac=0a:5f:00:01:00:03,id=nic0"]
+    by_fd = nic_args(Nic(mac="0a:5f:00:01:00:00", tap_fd=7))
+    assert by_fd[1] == "tap,id=net0,fd=7,vhost=off"
+    with pytest.raises(ValueError):
+        nic_args(Nic(mac="0a:5f:00:01:00:00"))
+
+
+def test_every_vm_has_nic_and_vmgenid_with_its_own_guid():
+    argv = _argv(vmgenid="abcdefab-0000-0000-0000-000000000001")
+    assert "vmgenid,guid=abcdefab-0000-0000-0000-000000000001,id=vmgenid0" in argv
+    assert any(a.startswith("virtio-net-pci,") for a in argv)

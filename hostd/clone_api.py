@@ -1,0 +1,222 @@
+"""hostd's side of the clone API: requests from programs inside VMs.
+
+The agent in a VM forwards ticket/clone/checkpoint/create_clones/exit/join/kill
+(docs/clone-api.md) as {"req": R, "op": ...}; each is answered with
+{"re": R, ...}. A clone call is answered in every copy of the VM: the parent
+gets ID 0 after all clones have re-identified themselves and returned from
+their own copy of the same call.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from sfmpi.errors import (CapacityError, CloneError, RoleError, SfmpiError, TicketError, UsageError)
+
+from .agent_channel import AgentChannel
+from .store import VmRole
+from .tickets import CloneSlot, Ticket, TicketBook, TicketState
+
+if TYPE_CHECKING:
+    from .manager import HostManager, Vm
+
+log = logging.getLogger("sfmpi.hostd.clone_api")
+
+# In-guest clone: the parent is stopped while its RAM is copied (~0.2 s for
+# 512 MiB). Its caller waits for the clones anyway, and this is the fastest
+# consistent snapshot end to end (the background snapshot streams for seconds).
+GUEST_CLONE_MODE = "paused"
+
+
+class CloneApi:
+    def __init__(self, manager: "HostManager", tickets: TicketBook):
+        self.manager = manager
+        self.tickets = tickets
+        self._timeouts: dict[str, asyncio.Task] = {}
+
+    def attach(self, vm: "Vm") -> None:
+        assert vm.agent is not None
+        vm.agent.on_request = self.handle
+
+    # -- dispatch --------------------------------------------------------
+    async def handle(self, channel: AgentChannel, msg: dict) -> None:
+        req_id, op = msg.get("req"), msg.get("op")
+        vm = self.manager.vms.get(channel.vm_name)
+        if vm is None:
+            return
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            await channel.answer(req_id, error=("UsageError", f"unknown clone-API op {op!r}"))
+            return
+        try:
+            result = await handler(vm, req_id, msg)
+        except SfmpiError as exc:
+            await channel.answer(req_id, error=(type(exc).__name__, str(exc)))
+            return
+        except Exception as exc:  # a bug must reach the caller, not hang it
+            log.exception("VM %s: %s failed", vm.rec.name, op)
+            await channel.answer(req_id, error=("HostdError", f"{op} failed in hostd: {exc}"))
+            return
+        if result is not None:
+            await channel.answer(req_id, result)
+
+    def _clone_slot(self, vm: "Vm"):
+        return self.tickets.slot_of(vm.rec.name)
+
+    def _require_parent_role(self, vm: "Vm", op: str) -> None:
+        if vm.rec.role == VmRole.RECEIVER:
+            raise RoleError(f"{op}: VM {vm.rec.name} is a checkpoint receiver")
+
+    # -- ops -------------------------------------------------------------
+    async def op_ticket(self, vm: "Vm", _req, msg: dict) -> dict:
+        spec = vm.rec.spec
+        room = self.manager.host_room(spec["mem_mb"], spec["cpus"])
+        t = self.tickets.grant(vm.rec.name, vm.rec.family or vm.rec.name, msg.get("n"), room,
+                               spec["mem_mb"], spec["cpus"], msg.get("timeout"))
+        log.info("VM %s: ticket %s grants %d of %d", vm.rec.name, t.id, t.granted, t.requested)
+        return {"ticket": t.to_wire()}
+
+    async def op_clone(self, vm: "Vm", req_id, msg: dict) -> dict:
+        t = self.tickets.start_use(msg.get("ticket"), vm.rec.name)
+        try:
+            ckpt = await self.manager.checkpoint_for_clone(vm.rec.name, GUEST_CLONE_MODE)
+        except BaseException:
+            self.tickets.give_back(t)
+            raise
+        return await self._spawn(vm, t, ckpt, req_id)
+
+    async def op_checkpoint(self, vm: "Vm", req_id, _msg: dict) -> dict:
+        if self._clone_slot(vm) is not None:
+            raise RoleError(f"checkpoint_parent: VM {vm.rec.name} is a clone")
+        res = await self.manager.checkpoint_for_clone(vm.rec.name, GUEST_CLONE_MODE, guest_req=req_id)
+        return {"checkpoint": {"id": res.id, "family": res.family}, "id": 0}
+
+    async def op_create_clones(self, vm: "Vm", _req, msg: dict) -> dict:
+        ckpt_id = msg.get("checkpoint")
+        if not isinstance(ckpt_id, str):
+            raise UsageError(f"create_clones: checkpoint must be an id (got {ckpt_id!r})")
+        ckpt = self.manager.find_checkpoint(ckpt_id)
+        if ckpt.vm != vm.rec.name:
+            raise RoleError(f"checkpoint {ckpt_id} is of VM {ckpt.vm}, not of VM {vm.rec.name}")
+        t = self.tickets.start_use(msg.get("ticket"), vm.rec.name)
+        # The clones resume inside the parent's checkpoint call: that call's
+        # request id (recorded in the checkpoint) is what they are answered on.
+        req = ckpt.guest_req
+        if req is None:
+            self.tickets.give_back(t)
+            raise UsageError(f"checkpoint {ckpt_id} was not taken by checkpoint_parent() in the guest")
+        res = await self._spawn(vm, t, ckpt, req, answer_parent=False)
+        return {"clones": list(range(1, res["size"] + 1))}
+
+    async def op_exit(self, vm: "Vm", _req, msg: dict) -> None:
+        found = self._clone_slot(vm)
+        if found is None:
+            raise RoleError(f"exit: VM {vm.rec.name} is not a clone (only clones call exit)")
+        status = msg.get("status", 0)
+        if not isinstance(status, int) or isinstance(status, bool) or not 0 <= status <= 255:
+            raise UsageError(f"exit: status must be an integer 0..255 (got {status!r})")
+        _t, slot = found
+        slot.finish(status=status)
+        # Not inside this request's task: stopping the VM cancels its requests.
+        asyncio.ensure_future(self._destroy(vm.rec.name))
+        return None
+
+    async def op_join(self, vm: "Vm", _req, msg: dict) -> dict:
+        t = self._owned_used_ticket(vm, msg.get("ticket"), "join")
+        slots = self.tickets.slots.get(t.id, [])
+        timeout = msg.get("timeout")
+        waits = [s.ended.wait() for s in slots]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout if timeout else None)
+        except asyncio.TimeoutError:
+            raise TicketError(f"join({t.id}): clones still running after {timeout} s") from None
+        self.tickets.set_state(t, TicketState.JOINED)
+        self._cancel_timeout(t)
+        return {"statuses": {str(s.index): s.status for s in slots if s.failure is None},
+                "failures": {str(s.index): s.failure for s in slots if s.failure is not None}}
+
+    async def op_kill(self, vm: "Vm", _req, msg: dict) -> dict:
+        t = self._owned_used_ticket(vm, msg.get("ticket"), "kill", allow_granted=True)
+        killed = await self.kill_ticket(t, "killed by the parent")
+        return {"killed": killed}
+
+    def _owned_used_ticket(self, vm: "Vm", ticket_id, op: str, allow_granted: bool = False) -> Ticket:
+        t = self.tickets.get(ticket_id, vm.rec.name)  # RoleError in a clone: the parent owns it
+        if t.state == TicketState.GRANTED and not allow_granted:
+            raise TicketError(f"{op}: ticket {t.id} has not been used for a clone yet")
+        if t.state in (TicketState.JOINED, TicketState.KILLED) and op == "join":
+            raise TicketError(f"join: ticket {t.id} was already {t.state.value}")
+        return t
+
+    # -- clones ----------------------------------------------------------
+    async def _spawn(self, parent: "Vm", t: Ticket, ckpt, req_id, answer_parent: bool = True) -> dict:
+        t0 = time.monotonic()
+        try:
+            res = await self.manager.start_family_clones(
+                ckpt, count=t.granted, ticket=t.id,
+                greeting=lambda ident, extras: {"re": req_id, "ok": True, "id": ident["id"],
+                                               "size": t.granted, "ticket": t.id, "family": ident["family"],
+                                               "ip": ident["ip"], "hostname": ident["hostname"],
+                                               "identity": ident, **extras})
+        except CapacityError:
+            self.tickets.give_back(t)
+            raise
+        except SfmpiError as exc:
+            self.tickets.give_back(t)
+            raise CloneError(f"clone with ticket {t.id}: {exc}") from exc
+        slots = [CloneSlot(index=i + 1, vm=name) for i, name in enumerate(res["clones"])]
+        self.tickets.cloned(t, slots)
+        if t.timeout:
+            self._timeouts[t.id] = asyncio.ensure_future(self._expire(t))
+        log.info("VM %s: ticket %s cloned %d in %.0f ms", parent.rec.name, t.id, len(slots),
+                 (time.monotonic() - t0) * 1000.0)
+        me = self.manager.identity_of(parent.rec.name)
+        return {"id": 0, "size": t.granted, "ticket": t.id, "family": me.get("family"),
+                "ip": me.get("ip"), "hostname": me.get("hostname"),
+                "hosts": self.manager.family_hosts(parent.rec.name),
+                "timings": {"clones_ms": res["total_ms"], "resumed_ms": res["resumed_ms"],
+                            "total_ms": (time.monotonic() - t0) * 1000.0}}
+
+    def vm_gone(self, name: str, reason: str) -> None:
+        """A VM ended (stopped, crashed): finish its slot; a parent takes its clones along."""
+        found = self.tickets.slot_of(name)
+        if found is not None:
+            found[1].finish(failure=reason)
+        for t in self.tickets.owned_by(name):
+            if t.state in (TicketState.CLONED, TicketState.CLONING):
+                asyncio.ensure_future(self.kill_ticket(t, f"parent {name} is gone"))
+            else:
+                self.tickets.forget(t)
+
+    async def kill_ticket(self, t: Ticket, reason: str) -> list[int]:
+        slots = self.tickets.slots.get(t.id, [])
+        live = [s for s in slots if not s.ended.is_set()]
+        for s in live:
+            s.finish(failure=reason)
+        await asyncio.gather(*(self._destroy(s.vm) for s in live), return_exceptions=True)
+        if t.state != TicketState.JOINED:
+            self.tickets.set_state(t, TicketState.KILLED)
+        self._cancel_timeout(t)
+        return [s.index for s in live]
+
+    async def _expire(self, t: Ticket) -> None:
+        await asyncio.sleep(t.timeout or 0)
+        slots = self.tickets.slots.get(t.id, [])
+        late = [s for s in slots if not s.ended.is_set()]
+        for s in late:
+            s.finish(failure=f"timeout: still running after {t.timeout:g} s")
+        await asyncio.gather(*(self._destroy(s.vm) for s in late), return_exceptions=True)
+        if late:
+            log.warning("ticket %s: killed %d clone(s) past the %g s timeout", t.id, len(late), t.timeout)
+
+    def _cancel_timeout(self, t: Ticket) -> None:
+        task = self._timeouts.pop(t.id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _destroy(self, name: str) -> None:
+        with contextlib.suppress(SfmpiError):
+            await self.manager.stop_vm(name)

@@ -1,0 +1,200 @@
+"""Starting clones from a checkpoint: N QEMUs in parallel, all or nothing.
+
+Each clone maps the checkpoint's RAM privately, starts on a copy of the
+checkpoint's overlay template, loads the device state from an inherited
+descriptor, and waits at a barrier so all resume together. Then hostd greets
+it: the answer to the clone call it is inside of (in-guest clone), or an
+`identify` op (host-side `sfmpi clone`); either way the agent re-identifies the
+clone (MAC, IP, hostname, clock, entropy, machine-id, hooks) and reports back.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from sfmpi.errors import AgentError, CloneError, QemuError, SfmpiError, UsageError
+
+from . import netplan
+from .admission import admit
+from .checkpoint import OVERLAY_TEMPLATE, Checkpoint, make_overlay_template, set_capabilities
+from .families import Family
+from .qemu_cmdline import Nic, Qcow2Disk, Sockets, vm_argv
+from .store import VmRecord, VmRole, VmState
+
+if TYPE_CHECKING:
+    from .manager import HostManager
+
+CLONE_READY_TIMEOUT = 120.0
+# greeting(identity, extras) -> the first message a resumed clone's agent gets.
+Greeting = Callable[[dict, dict], dict]
+
+
+@dataclass(frozen=True)
+class Order:
+    """One clone to start: its VM name, family ID (address) and index in the request."""
+    name: str
+    netid: int
+    index: int
+
+
+def identify_greeting(ident: dict, extras: dict) -> dict:
+    return {"op": "identify", "identity": ident, **extras}
+
+
+class Cloner:
+    def __init__(self, manager: "HostManager"):
+        self.m = manager
+        self._template_lock = asyncio.Lock()
+
+    # -- host side: `sfmpi clone CKPT -n N` ------------------------------
+    async def clone(self, ref: str, n: int, allow_fewer: bool = False) -> dict:
+        if not isinstance(n, int) or n <= 0:
+            raise UsageError(f"clone: -n must be at least 1 (got {n})")
+        t0 = time.monotonic()
+        ckpt = self.m.find_checkpoint(ref)
+        spec = ckpt.spec
+        async with self.m.admission:
+            granted = admit(self.m.budget, self.m.usage(), n, spec.mem_mb, spec.cpus, allow_fewer,
+                            what=f"clone of checkpoint {ckpt.id}")
+            fam = self.m.families.ensure(ckpt.family or ckpt.vm)
+            ids = self.m.families.free_ids(fam, granted)
+            orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=k) for k in ids]
+            recs = self._reserve(ckpt, fam, orders, ticket="")
+        res = await self.start(ckpt, fam, orders, recs, identify_greeting, "identified", t0)
+        return {"checkpoint": ckpt.id, "requested": n, "granted": granted, **res}
+
+    # -- in-guest: the clone call of a ticket ----------------------------
+    async def clone_for_ticket(self, ckpt: Checkpoint, count: int, ticket: str,
+                               greeting: Greeting) -> dict:
+        """The ticket reserved the room already; only IDs and names are new here."""
+        t0 = time.monotonic()
+        async with self.m.admission:
+            fam = self.m.families.ensure(ckpt.family or ckpt.vm)
+            ids = self.m.families.free_ids(fam, count)
+            orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=i + 1)
+                      for i, k in enumerate(ids)]
+            recs = self._reserve(ckpt, fam, orders, ticket=ticket)
+        return await self.start(ckpt, fam, orders, recs, greeting, "cloned", t0)
+
+    def _reserve(self, ckpt: Checkpoint, fam: Family, orders: list[Order], ticket: str) -> list[VmRecord]:
+        recs = []
+        try:
+            for o in orders:
+                rec = VmRecord(name=o.name, role=VmRole.CLONE, state=VmState.STARTING,
+                               spec=ckpt.spec.to_json(), overlay=self.m.new_layer(o.name),
+                               checkpoint=ckpt.id, family=fam.name, family_no=fam.number,
+                               netid=o.netid, ticket=ticket,
+                               **{**self.m.files(o.name), "ram_path": str(ckpt.ram_file)})
+                self.m.reserve(rec)
+                recs.append(rec)
+            self.m.families.add(fam, [(o.name, o.netid) for o in orders])
+        except BaseException:
+            for rec in recs:
+                self.m.release_files(rec)
+                self.m.store.delete_vm(rec.name)
+            raise
+        return recs
+
+    async def start(self, ckpt: Checkpoint, fam: Family, orders: list[Order], recs: list[VmRecord],
+                    greeting: Greeting, awaited: str, t0: float) -> dict:
+        resume = asyncio.Barrier(len(recs))
+        results = await asyncio.gather(
+            *(self._start_clone(rec, o, ckpt, fam, resume, greeting, awaited) for rec, o in zip(recs, orders)),
+            return_exceptions=True)
+        # A clone that only saw the resume barrier broken is not the cause.
+        failures = sorted(((rec.name, r) for rec, r in zip(recs, results) if isinstance(r, BaseException)),
+                          key=lambda f: isinstance(f[1], asyncio.BrokenBarrierError))
+        if failures:
+            # Never half-done: one failed clone undoes the whole request.
+            for rec in recs:
+                await self.m.abandon(rec.name, failures[0][1])
+            name, exc = failures[0]
+            if isinstance(exc, SfmpiError):
+                raise exc
+            raise QemuError(f"clone {name}: {exc}") from exc
+        total_ms = (time.monotonic() - t0) * 1000.0
+        # All clones resumed (running guest code) vs all re-identified and
+        # answering: under TCG the gap is mostly code translation.
+        resumed_ms = (max(r.pop("resumed_at") for r in results) - t0) * 1000.0
+        for rec in recs:
+            self.m.mark_running(rec.name)
+        return {"clones": [r.name for r in recs], "ids": [o.index for o in orders],
+                "total_ms": total_ms, "resumed_ms": resumed_ms, "per_clone": list(results)}
+
+    async def _start_clone(self, rec: VmRecord, order: Order, ckpt: Checkpoint, fam: Family,
+                           resume: asyncio.Barrier, greeting: Greeting, awaited: str) -> dict:
+        try:
+            return await self._start_one_clone(rec, order, ckpt, fam, resume, greeting, awaited)
+        except BaseException:
+            await resume.abort()  # the others must not wait for this one
+            raise
+
+    async def _start_one_clone(self, rec: VmRecord, order: Order, ckpt: Checkpoint, fam: Family,
+                               resume: asyncio.Barrier, greeting: Greeting, awaited: str) -> dict:
+        t0 = time.monotonic()
+        # A fresh qcow2 overlay is the same bytes for every clone of a checkpoint:
+        # copying the checkpoint's template costs far less than running qemu-img.
+        shutil.copyfile(await self._overlay_template(ckpt), rec.overlay)
+        nic = Nic(mac=netplan.mac(fam.number, order.netid), tap=netplan.tap_name(fam.number, order.netid))
+        argv = vm_argv(ckpt.spec, name=rec.name, ram_path=str(ckpt.ram_file), share_ram=False,
+                       disk=Qcow2Disk(rec.overlay), sockets=Sockets(rec.qmp_path, rec.agent_path),
+                       serial_log=rec.serial_log, nic=nic, vmgenid=str(uuid.uuid4()), incoming="defer")
+        # QEMU reads the device state from an inherited descriptor: no shell and
+        # no `cat` process per clone (QEMU 7.2 has no file: migration URI).
+        state_fd = os.open(ckpt.state_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            vm = await self.m.launch(rec, argv, pass_fds=(state_fd,))
+        finally:
+            os.close(state_fd)
+        t_started = time.monotonic()
+        qemu = vm.qemu
+        await set_capabilities(qemu, events=True, x_ignore_shared=True)
+        listener = qemu.listen("MIGRATION")
+        with qemu.listening(listener):
+            await qemu.execute("migrate-incoming", {"uri": f"fd:{state_fd}"})
+            await qemu.wait_migration(listener, {"completed"}, 60.0)
+        t_loaded = time.monotonic()
+        # All clones of one request resume together, from the same instant: a
+        # clone that ran early would take the CPU from the others still loading.
+        await resume.wait()
+        await qemu.execute("cont")
+        t_resumed = time.monotonic()
+        ident = {**netplan.identity(fam.number, fam.name, order.netid), "id": order.index,
+                 "netid": order.netid, "ticket": rec.ticket or None}
+        assert vm.agent is not None
+        await vm.agent.send_op(greeting(ident, self.extras(fam, ckpt)))
+        try:
+            report = await vm.agent.wait_event(awaited, CLONE_READY_TIMEOUT)
+        except AgentError:
+            if vm.qemu.exited.is_set():
+                raise QemuError(f"clone {rec.name} died after resuming{vm.qemu.failure_report()}") from None
+            raise
+        if not report.get("ok"):
+            raise CloneError(f"clone {order.index} ({rec.name}): {report.get('error')}")
+        t_ready = time.monotonic()
+        return {"name": rec.name, "qemu_start_ms": (t_started - t0) * 1000.0,
+                "state_load_ms": (t_loaded - t_started) * 1000.0,
+                "resume_to_agent_ms": (t_ready - t_resumed) * 1000.0,
+                "resumed_at": t_resumed, "total_ms": (t_ready - t0) * 1000.0}
+
+    @staticmethod
+    def extras(fam: Family, ckpt: Checkpoint) -> dict:
+        """What makes each copy unique, sent just before it re-identifies."""
+        return {"time": time.time(), "entropy": base64.b64encode(secrets.token_bytes(64)).decode(),
+                "machine_id": uuid.uuid4().hex, "hosts": fam.hosts(),
+                "checkpoint": {"id": ckpt.id, "family": fam.name}}
+
+    async def _overlay_template(self, ckpt: Checkpoint) -> Path:
+        template = Path(ckpt.path) / OVERLAY_TEMPLATE
+        async with self._template_lock:
+            if not template.exists():  # a checkpoint from before templates existed
+                await make_overlay_template(template, ckpt.disk)
+        return template

@@ -1,0 +1,100 @@
+"""Families: a parent VM, its clones, and their private network.
+
+A family is born with its parent VM (named after it) and lives while any
+member does: a host-side clone of a checkpoint may outlive the parent. Each
+family has a number f (host-wide unique: the kernel allocates it by bridge
+name), a bridge, one tap per member and an ID per member (0: parent), from
+which addresses follow (hostd/netplan.py).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sfmpi.errors import CapacityError
+
+from . import netplan
+from .network import FamilyNetwork, allocate_family
+
+log = logging.getLogger("sfmpi.hostd.families")
+
+
+@dataclass
+class Family:
+    name: str
+    number: int
+    net: FamilyNetwork
+    members: dict[str, int] = field(default_factory=dict)   # VM name -> ID
+
+    def hosts(self) -> list[list[str]]:
+        return [[netplan.hostname(self.name, k), str(netplan.ip(self.number, k))]
+                for k in sorted(self.members.values())]
+
+
+class Families:
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.by_name: dict[str, Family] = {}
+
+    def of_vm(self, vm: str) -> Family | None:
+        for fam in self.by_name.values():
+            if vm in fam.members:
+                return fam
+        return None
+
+    def ensure(self, name: str, number: int | None = None) -> Family:
+        fam = self.by_name.get(name)
+        if fam is not None:
+            return fam
+        f = number if number is not None else allocate_family()
+        net = FamilyNetwork(f, name, self.state_dir)
+        net.up()
+        fam = Family(name=name, number=f, net=net)
+        self.by_name[name] = fam
+        return fam
+
+    def free_ids(self, fam: Family, count: int) -> list[int]:
+        """The lowest IDs no living member holds (1..250; 0 is the parent's)."""
+        used = set(fam.members.values())
+        free = [k for k in range(1, netplan.MAX_ID + 1) if k not in used][:count]
+        if len(free) < count:
+            raise CapacityError(f"family {fam.name} has no free clone IDs left "
+                                f"({netplan.MAX_ID} at most at once)")
+        return free
+
+    def add(self, fam: Family, members: list[tuple[str, int]]) -> dict[str, str]:
+        """Taps for new members (one nft batch); returns VM name -> tap name."""
+        fam.net.add_vms([k for _vm, k in members])
+        for vm, k in members:
+            fam.members[vm] = k
+        return {vm: netplan.tap_name(fam.number, k) for vm, k in members}
+
+    def leave(self, vm: str) -> None:
+        fam = self.of_vm(vm)
+        if fam is None:
+            return
+        k = fam.members.pop(vm)
+        try:
+            fam.net.remove_vm(k)
+        except Exception as exc:  # cleanup goes on; `down` sweeps what is left
+            log.warning("family %s: removing VM %s (ID %d) from the network: %s", fam.name, vm, k, exc)
+        if not fam.members:
+            self.drop(fam)
+
+    def drop(self, fam: Family) -> None:
+        self.by_name.pop(fam.name, None)
+        fam.net.down()
+
+    def down(self) -> None:
+        for fam in list(self.by_name.values()):
+            self.drop(fam)
+
+    def sweep(self, numbers: set[int]) -> None:
+        """Remove what is left of families nobody owns any more (a hostd crash)."""
+        owned = {fam.number for fam in self.by_name.values()}
+        for f in sorted(numbers - owned):
+            try:
+                FamilyNetwork(f, "leftover", self.state_dir).down()
+            except Exception as exc:
+                log.warning("family %d: cleanup of leftovers: %s", f, exc)

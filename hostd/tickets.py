@@ -1,0 +1,156 @@
+"""Tickets: SnowFlock's reservation of clone slots, and what became of each clone.
+
+request_ticket(n) grants m <= n slots by policy (a per-family limit and the
+host's budget); the slots stay reserved until the ticket is used and its clones
+are gone. States: granted -> cloned -> joined | killed (or expired while
+granted). A ticket belongs to the VM that asked for it; only that VM may use,
+join or kill it.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from sfmpi.errors import CapacityError, RoleError, TicketError, UsageError
+
+DEFAULT_FAMILY_LIMIT = 32
+
+
+class TicketState(str, Enum):
+    GRANTED = "granted"
+    CLONING = "cloning"
+    CLONED = "cloned"
+    JOINED = "joined"
+    KILLED = "killed"
+
+
+@dataclass(frozen=True)
+class Ticket:
+    id: str
+    owner: str                 # the VM that requested it (the parent of its clones)
+    family: str
+    requested: int
+    granted: int
+    mem_mb: int
+    cpus: int
+    timeout: float | None = None
+    state: TicketState = TicketState.GRANTED
+    created: float = field(default_factory=time.time)
+
+    def with_(self, **changes) -> "Ticket":
+        return replace(self, **changes)
+
+    def to_wire(self) -> dict:
+        return {"id": self.id, "requested": self.requested, "granted": self.granted,
+                "family": self.family, "timeout": self.timeout}
+
+
+@dataclass
+class CloneSlot:
+    """One clone of a used ticket: index i (what clone() returned), its VM."""
+    index: int
+    vm: str
+    status: int | None = None      # exit status, once it called exit
+    failure: str | None = None     # why it ended without exit
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def finish(self, status: int | None = None, failure: str | None = None) -> None:
+        if self.ended.is_set():
+            return
+        self.status, self.failure = status, failure
+        self.ended.set()
+
+
+class TicketBook:
+    """All tickets of this hostd, in memory (they end with their clones)."""
+
+    def __init__(self, family_limit: int = DEFAULT_FAMILY_LIMIT):
+        self.family_limit = family_limit
+        self.tickets: dict[str, Ticket] = {}
+        self.slots: dict[str, list[CloneSlot]] = {}
+        self._seq = 0
+
+    # -- reservations ----------------------------------------------------
+    def reserved(self) -> tuple[int, int]:
+        """(MiB, vCPUs) held by granted tickets whose clones do not run yet."""
+        held = [t for t in self.tickets.values() if t.state in (TicketState.GRANTED, TicketState.CLONING)]
+        return sum(t.granted * t.mem_mb for t in held), sum(t.granted * t.cpus for t in held)
+
+    def family_load(self, family: str) -> int:
+        """Clone slots of a family in use or reserved."""
+        total = 0
+        for t in self.tickets.values():
+            if t.family != family:
+                continue
+            if t.state in (TicketState.GRANTED, TicketState.CLONING):
+                total += t.granted
+            elif t.state == TicketState.CLONED:
+                total += sum(1 for s in self.slots.get(t.id, []) if not s.ended.is_set())
+        return total
+
+    def grant(self, owner: str, family: str, n: int, host_room: int, mem_mb: int, cpus: int,
+              timeout: float | None) -> Ticket:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise UsageError(f"request_ticket: n must be an integer >= 1 (got {n!r})")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise UsageError(f"request_ticket: timeout must be a positive number of seconds (got {timeout!r})")
+        family_room = max(0, self.family_limit - self.family_load(family))
+        granted = min(n, family_room, host_room)
+        if granted < 1:
+            why = (f"family {family} already has {self.family_limit} clones (its limit)"
+                   if family_room < 1 else "the host has no memory or CPU left for a clone")
+            raise CapacityError(f"request_ticket({n}) in VM {owner}: {why}")
+        self._seq += 1
+        ticket = Ticket(id=f"{owner}-t{self._seq}", owner=owner, family=family, requested=n,
+                        granted=granted, mem_mb=mem_mb, cpus=cpus,
+                        timeout=float(timeout) if timeout else None)
+        self.tickets[ticket.id] = ticket
+        return ticket
+
+    # -- use -------------------------------------------------------------
+    def get(self, ticket_id: object, caller: str) -> Ticket:
+        if not isinstance(ticket_id, str) or not ticket_id:
+            raise UsageError(f"a ticket id is a string (got {ticket_id!r})")
+        t = self.tickets.get(ticket_id)
+        if t is None:
+            raise TicketError(f"no ticket {ticket_id} (tickets come from request_ticket in the parent)")
+        if t.owner != caller:
+            raise RoleError(f"ticket {ticket_id} belongs to VM {t.owner}, not to VM {caller} "
+                            "(join, kill and clone are for the VM that requested the ticket)")
+        return t
+
+    def start_use(self, ticket_id: object, caller: str) -> Ticket:
+        t = self.get(ticket_id, caller)
+        if t.state != TicketState.GRANTED:
+            raise TicketError(f"ticket {t.id} was already used ({t.state.value}); request a new one")
+        t = self.set_state(t, TicketState.CLONING)
+        return t
+
+    def set_state(self, t: Ticket, state: TicketState) -> Ticket:
+        t = t.with_(state=state)
+        self.tickets[t.id] = t
+        return t
+
+    def cloned(self, t: Ticket, slots: list[CloneSlot]) -> Ticket:
+        self.slots[t.id] = slots
+        return self.set_state(t, TicketState.CLONED)
+
+    def give_back(self, t: Ticket) -> None:
+        """A clone attempt failed before any clone ran: the ticket is spent."""
+        self.set_state(t, TicketState.KILLED)
+
+    def slot_of(self, vm: str) -> tuple[Ticket, CloneSlot] | None:
+        for tid, slots in self.slots.items():
+            for s in slots:
+                if s.vm == vm:
+                    return self.tickets[tid], s
+        return None
+
+    def owned_by(self, owner: str) -> list[Ticket]:
+        return [t for t in self.tickets.values() if t.owner == owner]
+
+    def forget(self, t: Ticket) -> None:
+        self.tickets.pop(t.id, None)
+        self.slots.pop(t.id, None)

@@ -1,0 +1,87 @@
+"""Tickets: what request_ticket grants, and who may use, join or kill them."""
+from __future__ import annotations
+
+import pytest
+
+from sfmpi.errors import CapacityError, RoleError, TicketError, UsageError
+from sfmpi.hostd.tickets import CloneSlot, TicketBook, TicketState
+
+
+def grant(book, n=4, room=100, owner="p", family="p", timeout=None):
+    return book.grant(owner, family, n, room, 512, 1, timeout)
+
+
+def test_grants_at_most_what_host_and_family_hold():
+    book = TicketBook(family_limit=6)
+    assert grant(book, n=4).granted == 4
+    assert grant(book, n=4).granted == 2          # family limit 6, 4 reserved
+    with pytest.raises(CapacityError, match="family p already has 6"):
+        grant(book, n=1)
+    assert grant(book, n=5, family="q", owner="q", room=3).granted == 3   # host room
+
+
+def test_no_host_room_is_a_capacity_error():
+    with pytest.raises(CapacityError, match="no memory or CPU left"):
+        grant(TicketBook(), room=0)
+
+
+@pytest.mark.parametrize("n", [0, -1, "4", 2.5, True, None])
+def test_bad_n(n):
+    with pytest.raises(UsageError, match="n must be an integer"):
+        grant(TicketBook(), n=n)
+
+
+@pytest.mark.parametrize("timeout", [0, -5, "x"])
+def test_bad_timeout(timeout):
+    with pytest.raises(UsageError, match="timeout"):
+        grant(TicketBook(), timeout=timeout)
+
+
+def test_reservations_count_until_clones_run():
+    book = TicketBook()
+    t = grant(book, n=3)
+    assert book.reserved() == (3 * 512, 3)
+    t = book.start_use(t.id, "p")
+    assert book.reserved() == (3 * 512, 3)        # cloning: still held
+    book.cloned(t, [CloneSlot(i, f"p-{i}") for i in (1, 2, 3)])
+    assert book.reserved() == (0, 0)               # now they are VMs
+
+
+def test_a_ticket_is_used_once():
+    book = TicketBook()
+    t = grant(book)
+    book.start_use(t.id, "p")
+    with pytest.raises(TicketError, match="already used"):
+        book.start_use(t.id, "p")
+
+
+def test_unknown_ticket_and_wrong_owner():
+    book = TicketBook()
+    t = grant(book)
+    with pytest.raises(TicketError, match="no ticket nope"):
+        book.start_use("nope", "p")
+    with pytest.raises(RoleError, match="belongs to VM p, not to VM p-1"):
+        book.start_use(t.id, "p-1")
+    with pytest.raises(UsageError):
+        book.get(42, "p")
+
+
+def test_family_load_counts_live_clones_only():
+    book = TicketBook(family_limit=4)
+    t = book.start_use(grant(book, n=3).id, "p")
+    slots = [CloneSlot(i, f"p-{i}") for i in (1, 2, 3)]
+    book.cloned(t, slots)
+    assert book.family_load("p") == 3
+    slots[0].finish(status=0)
+    slots[1].finish(failure="crashed")
+    assert book.family_load("p") == 1
+    assert grant(book, n=9).granted == 3
+    assert book.slot_of("p-3") == (book.tickets[t.id], slots[2])
+    assert book.tickets[t.id].state == TicketState.CLONED
+
+
+def test_slot_finishes_once():
+    s = CloneSlot(1, "p-1")
+    s.finish(status=3)
+    s.finish(failure="killed")
+    assert (s.status, s.failure) == (3, None)
