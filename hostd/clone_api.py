@@ -147,7 +147,7 @@ class CloneApi:
         t = self.tickets.get(ticket_id, vm.rec.name)  # RoleError in a clone: the parent owns it
         if t.state == TicketState.GRANTED and not allow_granted:
             raise TicketError(f"{op}: ticket {t.id} has not been used for a clone yet")
-        if t.state in (TicketState.JOINED, TicketState.KILLED) and op == "join":
+        if t.state == TicketState.JOINED and op == "join":
             raise TicketError(f"join: ticket {t.id} was already {t.state.value}")
         return t
 

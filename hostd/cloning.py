@@ -65,7 +65,7 @@ class Cloner:
             granted = admit(self.m.budget, self.m.usage(), n, spec.mem_mb, spec.cpus, allow_fewer,
                             what=f"clone of checkpoint {ckpt.id}")
             fam = self.m.families.ensure(ckpt.family or ckpt.vm)
-            ids = self.m.families.free_ids(fam, granted)
+            ids = self.m.families.free_ids(fam, granted, self.m.name_taken)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=k) for k in ids]
             recs = self._reserve(ckpt, fam, orders, ticket="")
         res = await self.start(ckpt, fam, orders, recs, identify_greeting, "identified", t0)
@@ -78,7 +78,7 @@ class Cloner:
         t0 = time.monotonic()
         async with self.m.admission:
             fam = self.m.families.ensure(ckpt.family or ckpt.vm)
-            ids = self.m.families.free_ids(fam, count)
+            ids = self.m.families.free_ids(fam, count, self.m.name_taken)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=i + 1)
                       for i, k in enumerate(ids)]
             recs = self._reserve(ckpt, fam, orders, ticket=ticket)

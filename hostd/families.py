@@ -54,10 +54,12 @@ class Families:
         self.by_name[name] = fam
         return fam
 
-    def free_ids(self, fam: Family, count: int) -> list[int]:
-        """The lowest IDs no living member holds (1..250; 0 is the parent's)."""
+    def free_ids(self, fam: Family, count: int, name_taken=lambda name: False) -> list[int]:
+        """The lowest IDs no living member holds (1..250; 0 is the parent's) whose
+        VM name (the hostname) is free too: a crashed VM keeps its name until down."""
         used = set(fam.members.values())
-        free = [k for k in range(1, netplan.MAX_ID + 1) if k not in used][:count]
+        free = [k for k in range(1, netplan.MAX_ID + 1)
+                if k not in used and not name_taken(netplan.hostname(fam.name, k))][:count]
         if len(free) < count:
             raise CapacityError(f"family {fam.name} has no free clone IDs left "
                                 f"({netplan.MAX_ID} at most at once)")

@@ -105,6 +105,9 @@ class HostManager:
             serial_log=str(vm_dir / "serial.log"),
         )
 
+    def name_taken(self, name: str) -> bool:
+        return name in self.vms or self.store.get_vm(name) is not None
+
     def new_layer(self, name: str) -> str:
         return str(self.paths.disks / f"{name}-{self.store.next('layer')}.qcow2")
 
@@ -299,7 +302,8 @@ class HostManager:
             "name": rec.name, "role": rec.role.value, "state": rec.state.value, "pid": rec.pid,
             "mem_mb": rec.spec["mem_mb"], "cpus": rec.spec["cpus"], "accel": rec.spec["accel"],
             "checkpoint": rec.checkpoint, "error": rec.error.splitlines()[0] if rec.error else "",
-            "family": rec.family, "netid": rec.netid if rec.family else None,
+            "family": rec.family, "family_no": rec.family_no or None,
+            "netid": rec.netid if rec.family else None,
             "ip": str(netplan.ip(rec.family_no, rec.netid)) if rec.family_no else "",
             "ticket": rec.ticket,
         }

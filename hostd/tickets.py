@@ -16,6 +16,9 @@ from enum import Enum
 from sfmpi.errors import CapacityError, RoleError, TicketError, UsageError
 
 DEFAULT_FAMILY_LIMIT = 32
+# A ticket never used holds its slots this long, then expires: a program that
+# asked and then crashed must not keep the host's room forever.
+UNUSED_TICKET_EXPIRY = 600.0
 
 
 class TicketState(str, Enum):
@@ -75,8 +78,15 @@ class TicketBook:
     # -- reservations ----------------------------------------------------
     def reserved(self) -> tuple[int, int]:
         """(MiB, vCPUs) held by granted tickets whose clones do not run yet."""
+        self.expire_unused()
         held = [t for t in self.tickets.values() if t.state in (TicketState.GRANTED, TicketState.CLONING)]
         return sum(t.granted * t.mem_mb for t in held), sum(t.granted * t.cpus for t in held)
+
+    def expire_unused(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for t in list(self.tickets.values()):
+            if t.state == TicketState.GRANTED and now - t.created > UNUSED_TICKET_EXPIRY:
+                self.set_state(t, TicketState.KILLED)
 
     def family_load(self, family: str) -> int:
         """Clone slots of a family in use or reserved."""
@@ -113,6 +123,7 @@ class TicketBook:
     def get(self, ticket_id: object, caller: str) -> Ticket:
         if not isinstance(ticket_id, str) or not ticket_id:
             raise UsageError(f"a ticket id is a string (got {ticket_id!r})")
+        self.expire_unused()
         t = self.tickets.get(ticket_id)
         if t is None:
             raise TicketError(f"no ticket {ticket_id} (tickets come from request_ticket in the parent)")
@@ -124,7 +135,8 @@ class TicketBook:
     def start_use(self, ticket_id: object, caller: str) -> Ticket:
         t = self.get(ticket_id, caller)
         if t.state != TicketState.GRANTED:
-            raise TicketError(f"ticket {t.id} was already used ({t.state.value}); request a new one")
+            raise TicketError(f"ticket {t.id} was already used or expired ({t.state.value}); "
+                              "request a new one")
         t = self.set_state(t, TicketState.CLONING)
         return t
 

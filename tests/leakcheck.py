@@ -4,12 +4,30 @@ Shared by the integration tests and the benchmarks.
 """
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 import psutil
 
+OUR_LINK = re.compile(r"^(sfbr\d+|sft\d+x\d+|sfrx\d+)$")
 
-def leaks(home: Path, shm: Path) -> list[str]:
+
+def network_leaks() -> list[str]:
+    """Links and nft tables of any sfmpi family on this host. Only meaningful
+    when no other sfmpi instance runs (the end of a test session or benchmark)."""
+    found = []
+    for name in Path("/sys/class/net").iterdir():
+        if OUR_LINK.match(name.name):
+            found.append(f"network link left: {name.name}")
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    for line in tables.splitlines():
+        if re.match(r"^table \S+ sfmpi_f\d+$", line.strip()):
+            found.append(f"nft {line.strip()} left")
+    return found
+
+
+def leaks(home: Path, shm: Path, whole_host_network: bool = False) -> list[str]:
     found = []
     for p in psutil.process_iter(["pid", "name", "cmdline", "status"]):
         try:
@@ -22,6 +40,8 @@ def leaks(home: Path, shm: Path) -> list[str]:
             found.append(f"QEMU process {p.info['pid']}: {cmd[:120]}")
         if "sfmpi.cli hostd" in cmd and p.info["pid"] and _env_home(p) == str(home):
             found.append(f"hostd process {p.info['pid']}")
+        if (p.info["name"] or "") == "dnsmasq" and str(home) in cmd:
+            found.append(f"dnsmasq process {p.info['pid']}")
     if shm.exists() and any(shm.iterdir()):
         found.append(f"tmpfs files left: {sorted(x.name for x in shm.iterdir())}")
     for line in Path("/proc/mounts").read_text().splitlines():
@@ -29,6 +49,10 @@ def leaks(home: Path, shm: Path) -> list[str]:
             found.append(f"mount left: {line}")
     if (home / "hostd.sock").exists():
         found.append("hostd socket left")
+    if (home / "net").exists() and any((home / "net").iterdir()):
+        found.append(f"family network state left: {sorted(x.name for x in (home / 'net').iterdir())}")
+    if whole_host_network:
+        found += network_leaks()
     return found
 
 

@@ -41,7 +41,7 @@ class Cli:
     def paths(self) -> Paths:
         return Paths(self.home)
 
-    def teardown(self, keep_logs: bool) -> list[str]:
+    def teardown(self, keep_logs: bool, whole_host_network: bool = False) -> list[str]:
         if keep_logs and (self.home / "vms").exists():
             dest = ARTIFACTS / self.home.name
             shutil.rmtree(dest, ignore_errors=True)
@@ -49,7 +49,7 @@ class Cli:
             if (self.home / "hostd.log").exists():
                 shutil.copy(self.home / "hostd.log", dest)
         self("down", check=False)
-        return leaks(self.paths.home, self.paths.shm)
+        return leaks(self.paths.home, self.paths.shm, whole_host_network)
 
 
 def make_home(tag: str) -> Path:
@@ -69,7 +69,8 @@ def cli(request):
     home = make_home("it")
     c = Cli(home)
     yield c
-    left = c.teardown(keep_logs=getattr(request.session, "sfmpi_failed", False))
+    # The last sfmpi of the session: no family link or nft table may be left on the host.
+    left = c.teardown(keep_logs=getattr(request.session, "sfmpi_failed", False), whole_host_network=True)
     shutil.rmtree(home, ignore_errors=True)
     assert not left, f"sfmpi down left things behind: {left}"
 

@@ -85,3 +85,14 @@ def test_slot_finishes_once():
     s.finish(status=3)
     s.finish(failure="killed")
     assert (s.status, s.failure) == (3, None)
+
+
+def test_unused_ticket_expires_and_frees_its_room():
+    book = TicketBook()
+    t = grant(book, n=2)
+    book.expire_unused(now=t.created + 10)
+    assert book.reserved() == (2 * 512, 2)
+    book.expire_unused(now=t.created + 10_000)
+    assert book.reserved() == (0, 0)
+    with pytest.raises(TicketError, match="expired"):
+        book.start_use(t.id, "p")
