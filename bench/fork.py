@@ -39,6 +39,21 @@ DIRTY = ("import time\nb = bytearray(64 << 20)\ni = 0\n"
          "while True:\n    b[(i * 4096) % len(b)] = i & 255\n    i += 1\n")
 
 
+# Runs in the parent: fork into M clones that exit at once, join, print hostd's timings.
+GUEST_CLONE = """
+import json, time, sfmpi
+from sfmpi import api
+t = sfmpi.request_ticket(M)
+t0 = time.monotonic()
+ans = api.call("clone", ticket=t.id)
+if ans["id"]:
+    sfmpi.exit(0)
+call_ms = (time.monotonic() - t0) * 1000
+sfmpi.join(t)
+print(json.dumps({**ans["timings"], "guest_call_ms": call_ms}))
+"""
+
+
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -112,6 +127,38 @@ class Bench:
         self.stop_all(["bparent"])
         return rows
 
+    # -- 3. clone() called in the guest ------------------------------------
+    def guest_clone(self, ms: list[int], repeats: int, mem_mb: int) -> list[dict]:
+        """From the parent's clone() call reaching hostd to all m clones having
+        returned from theirs (re-identified), as hostd measures it; and the
+        call as the parent's program sees it."""
+        self.start("gparent", mem_mb)
+        rows = []
+        for m in ms:
+            runs = []
+            for _ in range(repeats):
+                out = self.exec_out("gparent", ["python3", "-c", GUEST_CLONE.replace("M", str(m))])
+                runs.append(json.loads(out.strip().splitlines()[-1]))
+            rows.append({
+                "m": m,
+                "all_returned_s": statistics.median(r["total_ms"] for r in runs) / 1000,
+                "checkpoint_s": statistics.median(r["checkpoint_ms"] for r in runs) / 1000,
+                "clones_s": statistics.median(r["clones_ms"] for r in runs) / 1000,
+                "resumed_s": statistics.median(r["resumed_ms"] for r in runs) / 1000,
+                "guest_call_s": statistics.median(r["guest_call_ms"] for r in runs) / 1000,
+                "runs_s": [round(r["total_ms"] / 1000, 3) for r in runs],
+            })
+        self.stop_all(["gparent"])
+        return rows
+
+    def exec_out(self, vm: str, argv: list[str]) -> str:
+        out = bytearray()
+        res = self.client.call("vm.exec", name=vm, argv=argv,
+                               on_output=lambda fd, data: out.extend(data) if fd == 1 else None)
+        if res["code"] != 0:
+            raise RuntimeError(f"{vm}: {argv} exited {res['code']}")
+        return out.decode()
+
     # -- 2. parent pause ----------------------------------------------------
     def pauses(self, sizes: list[int], repeats: int) -> list[dict]:
         rows = []
@@ -150,6 +197,15 @@ def print_tables(result: dict) -> None:
                   f"{r['cold_s']:.1f}" if "cold_s" in r else ("failed" if "cold_error" in r else "-"),
                   f"{r['speedup']:.0f}x" if "speedup" in r else "-")
     console.print(t)
+    if result.get("guest_clone"):
+        t = Table(title="clone() in the guest: from the call reaching hostd to all m clones returned "
+                        "(re-identified); median")
+        for col in ("m", "checkpoint (s)", "clones resumed (s)", "all returned (s)", "parent's call (s)"):
+            t.add_column(col, justify="right")
+        for r in result["guest_clone"]:
+            t.add_row(str(r["m"]), f"{r['checkpoint_s']:.3f}", f"{r['resumed_s']:.3f}",
+                      f"{r['all_returned_s']:.3f}", f"{r['guest_call_s']:.3f}")
+        console.print(t)
     t = Table(title="Parent pause per checkpoint (QEMU STOP->RESUME)")
     for col in ("RAM", "guest", "mode", "pause ms", "min-max", "ckpt s", "file MiB"):
         t.add_column(col, justify="right")
@@ -165,6 +221,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     ap.add_argument("--ns", default="1,4,8,16")
     ap.add_argument("--cold-ns", default="1,4,8,16")
+    ap.add_argument("--ms", default="1,4,8", help="clones per in-guest clone() call")
     ap.add_argument("--sizes", default="256,512,1024")
     ap.add_argument("--mem", type=int, default=512, help="MiB per guest for the clone benchmark")
     ap.add_argument("--repeats", type=int, default=3)
@@ -176,12 +233,13 @@ def main() -> int:
     left: list[str] = []
     try:
         clone_rows = bench.clone_vs_cold(ints(args.ns), ints(args.cold_ns), args.repeats, args.mem)
+        guest_rows = bench.guest_clone(ints(args.ms), args.repeats, args.mem) if args.ms else []
         pause_rows = bench.pauses(ints(args.sizes), args.repeats)
         accel = json.loads(bench.paths.accel_cache.read_text())["accel"]
     finally:
         left = bench.down()
     result = {"mem_mb": args.mem, "repeats": args.repeats, "accel": accel, "cpus": os.cpu_count(),
-              "clone_vs_cold": clone_rows, "pauses": pause_rows, "leaks": left}
+              "clone_vs_cold": clone_rows, "guest_clone": guest_rows, "pauses": pause_rows, "leaks": left}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -385,9 +385,11 @@ class HostManager:
         # From here on the parent runs on new_layer; `frozen` belongs to the checkpoint.
         vm.rec = vm.rec.with_(overlay=new_layer)
         self.store.put_vm(vm.rec)
-        t_dig = time.monotonic()
-        await proc.run_async(["fallocate", "--dig-holes", str(work / "ram")])
-        timings["dig_holes_ms"] = (time.monotonic() - t_dig) * 1000.0
+        if mode != "paused":  # cp --sparse=always made the holes already
+            # The receiver wrote every page, zero pages too: give those back.
+            t_dig = time.monotonic()
+            await proc.run_async(["fallocate", "--dig-holes", str(work / "ram")])
+            timings["dig_holes_ms"] = (time.monotonic() - t_dig) * 1000.0
         chain = await self._backing_chain(frozen)
         await make_overlay_template(work / OVERLAY_TEMPLATE, frozen)
         ram_stat = (work / "ram").stat()

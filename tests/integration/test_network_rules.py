@@ -153,18 +153,22 @@ def test_another_family_is_out_of_reach(lab):
     arp = in_ns(lab.b0, "busybox", "arping", "-c", "1", "-w", "1", "-I", "eth0", str(netplan.ip(a.f, 0)),
                 check=False)
     assert arp.returncode != 0
-    # Make the host route from B to A (forwarding on B's bridge only, which
-    # goes away with it): then our inet rules are what stops the packet.
-    forwarding = Path(f"/proc/sys/net/ipv4/conf/{b.bridge}/forwarding")
+    # Make the host route between A and B (forwarding on these two bridges
+    # only, which goes away with them): then our inet rules are what stops it.
+    forwarding = [Path(f"/proc/sys/net/ipv4/conf/{net.bridge}/forwarding") for net in (a, b)]
     in_ns(lab.b0, "ip", "route", "add", str(netplan.subnet(a.f)), "via", str(netplan.gateway(b.f)))
-    forwarding.write_text("1")
+    in_ns(lab.a0, "ip", "route", "add", str(netplan.subnet(b.f)), "via", str(netplan.gateway(a.f)))
+    for path in forwarding:
+        path.write_text("1")
     try:
         before_a, before_b = a.counters(), b.counters()
         assert not ping(lab.b0, netplan.ip(a.f, 0))
         dropped = delta(b, before_b, "inet/leave_family") + delta(a, before_a, "inet/enter_family")
         assert dropped >= 1
     finally:
-        forwarding.write_text("0")
+        for path in forwarding:
+            path.write_text("0")
+        in_ns(lab.a0, "ip", "route", "del", str(netplan.subnet(b.f)))
 
 
 def test_stranger_on_the_bridge_reaches_nobody(lab):
