@@ -1,0 +1,121 @@
+"""The address plan of family networks: pure functions of (family number, ID).
+
+docs/clone-api.md, "Family networks and identities". Family f (1..38399) owns
+the /24 10.(100 + f // 256).(f % 256).0; ID k (0 = the parent, 1..250 = clones)
+has .(k + 2) and a locally administered MAC that spells out (f, k), so no two
+VMs on a host collide and nothing has to be stored to know who is who.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from sfmpi.errors import UsageError
+
+FIRST_FAMILY = 1
+# 10.(100 + f // 256) must stay inside 10.0.0.0/8: 100 + 38399 // 256 = 249.
+LAST_FAMILY = 38399
+MAX_ID = 250  # .252 is the last address; .253/.254 stay free, .255 is broadcast
+PREFIX = 24
+
+MAC_PREFIX = "0a:5f"  # 0x0a: the locally administered bit set, unicast
+_MAC_RE = re.compile(r"^0a:5f:([0-9a-f]{2}):([0-9a-f]{2}):([0-9a-f]{2}):([0-9a-f]{2})$")
+
+
+def check_family(f: int) -> int:
+    if isinstance(f, bool) or not isinstance(f, int) or not FIRST_FAMILY <= f <= LAST_FAMILY:
+        raise UsageError(f"family number {f!r} is out of range ({FIRST_FAMILY}..{LAST_FAMILY})")
+    return f
+
+
+def check_id(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_ID:
+        raise UsageError(f"clone ID {k!r} is out of range (0 = parent, 1..{MAX_ID} = clones)")
+    return k
+
+
+def subnet(f: int) -> ipaddress.IPv4Network:
+    check_family(f)
+    return ipaddress.IPv4Network(f"10.{100 + f // 256}.{f % 256}.0/{PREFIX}")
+
+
+def gateway(f: int) -> ipaddress.IPv4Address:
+    """The host's address on the family bridge."""
+    return subnet(f).network_address + 1
+
+
+def ip(f: int, k: int) -> ipaddress.IPv4Address:
+    check_id(k)
+    return subnet(f).network_address + (k + 2)
+
+
+def mac(f: int, k: int) -> str:
+    check_family(f)
+    check_id(k)
+    return "0a:5f:%02x:%02x:%02x:%02x" % (f >> 8, f & 255, k >> 8, k & 255)
+
+
+def gateway_mac(f: int) -> str:
+    """A fixed MAC for the bridge: otherwise Linux gives it the lowest port MAC,
+    which changes as clones join and leave and would stale the guests' ARP caches.
+    ff:ff in the ID bytes is never a VM's (IDs end at 250), so parse_mac() says None."""
+    check_family(f)
+    return "0a:5f:%02x:%02x:ff:ff" % (f >> 8, f & 255)
+
+
+def parse_mac(address: str) -> tuple[int, int] | None:
+    """(f, k) for a MAC of our plan; None for any other MAC."""
+    m = _MAC_RE.match(address.strip().lower())
+    if not m:
+        return None
+    hi_f, lo_f, hi_k, lo_k = (int(x, 16) for x in m.groups())
+    f, k = hi_f << 8 | lo_f, hi_k << 8 | lo_k
+    if not FIRST_FAMILY <= f <= LAST_FAMILY or not 0 <= k <= MAX_ID:
+        return None
+    return f, k
+
+
+def hostname(name: str, k: int) -> str:
+    check_id(k)
+    if not name:
+        raise UsageError("a family needs a name (the parent VM's) for its hostnames")
+    return name if k == 0 else f"{name}-{k}"
+
+
+# Interface names must fit IFNAMSIZ - 1 = 15 characters: "sfbr38399" is 9,
+# "sft38399x250" is 12.
+def bridge_name(f: int) -> str:
+    return f"sfbr{check_family(f)}"
+
+
+def tap_name(f: int, k: int) -> str:
+    return f"{tap_prefix(f)}{check_id(k)}"
+
+
+def tap_prefix(f: int) -> str:
+    """What every tap name of family f starts with (and no other family's)."""
+    return f"sft{check_family(f)}x"
+
+
+_BRIDGE_RE = re.compile(r"^sfbr(\d+)$")
+_TAP_RE = re.compile(r"^sft(\d+)x(\d+)$")
+
+
+def family_of_link(ifname: str) -> int | None:
+    """The family number a link of ours belongs to (bridge or tap), else None."""
+    m = _BRIDGE_RE.match(ifname) or _TAP_RE.match(ifname)
+    return int(m.group(1)) if m else None
+
+
+def identity(f: int, name: str, k: int) -> dict:
+    """Everything a VM needs to configure itself (what `whoami` reports)."""
+    return {
+        "mac": mac(f, k),
+        "ip": str(ip(f, k)),
+        "prefix": PREFIX,
+        "gateway": str(gateway(f)),
+        "hostname": hostname(name, k),
+        "family": name,
+        "family_no": f,
+        "id": k,
+    }

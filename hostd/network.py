@@ -1,0 +1,436 @@
+"""Family networks on the host: one bridge per family, a tap per VM, the
+nftables rules of hostd/nft.py and a DHCP responder (dnsmasq) per family.
+
+The kernel is the source of truth and the allocator: several hostd instances
+(different state directories) may share one host, so a family number belongs
+to whoever managed to create bridge sfbr<f>. The bridge is created first and
+deleted last, which makes it the lock on everything else named after f (taps
+sft<f>x<k>, nft tables sfmpi_f<f>), and lets a later process clean up after a
+crashed one by name alone.
+
+Calls block (netlink, `nft`, a short wait for dnsmasq); hostd's event loop
+should run them in an executor.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from sfmpi import proc
+from sfmpi.errors import CapacityError, CommandError, NetworkError
+
+from . import netplan, nft
+
+log = logging.getLogger("sfmpi.hostd.network")
+
+
+def run_nft(script: str) -> None:
+    proc.run(["nft", "-f", "-"], input=script.encode())
+
+
+def _sysctl(path: str, value: str) -> None:
+    # Missing files are fine (e.g. no IPv6 in this kernel: nothing to disable).
+    with contextlib.suppress(FileNotFoundError):
+        Path("/proc/sys", path).write_text(value)
+
+
+def _disable_ipv6(ifname: str) -> None:
+    # Otherwise the host gives the link a link-local address and sends router
+    # solicitations and DAD probes into the family (nft.py: no IPv6 plan).
+    _sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "1")
+
+
+def _index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def _create_bridge(ipr: IPRoute, f: int) -> None:
+    """Raises NetlinkError(EEXIST) when the bridge exists: the family is taken."""
+    ipr.link("add", ifname=netplan.bridge_name(f), kind="bridge",
+             address=netplan.gateway_mac(f),  # fixed, see netplan.gateway_mac
+             br_stp_state=0, br_forward_delay=0,
+             # Snooping would forward a multicast group only to ports that
+             # answered a querier, and a family has none: just flood it.
+             br_mcast_snooping=0)
+
+
+def allocate_family(start: int = netplan.FIRST_FAMILY) -> int:
+    """Claim the first free family number from `start` on (wrapping around) by
+    creating its bridge; the caller then owns it and brings it up with FamilyNetwork."""
+    netplan.check_family(start)
+    span = netplan.LAST_FAMILY - netplan.FIRST_FAMILY + 1
+    with IPRoute() as ipr:
+        for i in range(span):
+            f = netplan.FIRST_FAMILY + (start - netplan.FIRST_FAMILY + i) % span
+            try:
+                _create_bridge(ipr, f)
+            except NetlinkError as exc:
+                if exc.code == errno.EEXIST:
+                    continue
+                raise NetworkError(f"cannot create bridge {netplan.bridge_name(f)}: {exc}") from exc
+            _disable_ipv6(netplan.bridge_name(f))
+            log.info("allocated family %d", f)
+            return f
+    raise CapacityError(f"all {span} family networks on this host are in use")
+
+
+_OUR_LINK = re.compile(r"^(sfbr\d+|sft\d+x\d+)$")
+
+
+def leftover_links() -> list[str]:
+    """Every link named like a family bridge or tap, whichever hostd owns it."""
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    return sorted(n for n in names if n and _OUR_LINK.match(n))
+
+
+def leftover_tables() -> list[str]:
+    """Every nft table named like a family's, as "family name" (e.g. "bridge sfmpi_f5")."""
+    text = proc.output(["nft", "list", "tables"])
+    return sorted(" ".join(line.split()[1:3]) for line in text.splitlines()
+                  if re.match(r"^table \S+ sfmpi_f\d+$", line.strip()))
+
+
+def cleanup_families(families: Iterable[int], state_dir: Path) -> None:
+    """Remove everything of these families found by name (links, tables, and the
+    dnsmasq whose pid file is under state_dir): after a crash of their owner."""
+    errors = []
+    for f in families:
+        try:
+            FamilyNetwork(f, "leftover", state_dir).down()
+        except NetworkError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise NetworkError("; ".join(errors))
+
+
+def dnsmasq_argv(f: int, directory: Path) -> list[str]:
+    files = DhcpServer.files(directory)
+    return [
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+        "--port=0",  # no DNS, DHCP only (and then it does not offer itself as DNS server)
+        f"--interface={netplan.bridge_name(f)}", "--bind-interfaces", "--except-interface=lo",
+        f"--dhcp-range={netplan.ip(f, 0)},static,255.255.255.0",
+        f"--dhcp-hostsfile={files['hosts']}", f"--dhcp-leasefile={files['leases']}",
+        f"--pid-file={files['pid']}", "--dhcp-authoritative", f"--log-facility={files['log']}",
+        # It re-reads the hosts file on SIGHUP after dropping privileges, and
+        # the state directory is root's: stay root (it serves DHCP only).
+        "--user=root",
+    ]
+
+
+def hosts_text(entries: Iterable[tuple[str, str, str]]) -> str:
+    """dnsmasq --dhcp-hostsfile lines: mac,ip,hostname."""
+    return "".join(f"{mac},{ip},{host}\n" for mac, ip, host in entries)
+
+
+class DhcpServer:
+    """The one dnsmasq of family f; start() / stop() (safe twice) / reload() / context manager."""
+
+    def __init__(self, f: int, directory: Path):
+        self.f = netplan.check_family(f)
+        self.dir = Path(directory)
+        self.popen: subprocess.Popen | None = None
+
+    @staticmethod
+    def files(directory: Path) -> dict[str, Path]:
+        d = Path(directory)
+        return {"hosts": d / "dhcp-hosts", "leases": d / "dhcp-leases",
+                "pid": d / "dnsmasq.pid", "log": d / "dnsmasq.log"}
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen and self.popen.poll() is None else None
+
+    def write_hosts(self, entries: Iterable[tuple[str, str, str]]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        hosts = self.files(self.dir)["hosts"]
+        tmp = hosts.with_suffix(".tmp")
+        tmp.write_text(hosts_text(entries))
+        os.replace(tmp, hosts)  # dnsmasq never reads half a file
+
+    def start(self, timeout: float = 5.0) -> None:
+        if self.pid:
+            return
+        self.stop_leftover()
+        files = self.files(self.dir)
+        if not files["hosts"].exists():
+            self.write_hosts([])
+        files["pid"].unlink(missing_ok=True)
+        argv = dnsmasq_argv(self.f, self.dir)
+        log.debug("start: %s", " ".join(argv))
+        with open(files["log"], "ab") as logf:  # its startup errors go to stderr
+            try:
+                self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                              stderr=logf, start_new_session=True)
+            except OSError as exc:
+                raise NetworkError(f"family {self.f}: cannot run dnsmasq: {exc}") from exc
+        # Ready once it wrote its pid file: its sockets are bound by then.
+        deadline = time.monotonic() + timeout
+        while not self._pid_file_is(self.popen.pid):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise NetworkError(f"family {self.f}: dnsmasq did not start:\n"
+                                   f"{_tail(files['log'])}")
+            time.sleep(0.01)
+
+    def _pid_file_is(self, pid: int) -> bool:
+        try:
+            return int(self.files(self.dir)["pid"].read_text().strip() or 0) == pid
+        except (OSError, ValueError):
+            return False
+
+    def reload(self) -> None:
+        """Re-read the hosts file (after write_hosts)."""
+        if not self.pid:
+            raise NetworkError(f"family {self.f}: dnsmasq is not running")
+        os.kill(self.pid, signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            if self.popen.poll() is None:
+                self.popen.terminate()
+                try:
+                    self.popen.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait()
+            self.popen = None
+        self.stop_leftover()
+
+    def stop_leftover(self) -> None:
+        """Stop a dnsmasq a previous process started for this directory, found
+        by its pid file; only if that PID really is that dnsmasq."""
+        files = self.files(self.dir)
+        try:
+            pid = int(files["pid"].read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            cmdline = []
+        if cmdline and cmdline[0].endswith(b"dnsmasq") and \
+                f"--pid-file={files['pid']}".encode() in cmdline:
+            log.info("family %d: stopping leftover dnsmasq %d", self.f, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        files["pid"].unlink(missing_ok=True)
+
+    def __enter__(self) -> "DhcpServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie is dead; its parent has yet to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class FamilyNetwork:
+    """Bridge, taps, nft rules and DHCP of family f (the parent VM is `name`).
+
+    up() / down() (safe twice, and after a crash of whoever brought it up) /
+    context manager. Files go to state_dir/sfbr<f>/.
+    """
+
+    def __init__(self, f: int, name: str, state_dir: Path, nat: bool = False):
+        self.f = netplan.check_family(f)
+        self.name = name
+        self.nat = nat
+        self.bridge = netplan.bridge_name(f)
+        self.dir = Path(state_dir) / self.bridge
+        self.dhcp = DhcpServer(f, self.dir)
+        self.ports: dict[int, str] = {}  # ID -> port ifname
+        self._own_taps: set[int] = set()  # ports we created (add_vms), not attached
+
+    def identity(self, k: int) -> dict:
+        return netplan.identity(self.f, self.name, k)
+
+    # -- lifecycle -------------------------------------------------------
+    def up(self) -> "FamilyNetwork":
+        """Bring the family up; its bridge may already exist (allocate_family, or a
+        previous process): tables are re-made empty and VMs must be added again."""
+        try:
+            with IPRoute() as ipr:
+                if _index(ipr, self.bridge) is None:
+                    _create_bridge(ipr, self.f)
+                _disable_ipv6(self.bridge)
+                index = _index(ipr, self.bridge)
+                with contextlib.suppress(NetlinkError):  # EEXIST: a previous up()
+                    ipr.addr("add", index=index, address=str(netplan.gateway(self.f)),
+                             prefixlen=netplan.PREFIX)
+                ipr.link("set", index=index, state="up")
+            # Link-local frames (LLDP, 802.1X) are learned from without passing
+            # any nft hook, so they could move another VM's MAC to a guest's
+            # port. pyroute2 has no bridge boolopts: iproute2 sets this one.
+            proc.run(["ip", "link", "set", self.bridge, "type", "bridge", "no_linklocal_learn", "1"])
+            if self.nat:
+                # Answers to masqueraded traffic are routed in from the uplink.
+                log.warning("family %d: NAT on, enabling net.ipv4.ip_forward", self.f)
+                _sysctl("net/ipv4/ip_forward", "1")
+            run_nft(nft.family_tables(self.f, self.nat))
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dhcp.write_hosts(self._dhcp_entries())
+            self.dhcp.start()
+        except (NetlinkError, CommandError, OSError) as exc:
+            with contextlib.suppress(NetworkError):  # the cause below is what matters
+                self.down()
+            raise NetworkError(f"family {self.f} ({self.name}): cannot bring up {self.bridge}: {exc}") from exc
+        log.info("family %d (%s) up on %s, %s", self.f, self.name, self.bridge, netplan.subnet(self.f))
+        return self
+
+    def down(self) -> None:
+        """Remove everything of family f, whatever is left of it; bridge last (it is the lock)."""
+        problems = []
+
+        def attempt(what: str, fn, *args) -> None:
+            try:
+                fn(*args)
+            except (NetlinkError, CommandError, OSError) as exc:
+                problems.append(f"{what}: {exc}")
+
+        attempt("dnsmasq", self.dhcp.stop)
+        attempt("nft tables", run_nft, nft.delete_family(self.f))
+        attempt("links", self._delete_links)
+        attempt("files", lambda: shutil.rmtree(self.dir, ignore_errors=True))
+        self.ports.clear()
+        self._own_taps.clear()
+        if problems:
+            raise NetworkError(f"family {self.f}: down left things behind: " + "; ".join(problems))
+
+    def _delete_links(self) -> None:
+        taps = re.compile(rf"^{netplan.tap_prefix(self.f)}\d+$")
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                if taps.match(link.get_attr("IFLA_IFNAME") or ""):
+                    with contextlib.suppress(NetlinkError):  # gone meanwhile
+                        ipr.link("del", index=link["index"])
+            index = _index(ipr, self.bridge)
+            if index is not None:
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=index)
+
+    def __enter__(self) -> "FamilyNetwork":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    # -- VMs -------------------------------------------------------------
+    def add_vms(self, ks: Iterable[int]) -> list[str]:
+        """Create persistent taps for IDs ks and attach them; returns the tap names."""
+        ks = [netplan.check_id(k) for k in ks]
+        taps = [netplan.tap_name(self.f, k) for k in ks]
+        try:
+            with IPRoute() as ipr:
+                for k, tap in zip(ks, taps):
+                    # A tap that exists may be held open by a running QEMU
+                    # (hostd restarted): keep it; re-creating would fail with EBUSY.
+                    if _index(ipr, tap) is None:
+                        ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
+                    self._own_taps.add(k)
+        except NetlinkError as exc:
+            raise NetworkError(f"family {self.f}: cannot create tap: {exc}") from exc
+        self.attach_ports(zip(ks, taps))
+        return taps
+
+    def attach_ports(self, ports: Iterable[tuple[int, str]]) -> None:
+        """Make existing links (taps, or veths in tests) the ports of IDs k, with
+        their rules (one nft transaction) and DHCP entries."""
+        ports = [(netplan.check_id(k), ifname) for k, ifname in ports]
+        # Rules first: a port is never in the bridge without them.
+        try:
+            run_nft(nft.add_vms(self.f, [(k, ifname, netplan.mac(self.f, k), str(netplan.ip(self.f, k)))
+                                         for k, ifname in ports]))
+        except CommandError as exc:
+            raise NetworkError(f"family {self.f}: cannot add rules for IDs "
+                               f"{[k for k, _ in ports]}: {exc}") from exc
+        try:
+            with IPRoute() as ipr:
+                bridge = _index(ipr, self.bridge)
+                for k, ifname in ports:
+                    index = _index(ipr, ifname)
+                    if index is None:
+                        raise NetworkError(f"family {self.f}: ID {k}: no link {ifname}")
+                    _disable_ipv6(ifname)
+                    ipr.link("set", index=index, master=bridge, state="up")
+                    self.ports[k] = ifname
+        except NetlinkError as exc:
+            raise NetworkError(f"family {self.f}: cannot attach ports: {exc}") from exc
+        self._update_dhcp()
+
+    def remove_vm(self, k: int) -> None:
+        self.remove_vms([k])
+
+    def remove_vms(self, ks: Iterable[int]) -> None:
+        """Drop IDs ks: rules, DHCP entries, and the taps add_vms created
+        (attached links are only detached). IDs not present are fine."""
+        ks = [netplan.check_id(k) for k in ks]
+        ports = {k: self.ports.get(k, netplan.tap_name(self.f, k)) for k in ks}
+        try:
+            with IPRoute() as ipr:
+                for k, ifname in ports.items():
+                    index = _index(ipr, ifname)
+                    if index is None:
+                        continue
+                    if k in self._own_taps or ifname == netplan.tap_name(self.f, k):
+                        ipr.link("del", index=index)
+                    else:
+                        ipr.link("set", index=index, master=0)
+            run_nft(nft.remove_vms(self.f, ks, ports))
+        except (NetlinkError, CommandError) as exc:
+            raise NetworkError(f"family {self.f}: cannot remove IDs {ks}: {exc}") from exc
+        finally:
+            for k in ks:
+                self.ports.pop(k, None)
+                self._own_taps.discard(k)
+            self._update_dhcp()
+
+    def _dhcp_entries(self) -> list[tuple[str, str, str]]:
+        return [(netplan.mac(self.f, k), str(netplan.ip(self.f, k)), netplan.hostname(self.name, k))
+                for k in sorted(self.ports)]
+
+    def _update_dhcp(self) -> None:
+        self.dhcp.write_hosts(self._dhcp_entries())
+        if self.dhcp.pid:
+            self.dhcp.reload()
+
+    # -- diagnostics -----------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """Drop counters, {"bridge/vm_3_mac": packets, "inet/to_host": ...} (see nft.py)."""
+        out = {}
+        for family in ("bridge", "inet"):
+            text = proc.output(["nft", "-j", "list", "counters", "table", family, nft.table_name(self.f)])
+            out.update(nft.parse_counters(text))
+        return out
