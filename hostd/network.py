@@ -126,8 +126,9 @@ def dnsmasq_argv(f: int, directory: Path) -> list[str]:
         f"--dhcp-range={netplan.ip(f, 0)},static,255.255.255.0",
         f"--dhcp-hostsfile={files['hosts']}", f"--dhcp-leasefile={files['leases']}",
         f"--pid-file={files['pid']}", "--dhcp-authoritative", f"--log-facility={files['log']}",
-        # It re-reads the hosts file on SIGHUP after dropping privileges, and
-        # the state directory is root's: stay root (it serves DHCP only).
+        # It reads the hosts file (at start and on SIGHUP) after dropping to
+        # nobody, who cannot enter root's state directory: stay root. It serves
+        # DHCP only, bound to this one bridge.
         "--user=root",
     ]
 
@@ -231,6 +232,9 @@ class DhcpServer:
             deadline = time.monotonic() + 5
             while _running(pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
+            if _running(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         files["pid"].unlink(missing_ok=True)
 
     def __enter__(self) -> "DhcpServer":
