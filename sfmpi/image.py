@@ -25,11 +25,16 @@ from .paths import image_dir
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# What debootstrap installs. Python packages with compiled parts (bcrypt, under
+# paramiko) fail debootstrap's configure stage, so everything else goes in with
+# apt in the chroot afterwards (STAGE2_PACKAGES, and the user's --packages).
 BASE_PACKAGES = (
     "linux-image-cloud-amd64", "systemd-sysv", "udev", "kmod", "python3",
     "mpich", "openmpi-bin", "python3-mpi4py", "openssh-server", "iproute2",
+)
+STAGE2_PACKAGES = (
     # Users compile MPI and clone-API programs inside the VM (libsfclone needs json-c).
-    "gcc", "libc6-dev", "make", "libmpich-dev", "libopenmpi-dev", "libjson-c-dev",
+    "gcc", "libc6-dev", "make", "pkg-config", "libmpich-dev", "libopenmpi-dev", "libjson-c-dev",
     # sfclone (click), sfmpirun's SSH agent (paramiko), parallel sections (numpy
     # is what their users compute with), and stock DHCP clients for the family network.
     "python3-click", "python3-paramiko", "python3-numpy", "isc-dhcp-client", "busybox",
@@ -82,13 +87,29 @@ class Recipe:
     packages: tuple[str, ...] = BASE_PACKAGES
     extra_packages: tuple[str, ...] = ()
     suite: str = SUITE
+    stage2: tuple[str, ...] = STAGE2_PACKAGES
+
+    @property
+    def apt_packages(self) -> tuple[str, ...]:
+        """Installed with apt after debootstrap: stage 2, then the user's."""
+        seen = set(self.packages)
+        out = []
+        for p in tuple(self.stage2) + tuple(self.extra_packages):
+            if p not in seen:
+                seen.add(p)
+                out.append(p)
+        return tuple(out)
 
     @property
     def all_packages(self) -> tuple[str, ...]:
-        return tuple(self.packages) + tuple(p for p in self.extra_packages if p not in self.packages)
+        return tuple(self.packages) + self.apt_packages
+
+    def base_hash(self) -> str:
+        return _sha({"suite": self.suite, "packages": sorted(self.packages)})
 
     def rootfs_hash(self) -> str:
-        return _sha({"suite": self.suite, "packages": sorted(self.all_packages)})
+        return _sha({"suite": self.suite, "packages": sorted(self.packages),
+                     "apt": sorted(self.apt_packages)})
 
     def image_hash(self) -> str:
         return _sha({
@@ -203,17 +224,63 @@ def _export(disk: Path, out: Path | None) -> Path:
 
 
 def _rootfs(recipe: Recipe, mirror: str, root: Path, progress: Progress) -> Path:
+    """The root tree: debootstrap (cached by its package list), then apt (cached
+    by the whole list), each step in its own directory marked done at the end."""
+    base = _debootstrap(recipe, mirror, root, progress)
+    if not recipe.apt_packages:
+        return base
     rootfs = root / f"rootfs-{recipe.rootfs_hash()}"
+    done = rootfs.with_suffix(".done")
+    if done.exists():
+        return rootfs
+    shutil.rmtree(rootfs, ignore_errors=True)
+    progress(f"copying the base tree, then apt-get install {len(recipe.apt_packages)} packages")
+    proc.run(["cp", "-a", "--reflink=auto", base, rootfs])
+    log = root / f"apt-{recipe.rootfs_hash()}.log"
+    try:
+        _apt_install(rootfs, recipe.apt_packages, log)
+    except Exception as exc:
+        shutil.rmtree(rootfs, ignore_errors=True)
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        raise ImageError(f"apt-get install in the guest tree failed (log {log}): {' | '.join(tail)}") from exc
+    done.touch()
+    return rootfs
+
+
+# In a private mount namespace (unshare -m), so /proc goes away with it whatever
+# happens; no services start in the chroot (policy-rc.d).
+APT_SCRIPT = """set -e
+mount -t proc proc "$1/proc"
+cp /etc/resolv.conf "$1/etc/resolv.conf"
+printf '#!/bin/sh\nexit 101\n' > "$1/usr/sbin/policy-rc.d"; chmod +x "$1/usr/sbin/policy-rc.d"
+shift_root="$1"; shift
+chroot "$shift_root" apt-get update -q
+chroot "$shift_root" apt-get install -y -q --no-install-recommends "$@"
+chroot "$shift_root" apt-get clean
+rm -f "$shift_root/usr/sbin/policy-rc.d" "$shift_root/etc/resolv.conf"
+rm -rf "$shift_root/var/lib/apt/lists/"*
+"""
+
+
+def _apt_install(rootfs: Path, packages: tuple[str, ...], log: Path) -> None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
+    with open(log, "wb") as logf:
+        proc.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", APT_SCRIPT, "sh",
+                  rootfs, *packages], capture=False, stdout=logf, stderr=logf, env=env)
+
+
+def _debootstrap(recipe: Recipe, mirror: str, root: Path, progress: Progress) -> Path:
+    rootfs = root / f"rootfs-{recipe.base_hash()}"
     done = rootfs.with_suffix(".done")
     if done.exists():
         return rootfs
     shutil.rmtree(rootfs, ignore_errors=True)
     cache = root / "debs"
     cache.mkdir(exist_ok=True)
-    progress(f"debootstrap {recipe.suite} ({len(recipe.all_packages)} packages, a few minutes)")
-    log = root / f"debootstrap-{recipe.rootfs_hash()}.log"
+    progress(f"debootstrap {recipe.suite} ({len(recipe.packages)} packages, a few minutes)")
+    log = root / f"debootstrap-{recipe.base_hash()}.log"
     argv = ["debootstrap", "--variant=minbase", f"--cache-dir={cache}",
-            "--include=" + ",".join(recipe.all_packages), recipe.suite, str(rootfs), mirror]
+            "--include=" + ",".join(recipe.packages), recipe.suite, str(rootfs), mirror]
     with open(log, "wb") as logf:
         try:
             proc.run(argv, capture=False, stdout=logf, stderr=logf)
