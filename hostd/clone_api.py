@@ -51,15 +51,18 @@ class CloneApi:
         if handler is None:
             await channel.answer(req_id, error=("UsageError", f"unknown clone-API op {op!r}"))
             return
+        log.info("VM %s: %s (request %s)", vm.rec.name, op, req_id)
         try:
             result = await handler(vm, req_id, msg)
         except SfmpiError as exc:
+            log.info("VM %s: %s (request %s) failed: %s", vm.rec.name, op, req_id, exc)
             await channel.answer(req_id, error=(type(exc).__name__, str(exc)))
             return
         except Exception as exc:  # a bug must reach the caller, not hang it
             log.exception("VM %s: %s failed", vm.rec.name, op)
             await channel.answer(req_id, error=("HostdError", f"{op} failed in hostd: {exc}"))
             return
+        log.info("VM %s: %s (request %s) done", vm.rec.name, op, req_id)
         if result is not None:
             await channel.answer(req_id, result)
 
@@ -156,20 +159,24 @@ class CloneApi:
     async def _spawn(self, parent: "Vm", t: Ticket, ckpt, req_id, t_request: float | None = None) -> dict:
         t0 = time.monotonic()
         t_request = t0 if t_request is None else t_request
+        def register(names: list[str]) -> None:
+            # Before any clone runs: one may call exit the moment it resumes.
+            self.tickets.slots[t.id] = [CloneSlot(index=i + 1, vm=name) for i, name in enumerate(names)]
         try:
             res = await self.manager.start_family_clones(
-                ckpt, count=t.granted, ticket=t.id,
+                ckpt, count=t.granted, ticket=t.id, on_reserved=register,
                 greeting=lambda ident, extras: {"re": req_id, "ok": True, "id": ident["id"],
                                                "size": t.granted, "ticket": t.id, "family": ident["family"],
                                                "ip": ident["ip"], "hostname": ident["hostname"],
                                                "identity": ident, **extras})
-        except CapacityError:
-            self.tickets.give_back(t)
-            raise
         except SfmpiError as exc:
+            for slot in self.tickets.slots.get(t.id, []):
+                slot.finish(failure=f"clone failed: {exc}")
             self.tickets.give_back(t)
+            if isinstance(exc, CapacityError):
+                raise
             raise CloneError(f"clone with ticket {t.id}: {exc}") from exc
-        slots = [CloneSlot(index=i + 1, vm=name) for i, name in enumerate(res["clones"])]
+        slots = self.tickets.slots[t.id]
         self.tickets.cloned(t, slots)
         if t.timeout:
             self._timeouts[t.id] = asyncio.ensure_future(self._expire(t))

@@ -64,27 +64,28 @@ class Cloner:
         async with self.m.admission:
             granted = admit(self.m.budget, self.m.usage(), n, spec.mem_mb, spec.cpus, allow_fewer,
                             what=f"clone of checkpoint {ckpt.id}")
-            fam = self.m.families.ensure(ckpt.family or ckpt.vm)
+            fam = await self.m.families.ensure(ckpt.family or ckpt.vm)
             ids = self.m.families.free_ids(fam, granted, self.m.name_taken)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=k) for k in ids]
-            recs = self._reserve(ckpt, fam, orders, ticket="")
+            recs = await self._reserve(ckpt, fam, orders, ticket="")
         res = await self.start(ckpt, fam, orders, recs, identify_greeting, "identified", t0)
         return {"checkpoint": ckpt.id, "requested": n, "granted": granted, **res}
 
     # -- in-guest: the clone call of a ticket ----------------------------
     async def clone_for_ticket(self, ckpt: Checkpoint, count: int, ticket: str,
-                               greeting: Greeting) -> dict:
+                               greeting: Greeting, on_reserved: Callable[[list[str]], None]) -> dict:
         """The ticket reserved the room already; only IDs and names are new here."""
         t0 = time.monotonic()
         async with self.m.admission:
-            fam = self.m.families.ensure(ckpt.family or ckpt.vm)
+            fam = await self.m.families.ensure(ckpt.family or ckpt.vm)
             ids = self.m.families.free_ids(fam, count, self.m.name_taken)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=i + 1)
                       for i, k in enumerate(ids)]
-            recs = self._reserve(ckpt, fam, orders, ticket=ticket)
+            recs = await self._reserve(ckpt, fam, orders, ticket=ticket)
+        on_reserved([r.name for r in recs])
         return await self.start(ckpt, fam, orders, recs, greeting, "cloned", t0)
 
-    def _reserve(self, ckpt: Checkpoint, fam: Family, orders: list[Order], ticket: str) -> list[VmRecord]:
+    async def _reserve(self, ckpt: Checkpoint, fam: Family, orders: list[Order], ticket: str) -> list[VmRecord]:
         recs = []
         try:
             for o in orders:
@@ -95,7 +96,7 @@ class Cloner:
                                **{**self.m.files(o.name), "ram_path": str(ckpt.ram_file)})
                 self.m.reserve(rec)
                 recs.append(rec)
-            self.m.families.add(fam, [(o.name, o.netid) for o in orders])
+            await self.m.families.add(fam, [(o.name, o.netid) for o in orders])
         except BaseException:
             for rec in recs:
                 self.m.release_files(rec)

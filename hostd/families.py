@@ -8,7 +8,9 @@ which addresses follow (hostd/netplan.py).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +35,17 @@ class Family:
 
 
 class Families:
+    """Network work runs on one worker thread, in the order it was asked for:
+    pyroute2's IPRoute drives an asyncio loop of its own (it cannot run inside
+    hostd's), and nft and dnsmasq are blocking subprocesses."""
+
     def __init__(self, state_dir: Path):
         self.state_dir = state_dir
         self.by_name: dict[str, Family] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="families")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def of_vm(self, vm: str) -> Family | None:
         for fam in self.by_name.values():
@@ -43,7 +53,10 @@ class Families:
                 return fam
         return None
 
-    def ensure(self, name: str, number: int | None = None) -> Family:
+    async def ensure(self, name: str, number: int | None = None) -> Family:
+        return await self._run(self._ensure, name, number)
+
+    def _ensure(self, name: str, number: int | None) -> Family:
         fam = self.by_name.get(name)
         if fam is not None:
             return fam
@@ -65,14 +78,24 @@ class Families:
                                 f"({netplan.MAX_ID} at most at once)")
         return free
 
-    def add(self, fam: Family, members: list[tuple[str, int]]) -> dict[str, str]:
+    async def add(self, fam: Family, members: list[tuple[str, int]]) -> dict[str, str]:
         """Taps for new members (one nft batch); returns VM name -> tap name."""
+        return await self._run(self._add, fam, members)
+
+    def _add(self, fam: Family, members: list[tuple[str, int]]) -> dict[str, str]:
         fam.net.add_vms([k for _vm, k in members])
         for vm, k in members:
             fam.members[vm] = k
         return {vm: netplan.tap_name(fam.number, k) for vm, k in members}
 
-    def leave(self, vm: str) -> None:
+    def leave_soon(self, vm: str) -> None:
+        """Take a VM off its family's network, after the work queued before."""
+        self._worker.submit(self._leave, vm)
+
+    async def leave(self, vm: str) -> None:
+        await self._run(self._leave, vm)
+
+    def _leave(self, vm: str) -> None:
         fam = self.of_vm(vm)
         if fam is None:
             return
@@ -88,11 +111,17 @@ class Families:
         self.by_name.pop(fam.name, None)
         fam.net.down()
 
-    def down(self) -> None:
+    async def down(self) -> None:
+        await self._run(self._down)
+
+    def _down(self) -> None:
         for fam in list(self.by_name.values()):
             self.drop(fam)
 
-    def sweep(self, numbers: set[int]) -> None:
+    async def sweep(self, numbers: set[int]) -> None:
+        await self._run(self._sweep, numbers)
+
+    def _sweep(self, numbers: set[int]) -> None:
         """Remove what is left of families nobody owns any more (a hostd crash)."""
         owned = {fam.number for fam in self.by_name.values()}
         for f in sorted(numbers - owned):

@@ -131,7 +131,7 @@ class HostManager:
                 os.unlink(rec.overlay)
         if not keep_logs:
             shutil.rmtree(self.paths.vm_dir(rec.name), ignore_errors=True)
-        self.families.leave(rec.name)
+        self.families.leave_soon(rec.name)
         self.clone_api.vm_gone(rec.name, reason)
 
     def _watch(self, vm: Vm) -> None:
@@ -182,8 +182,8 @@ class HostManager:
             self.reserve(rec)
         t0 = time.monotonic()
         try:
-            fam = self.families.ensure(name)
-            tap = self.families.add(fam, [(name, 0)])[name]
+            fam = await self.families.ensure(name)
+            tap = (await self.families.add(fam, [(name, 0)]))[name]
             vm_rec = rec.with_(family_no=fam.number)
             self.store.put_vm(vm_rec)
             await proc.run_async(overlay_argv(rec.overlay, str(img.disk)))
@@ -479,8 +479,9 @@ class HostManager:
     async def clone(self, ref: str, n: int, allow_fewer: bool = False) -> dict:
         return await self.cloner.clone(ref, n, allow_fewer)
 
-    async def start_family_clones(self, ckpt: Checkpoint, count: int, ticket: str, greeting) -> dict:
-        return await self.cloner.clone_for_ticket(ckpt, count, ticket, greeting)
+    async def start_family_clones(self, ckpt: Checkpoint, count: int, ticket: str, greeting,
+                                  on_reserved=lambda names: None) -> dict:
+        return await self.cloner.clone_for_ticket(ckpt, count, ticket, greeting, on_reserved)
 
     def mark_running(self, name: str) -> None:
         vm = self.vms[name]
@@ -509,8 +510,8 @@ class HostManager:
                     self.clone_api.attach(vm)
                     if rec.family_no:
                         # Re-adopt the family: same bridge, the running QEMU's tap.
-                        fam = self.families.ensure(rec.family, rec.family_no)
-                        self.families.add(fam, [(rec.name, rec.netid)])
+                        fam = await self.families.ensure(rec.family, rec.family_no)
+                        await self.families.add(fam, [(rec.name, rec.netid)])
                     attached.append(rec.name)
                     continue
                 except SfmpiError as exc:
@@ -524,7 +525,7 @@ class HostManager:
             reaped.append(rec.name)
         for partial in self.paths.checkpoints.glob(".*.partial"):
             shutil.rmtree(partial, ignore_errors=True)
-        self.families.sweep(seen_families)
+        await self.families.sweep(seen_families)
         return {"attached": attached, "reaped": reaped}
 
     async def down(self) -> dict:
@@ -538,7 +539,7 @@ class HostManager:
             stopped += [r.name for r in batch]
         for task in list(self._watchers):
             task.cancel()
-        self.families.down()
+        await self.families.down()
         shutil.rmtree(self.paths.shm, ignore_errors=True)
         for leftover in self.paths.vms.glob("*"):  # logs of VMs that failed to start
             shutil.rmtree(leftover, ignore_errors=True)

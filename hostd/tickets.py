@@ -154,9 +154,11 @@ class TicketBook:
         self.set_state(t, TicketState.KILLED)
 
     def slot_of(self, vm: str) -> tuple[Ticket, CloneSlot] | None:
+        """The live clone slot VM `vm` fills (a name comes back with its ID, so
+        ended slots of earlier tickets may carry the same name)."""
         for tid, slots in self.slots.items():
             for s in slots:
-                if s.vm == vm:
+                if s.vm == vm and not s.ended.is_set():
                     return self.tickets[tid], s
         return None
 

@@ -96,3 +96,17 @@ def test_unused_ticket_expires_and_frees_its_room():
     assert book.reserved() == (0, 0)
     with pytest.raises(TicketError, match="expired"):
         book.start_use(t.id, "p")
+
+
+def test_slot_of_finds_the_live_slot_when_a_name_comes_back():
+    book = TicketBook()
+    t1 = book.start_use(grant(book, n=1).id, "p")
+    old = CloneSlot(1, "p-1")
+    book.cloned(t1, [old])
+    old.finish(status=0)
+    t2 = book.start_use(grant(book, n=1).id, "p")
+    new = CloneSlot(1, "p-1")
+    book.cloned(t2, [new])
+    assert book.slot_of("p-1") == (book.tickets[t2.id], new)
+    new.finish(status=1)
+    assert book.slot_of("p-1") is None
