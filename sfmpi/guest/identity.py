@@ -10,6 +10,8 @@ guest kernel reseeds on that too.
 from __future__ import annotations
 
 import base64
+import ctypes
+import errno
 import fcntl
 import os
 import socket
@@ -21,6 +23,7 @@ HOOK_DIR = "/etc/sfmpi/clone.d"
 HOOK_TIMEOUT = 60.0
 # RNDADDENTROPY = _IOW('R', 0x03, int[2]): add bytes to the pool and credit them.
 RNDADDENTROPY = 0x40085203
+HOSTS_FILE = "/etc/hosts"
 HOSTS_BEGIN = "# sfmpi family begin"
 HOSTS_END = "# sfmpi family end"
 
@@ -70,23 +73,61 @@ def nic_name() -> str:
     raise IdentityError("no Ethernet interface in this VM")
 
 
-def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise IdentityError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+# Network changes go through ioctls, not `ip`: every process a clone starts costs
+# ~100 ms under TCG (a cold translation cache runs ld.so and libc again), and a
+# clone call returns only after this. pyroute2 is not in the guest either.
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
+SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFHWADDR = 0x8916, 0x891C, 0x8924
+SIOCADDRT = 0x890B
+IFF_UP = 0x1
+ARPHRD_ETHER = 1
+RTF_UP, RTF_GATEWAY = 0x1, 0x2
+
+
+def _ifreq(dev: str, payload: bytes) -> bytes:
+    return struct.pack("16s", dev.encode()) + payload.ljust(24, b"\0")
+
+
+def _sockaddr_in(address: str) -> bytes:
+    return struct.pack("=H2s4s8x", socket.AF_INET, b"\0\0", socket.inet_aton(address))
+
+
+def _ioctl(sock: socket.socket, request: int, arg: bytes, what: str) -> bytes:
+    try:
+        return fcntl.ioctl(sock, request, arg)
+    except OSError as exc:
+        raise IdentityError(f"{what}: {exc.strerror}") from None
 
 
 def configure_network(ident: dict) -> None:
     dev = nic_name()
-    # virtio-net changes its MAC live (VIRTIO_NET_F_CTRL_MAC_ADDR): QEMU's
-    # receive filter follows, and the tap's nft rules expect the new one.
-    _ip("link", "set", "dev", dev, "address", ident["mac"])
-    _ip("addr", "flush", "dev", dev)
-    _ip("addr", "add", f"{ident['ip']}/{ident['prefix']}", "dev", dev)
-    _ip("link", "set", "dev", dev, "up")
-    _ip("route", "replace", "default", "via", ident["gateway"], "dev", dev)
-    # Neighbours learned by the parent point at old MACs of nobody now.
-    subprocess.run(["ip", "neigh", "flush", "dev", dev], capture_output=True)
+    mask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - int(ident["prefix"]))) & 0xFFFFFFFF))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # virtio-net changes its MAC live (VIRTIO_NET_F_CTRL_MAC_ADDR): QEMU's
+        # receive filter follows, and the tap's nft rules expect the new one.
+        mac = bytes(int(b, 16) for b in ident["mac"].split(":"))
+        _ioctl(sock, SIOCSIFHWADDR, _ifreq(dev, struct.pack("=H14s", ARPHRD_ETHER, mac)), f"set MAC of {dev}")
+        # Setting the address replaces the parent's (the primary one).
+        _ioctl(sock, SIOCSIFADDR, _ifreq(dev, _sockaddr_in(ident["ip"])), f"set address of {dev}")
+        _ioctl(sock, SIOCSIFNETMASK, _ifreq(dev, _sockaddr_in(mask)), f"set netmask of {dev}")
+        flags = struct.unpack_from("=H", _ioctl(sock, SIOCGIFFLAGS, _ifreq(dev, b""), "read flags"), 16)[0]
+        _ioctl(sock, SIOCSIFFLAGS, _ifreq(dev, struct.pack("=H", flags | IFF_UP)), f"bring {dev} up")
+        add_default_route(sock, dev, ident["gateway"])
+
+
+def add_default_route(sock: socket.socket, dev: str, gateway: str) -> None:
+    # struct rtentry (x86_64, 120 bytes): pad1; dst, gateway, genmask; flags, pad2;
+    # pad3; pad4; metric; dev (char *); mtu; window; irtt.
+    dev_name = ctypes.create_string_buffer(dev.encode())
+    rt = struct.pack("=8x16s16s16sHh4xQQh6xQQQH6x", _sockaddr_in("0.0.0.0"), _sockaddr_in(gateway),
+                     _sockaddr_in("0.0.0.0"), RTF_UP | RTF_GATEWAY, 0, 0, 0, 0,
+                     ctypes.addressof(dev_name), 0, 0, 0)
+    assert len(rt) == 120
+    try:
+        fcntl.ioctl(sock, SIOCADDRT, rt)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:  # the parent's route is still in place: fine
+            raise IdentityError(f"add default route via {gateway}: {exc.strerror}") from None
 
 
 def set_hostname(name: str) -> None:
@@ -97,7 +138,7 @@ def set_hostname(name: str) -> None:
 def write_hosts(hosts: list) -> None:
     """Every member of the family resolves by name (MPI launchers need it)."""
     try:
-        with open("/etc/hosts") as f:
+        with open(HOSTS_FILE) as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         lines = ["127.0.0.1 localhost"]
@@ -110,7 +151,7 @@ def write_hosts(hosts: list) -> None:
         elif not inside and not line.startswith("127.0.1.1"):
             keep.append(line)
     block = [HOSTS_BEGIN] + [f"{ip} {name}" for name, ip in hosts] + [HOSTS_END]
-    _write_atomic("/etc/hosts", "\n".join(keep + block) + "\n")
+    _write_atomic(HOSTS_FILE, "\n".join(keep + block) + "\n")
 
 
 def run_clone_hooks(ident: dict) -> None:
