@@ -484,7 +484,9 @@ class HostManager:
         return await self.cloner.clone_for_ticket(ckpt, count, ticket, greeting, on_reserved)
 
     def mark_running(self, name: str) -> None:
-        vm = self.vms[name]
+        vm = self.vms.get(name)
+        if vm is None:  # a clone that already called exit (or died): nothing to mark
+            return
         vm.rec = vm.rec.with_(state=VmState.RUNNING)
         self.store.put_vm(vm.rec)
 
