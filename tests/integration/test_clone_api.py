@@ -153,7 +153,7 @@ def test_libsfclone_from_c(cli, parent):
 
 
 def py(cli, vm: str, code: str, check: bool = False):
-    return cli("vm", "exec", vm, "--", "python3", "-c", textwrap.dedent(code), check=check)
+    return cli("vm", "exec", vm, "--", "python3", "-c", textwrap.dedent(code), check=check, timeout=240)
 
 
 def test_wrong_role_and_bad_tickets_fail_clearly(cli, parent):
@@ -234,22 +234,35 @@ def test_failing_clone_hook_fails_the_clone_call(cli, parent):
 
 
 def test_second_concurrent_clone_call_is_busy(cli, parent):
-    p = py(cli, parent, """
-        import sfmpi, threading, time
-        t1, t2 = sfmpi.request_ticket(1), sfmpi.request_ticket(1)
-        res = {}
-        th = threading.Thread(target=lambda: res.setdefault("a", sfmpi.clone(t1)))
-        th.start()
-        time.sleep(1.0)
-        try:
-            sfmpi.clone(t2)
-            print("no error")
-        except sfmpi.errors.BusyError as e:
-            print("busy:", e)
-        th.join()
-        if res["a"]:
-            sfmpi.exit(0)
-        print(dict(sfmpi.join(t1)))
-    """)
+    # A slow hook keeps the first call open for seconds, so the second one surely overlaps it.
+    cli.exec(parent, "printf '#!/bin/sh\\nsleep 3\\n' > /etc/sfmpi/clone.d/10-slow; "
+                     "chmod +x /etc/sfmpi/clone.d/10-slow")
+    try:
+        p = py(cli, parent, """
+            import sfmpi, threading, time
+            t1, t2 = sfmpi.request_ticket(1), sfmpi.request_ticket(1)
+            res = {}
+
+            def first():
+                i = sfmpi.clone(t1)
+                if i:
+                    sfmpi.exit(0)  # the clone ends here, whatever its main thread does
+                res["a"] = i
+
+            th = threading.Thread(target=first)
+            th.start()
+            time.sleep(0.5)
+            try:
+                sfmpi.clone(t2)
+                print("no error")
+            except sfmpi.errors.BusyError as e:
+                print("busy:", e)
+            except Exception as e:
+                print("other:", type(e).__name__, e)
+            th.join()
+            print(dict(sfmpi.join(t1)))
+        """)
+    finally:
+        cli.exec(parent, "rm -f /etc/sfmpi/clone.d/10-slow")
     assert p.returncode == 0, p.stderr
-    assert "busy: another clone call is in progress" in p.stdout and "{1: 0}" in p.stdout
+    assert "busy: another clone call is in progress" in p.stdout and "{1: 0}" in p.stdout, p.stdout
