@@ -142,6 +142,18 @@ class CloneApi:
         return {"statuses": {str(s.index): s.status for s in slots if s.failure is None},
                 "failures": {str(s.index): s.failure for s in slots if s.failure is not None}}
 
+    async def op_members(self, vm: "Vm", _req, msg: dict) -> dict:
+        """Who the ticket's clones are and how they stand: what a launcher needs to
+        address them (clone IDs and network IDs differ once a family had tickets)."""
+        t = self._owned_used_ticket(vm, msg.get("ticket"), "members")
+        out = []
+        for s in self.tickets.slots.get(t.id, []):
+            ident = self.manager.identity_of(s.vm) if not s.ended.is_set() else {}
+            state = ("running" if not s.ended.is_set() else "exited" if s.failure is None else "failed")
+            out.append({"id": s.index, "vm": s.vm, "state": state, "ip": ident.get("ip"),
+                        "hostname": ident.get("hostname"), "status": s.status, "failure": s.failure})
+        return {"members": out}
+
     async def op_kill(self, vm: "Vm", _req, msg: dict) -> dict:
         t = self._owned_used_ticket(vm, msg.get("ticket"), "kill", allow_granted=True)
         killed = await self.kill_ticket(t, "killed by the parent")

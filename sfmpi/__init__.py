@@ -7,7 +7,7 @@ Nothing heavy is imported here, so `--help` stays fast.
 __version__ = "0.1.0"
 
 _API = ("request_ticket", "clone", "checkpoint_parent", "create_clones", "exit", "join", "kill",
-        "whoami", "Ticket", "Checkpoint", "Statuses")
+        "whoami", "members", "Ticket", "Checkpoint", "Statuses", "Member")
 
 
 def __getattr__(name):  # PEP 562: the API module loads on first use

@@ -130,6 +130,24 @@ def kill(ticket: Ticket | str) -> list[int]:
     return [int(i) for i in call("kill", ticket=_ticket_id(ticket))["killed"]]
 
 
+@dataclass(frozen=True)
+class Member:
+    """One clone of a used ticket, as members() reports it."""
+    id: int
+    state: str              # running, exited, failed
+    ip: str | None          # None once it has ended
+    hostname: str | None
+    status: int | None = None
+    failure: str | None = None
+
+
+def members(ticket: Ticket | str) -> list[Member]:
+    """The ticket's clones (parent only): ID, state, address and hostname."""
+    return [Member(id=int(m["id"]), state=m["state"], ip=m.get("ip"), hostname=m.get("hostname"),
+                   status=m.get("status"), failure=m.get("failure"))
+            for m in call("members", ticket=_ticket_id(ticket))["members"]]
+
+
 def whoami() -> dict:
     """This VM's ID (0: parent), role, family, IP, MAC and hostname."""
     ans = call("whoami")

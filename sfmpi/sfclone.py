@@ -90,6 +90,19 @@ def kill(ticket):
 
 
 @main.command()
+@click.argument("ticket")
+@click.option("--json", "as_json", is_flag=True)
+def members(ticket, as_json):
+    """The ticket's clones: ID, state, IP and hostname, one per line."""
+    rows = api.members(ticket)
+    if as_json:
+        click.echo(json.dumps([m.__dict__ for m in rows]))
+    else:
+        for m in rows:
+            click.echo(f"{m.id} {m.state} {m.ip or '-'} {m.hostname or '-'}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 def whoami(as_json):
     """This VM's ID, role, family, IP and hostname."""

@@ -20,7 +20,7 @@ GROUP = "sfmpi"
 # How long the agent waits for hostd per call (None: as long as hostd is there;
 # a lost hostd connection fails the call at once).
 TIMEOUTS = {"ticket": 60.0, "clone": 900.0, "checkpoint": 900.0, "create_clones": 900.0,
-            "kill": 120.0, "exit": 120.0, "join": None}
+            "kill": 120.0, "exit": 120.0, "join": None, "members": 60.0}
 FORWARDED = {
     "ticket": ("n", "timeout"),
     "clone": ("ticket",),
@@ -29,6 +29,7 @@ FORWARDED = {
     "exit": ("status",),
     "join": ("ticket", "timeout"),
     "kill": ("ticket",),
+    "members": ("ticket",),
 }
 
 
