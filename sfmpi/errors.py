@@ -87,6 +87,11 @@ class NetworkError(SfmpiError):
     """A family network (bridge, tap, nftables, DHCP) could not be set up."""
 
 
+class LaunchError(SfmpiError):
+    """sfmpirun could not start an MPI job on its clones, or a failure (an agent
+    that cannot connect, a clone that died, a signal) ended it."""
+
+
 # Errors cross the hostd socket as {"error": {"type": name, "message": text}};
 # this table turns them back into the same class on the client side.
 BY_NAME: dict[str, type[SfmpiError]] = {
@@ -94,7 +99,7 @@ BY_NAME: dict[str, type[SfmpiError]] = {
     for cls in (
         SfmpiError, UsageError, NotFound, AlreadyExists, CommandError, QemuError,
         CheckpointError, CapacityError, AgentError, HostdError, ImageError,
-        RoleError, TicketError, BusyError, CloneError, ProtocolError, NetworkError,
+        RoleError, TicketError, BusyError, CloneError, ProtocolError, NetworkError, LaunchError,
     )
 }
 

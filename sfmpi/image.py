@@ -52,10 +52,15 @@ GUEST_MODULES = (
     "guest/__init__.py", "guest/agent.py", "guest/api_server.py", "guest/identity.py",
 )
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"
+# sfmpirun (launcher/ in the repository, sfmpi.launcher installed): it runs in the guest.
+LAUNCHER_DIR = PACKAGE_DIR.parent / "launcher"
+LAUNCHER_MODULES = ("__init__.py", "control.py", "detect.py", "options.py", "plan.py", "rsh_agent.py",
+                    "run.py", "trust.py")
 # libsfclone, the clone API for C and C++ (built on the host, Debian bookworm too).
 NATIVE_DIR = PACKAGE_DIR.parent / "native"
 NATIVE_SOURCES = ("Makefile", "sfclone/sfclone.c", "sfclone/sfclone.h")
 SFCLONE_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.sfclone import run\nrun()\n"
+SFMPIRUN_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.run import main\nmain()\n"
 
 AGENT_UNIT = """\
 [Unit]
@@ -116,6 +121,8 @@ class Recipe:
             "rootfs": self.rootfs_hash(),
             "guest_modules": {m: hashlib.sha256((PACKAGE_DIR / m).read_bytes()).hexdigest()
                               for m in GUEST_MODULES},
+            "launcher": {m: hashlib.sha256((LAUNCHER_DIR / m).read_bytes()).hexdigest()
+                         for m in LAUNCHER_MODULES},
             "native": {m: hashlib.sha256((NATIVE_DIR / m).read_bytes()).hexdigest()
                        for m in NATIVE_SOURCES if (NATIVE_DIR / m).exists()},
             "unit": AGENT_UNIT, "masked": MASKED_UNITS, "append": KERNEL_APPEND,
@@ -306,8 +313,12 @@ def _configure(rootfs: Path) -> None:
     for module in GUEST_MODULES:
         (pkg / module).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PACKAGE_DIR / module, pkg / module)
-    (rootfs / "usr/bin/sfclone").write_text(SFCLONE_WRAPPER)
-    (rootfs / "usr/bin/sfclone").chmod(0o755)
+    for module in LAUNCHER_MODULES:
+        (pkg / "launcher").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(LAUNCHER_DIR / module, pkg / "launcher" / module)
+    for name, text in (("sfclone", SFCLONE_WRAPPER), ("sfmpirun", SFMPIRUN_WRAPPER)):
+        (rootfs / "usr/bin" / name).write_text(text)
+        (rootfs / "usr/bin" / name).chmod(0o755)
     proc.run(["make", "-s", "-C", NATIVE_DIR, "install", f"DESTDIR={rootfs}", "PREFIX=/usr/local"])
     proc.run(["chroot", rootfs, "ldconfig"])
     # Members of group sfmpi may fork the VM (the API socket is root:sfmpi 0660).

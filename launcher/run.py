@@ -1,0 +1,258 @@
+"""sfmpirun: fork the worker cluster, run the real mpiexec on it, join.
+
+One Job walks explicit states: PLANNED -> TICKETED -> CLONED -> RUNNING ->
+ENDED (or FAILED). Whatever ends it, the clones are destroyed (exit or kill),
+every process of the job in this VM is killed, the job's key leaves
+authorized_keys and its directory is removed.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from sfmpi import api
+from sfmpi.errors import LaunchError, SfmpiError
+
+from . import control, detect, options, plan, trust
+from .rsh_agent import FAILURES, JOB_ENV
+
+RUN_DIR = Path(os.environ.get("SFMPIRUN_DIR", "/run/sfmpirun"))
+POLL = 0.2
+MEMBER_CHECK = 1.0   # how often a running job asks hostd whether its clones live
+KILL_GRACE = 3.0
+JOIN_TIMEOUT = 120.0
+
+
+class JobState(enum.Enum):
+    PLANNED = "planned"
+    TICKETED = "ticketed"
+    CLONED = "cloned"
+    RUNNING = "running"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+class Job:
+    def __init__(self, spec: plan.JobSpec, environ: dict[str, str] | None = None):
+        self.spec = spec
+        self.environ = dict(os.environ if environ is None else environ)
+        self.state = JobState.PLANNED
+        self.job_id = uuid.uuid4().hex[:10]
+        self.dir = RUN_DIR / self.job_id
+        self.ticket: api.Ticket | None = None
+        self.trust: trust.JobTrust | None = None
+        self.lines = control.CloneLines()
+        self.mpiexec: subprocess.Popen | None = None
+        self.stop_signal: int | None = None
+        self.t0 = time.monotonic()
+
+    # -- reporting -------------------------------------------------------
+    def say(self, text: str) -> None:
+        if self.spec.verbose:
+            sys.stderr.write(f"sfmpirun: [{time.monotonic() - self.t0:7.3f} s] {text}\n")
+            sys.stderr.flush()
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_signal = signum
+
+    # -- the job ---------------------------------------------------------
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        flavour = self.spec.mpi if self.spec.mpi != "auto" else detect.detect(self.spec.launcher_args)
+        env = plan.resolve_env(self.spec, self.environ)
+        me = api.whoami()
+        wanted = plan.clones_wanted(self.spec)
+        self.say(f"{flavour}, {self.spec.ranks} rank(s), {wanted} clone(s) wanted, parent {me['ip']}")
+        try:
+            self.dir.mkdir(parents=True, mode=0o700)
+            if wanted:
+                clone_id = self._fork(wanted)
+                if clone_id:
+                    self._be_a_clone()  # never returns
+            return self._run_mpiexec(flavour, env, me)
+        finally:
+            self._clean_up()
+
+    def _fork(self, wanted: int) -> int:
+        self.ticket = api.request_ticket(wanted)
+        self.state = JobState.TICKETED
+        try:
+            plan.check_granted(self.spec, wanted, self.ticket.granted)
+        except SfmpiError:
+            api.kill(self.ticket)  # hand the reservation back at once
+            self.ticket = None
+            raise
+        if self.ticket.granted == 0:
+            self.say("no clone granted: running here only")
+            api.kill(self.ticket)
+            self.ticket = None
+            return 0
+        trust.ensure_sshd()
+        self.trust = trust.create(self.dir, self.job_id)
+        self.listener = control.listen()
+        self.say(f"ticket {self.ticket.id}: {self.ticket.granted} clone(s); forking")
+        clone_id = api.clone(self.ticket)
+        if clone_id:
+            return clone_id
+        self.state = JobState.CLONED
+        self.listener.close()
+        self.say("forked")
+        return 0
+
+    def _be_a_clone(self) -> None:
+        """This is a clone's copy of sfmpirun: wait for the parent's word, then end the clone."""
+        status = control.wait_for_exit_word(self.listener)
+        try:
+            api.exit(status)
+        finally:
+            os._exit(status)
+
+    def _hosts(self, me: dict) -> list[str]:
+        hosts = [me["ip"]] if self.spec.parent_ranks or self.ticket is None else []
+        if self.ticket is None or self.state != JobState.CLONED:
+            return hosts or [me["ip"]]
+        port = self.listener.getsockname()[1]
+        for m in api.members(self.ticket):
+            if m.state != "running":
+                raise LaunchError(f"clone {m.id} ended before the job started: {m.failure or m.status}")
+            self.lines.connect(m.id, m.ip, port)
+            hosts.append(m.ip)
+        return hosts
+
+    def _run_mpiexec(self, flavour: str, env: dict[str, str], me: dict) -> int:
+        hosts = self._hosts(me)
+        hostfile = self.dir / "hostfile"
+        hostfile.write_text(plan.hostfile(flavour, hosts, plan.slots(self.spec, len(hosts))))
+        agent = self.dir / "agent"
+        agent.write_text(f"#!/bin/sh\nexec {sys.executable} -m sfmpi.launcher.rsh_agent \"$@\"\n")
+        agent.chmod(0o755)
+        subnet = _subnet_of(me["ip"])
+        argv = plan.mpiexec_argv(flavour, self.spec, str(hostfile), str(agent), subnet, env)
+        self.say("hosts " + " ".join(hosts) + "; " + " ".join(argv))
+        if shutil.which(argv[0]) is None:
+            raise LaunchError(f"{argv[0]} is not installed in this VM")
+        self.mpiexec = subprocess.Popen(argv, start_new_session=True,
+                                        env={**self.environ, JOB_ENV: str(self.dir)})
+        self.state = JobState.RUNNING
+        reason = self._supervise()
+        if reason is None:
+            status = self.mpiexec.returncode
+            self.say(f"mpiexec exited with {status}")
+            self._end_clones(ok=True)
+            self.state = JobState.ENDED
+            return status if status >= 0 else 128 - status
+        self._kill_local()
+        self._end_clones(ok=False)
+        self.state = JobState.FAILED
+        if self.stop_signal is not None:
+            sys.stderr.write(f"sfmpirun: {reason}\n")
+            return 128 + self.stop_signal
+        raise LaunchError(reason)
+
+    def _supervise(self) -> str | None:
+        """Wait for mpiexec; the reason to stop it early, or None if it ended by itself."""
+        failures = self.dir / FAILURES
+        next_check = time.monotonic() + MEMBER_CHECK
+        while self.mpiexec.poll() is None:
+            if self.stop_signal is not None:
+                return f"stopped by {signal.Signals(self.stop_signal).name}; job killed"
+            if failures.exists() and failures.stat().st_size:
+                return "an agent failed, job killed: " + failures.read_text().strip().replace("\n", "; ")
+            if self.ticket is not None and self.state == JobState.RUNNING and time.monotonic() >= next_check:
+                next_check = time.monotonic() + MEMBER_CHECK
+                for m in api.members(self.ticket):
+                    if m.state != "running":
+                        return f"clone {m.id} died ({m.failure or f'exited {m.status}'}); job killed"
+            time.sleep(POLL)
+        return None
+
+    def _kill_local(self) -> None:
+        """mpiexec and everything it started here (local proxies, ranks): its session."""
+        sid = self.mpiexec.pid
+        for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 5.0)):
+            left = _session_members(sid)
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self.mpiexec.poll()
+                if not _session_members(sid):
+                    return
+                time.sleep(0.1)
+
+    def _end_clones(self, ok: bool) -> None:
+        if self.ticket is None or self.state not in (JobState.CLONED, JobState.RUNNING):
+            return
+        if ok:
+            self.lines.send_exit(0)
+        else:
+            self.lines.close()
+            api.kill(self.ticket)
+        res = api.join(self.ticket, timeout=JOIN_TIMEOUT)
+        self.say(f"joined: {dict(res)} {res.failures or ''}")
+        self.ticket = None
+
+    def _clean_up(self) -> None:
+        if self.ticket is not None and self.state != JobState.TICKETED:
+            # An error between fork and join: the clones must not outlive the job.
+            try:
+                api.kill(self.ticket)
+                api.join(self.ticket, timeout=JOIN_TIMEOUT)
+            except SfmpiError as exc:
+                sys.stderr.write(f"sfmpirun: cleaning up clones: {exc}\n")
+        if self.mpiexec is not None and self.mpiexec.poll() is None:
+            self._kill_local()
+        self.lines.close()
+        if self.trust is not None:
+            trust.remove(self.trust)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _subnet_of(ip: str) -> str:
+    """The family's /24 (docs/clone-api.md: every family is one /24)."""
+    return ".".join(ip.split(".")[:3]) + ".0/24"
+
+
+def _session_members(sid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry)) == sid:
+                out.append(int(entry))
+        except (ProcessLookupError, PermissionError):
+            continue
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        spec = options.parse(argv)
+    except options.HelpRequested:
+        sys.stdout.write(options.USAGE)
+        sys.exit(0)
+    except SfmpiError as exc:
+        sys.stderr.write(f"sfmpirun: {exc}\n{options.USAGE.splitlines()[0]}\n")
+        sys.exit(exc.exit_code)
+    try:
+        sys.exit(Job(spec).run())
+    except SfmpiError as exc:
+        sys.stderr.write(f"sfmpirun: {exc}\n")
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

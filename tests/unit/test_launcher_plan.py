@@ -1,0 +1,139 @@
+"""sfmpirun's pure parts: options, rank layout, hostfiles, mpiexec command lines, trust lines."""
+from __future__ import annotations
+
+import pytest
+
+from sfmpi.errors import UsageError
+from sfmpi.launcher import detect, options, plan, rsh_agent, trust
+
+
+def spec(*argv: str) -> plan.JobSpec:
+    return options.parse(list(argv))
+
+
+def test_options_mpirun_style():
+    s = spec("-np", "4", "-ppn", "2", "-genv", "A", "1", "-x", "B=2", "-x", "HOME", "-wdir", "/tmp",
+             "--mpi", "openmpi", "--allow-fewer", "-v", "./cpi", "-n", "3")
+    assert (s.ranks, s.ppn, s.wdir, s.mpi, s.allow_fewer, s.verbose) == (4, 2, "/tmp", "openmpi", True, True)
+    assert s.env == (("A", "1"), ("B", "2")) and s.env_names == ("HOME",)
+    # The program's own -n is the program's.
+    assert s.launcher_args == ("./cpi", "-n", "3")
+
+
+def test_unknown_options_and_double_dash_go_to_the_real_launcher():
+    assert spec("-n", "2", "-bind-to", "core", "./a").launcher_args == ("-bind-to", "core", "./a")
+    assert spec("-n", "2", "--", "-n", "9", "./a").launcher_args == ("-n", "9", "./a")
+    assert spec("--clones=3", "-n", "2", "./a").clones == 3
+    assert spec("-n", "2", "--no-parent-ranks", "./a").parent_ranks is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["./a"], "needs -n"),
+    (["-n", "x", "./a"], "-n needs a number"),
+    (["-n", "0", "./a"], "at least 1"),
+    (["-n", "2", "-ppn", "0", "./a"], "-ppn must be at least 1"),
+    (["-n", "2"], "no program"),
+    (["-n", "2", "--mpi", "lam", "./a"], "mpich, openmpi or auto"),
+    (["-n", "2", "-genv", "A"], "needs 2 value"),
+    (["-n", "1", "--clones", "0", "--no-parent-ranks", "./a"], "nowhere to run"),
+])
+def test_bad_options_are_usage_errors(argv, message):
+    with pytest.raises(UsageError, match=message):
+        options.parse(argv)
+
+
+def test_help():
+    with pytest.raises(options.HelpRequested):
+        options.parse(["-n", "2", "--help"])
+
+
+def test_clones_wanted_counts_the_parent_as_a_host():
+    assert plan.clones_wanted(spec("-n", "4", "./a")) == 3
+    assert plan.clones_wanted(spec("-n", "1", "./a")) == 0
+    assert plan.clones_wanted(spec("-n", "8", "-ppn", "2", "./a")) == 3
+    assert plan.clones_wanted(spec("-n", "5", "-ppn", "2", "./a")) == 2
+    assert plan.clones_wanted(spec("-n", "4", "--no-parent-ranks", "./a")) == 4
+    assert plan.clones_wanted(spec("-n", "4", "--clones", "1", "./a")) == 1
+
+
+def test_smaller_ticket_fails_unless_allowed():
+    s = spec("-n", "4", "./a")
+    plan.check_granted(s, 3, 3)
+    with pytest.raises(UsageError, match="granted 1.*--allow-fewer"):
+        plan.check_granted(s, 3, 1)
+    plan.check_granted(spec("-n", "4", "--allow-fewer", "./a"), 3, 1)
+    with pytest.raises(UsageError, match="nowhere"):
+        plan.check_granted(spec("-n", "4", "--allow-fewer", "--no-parent-ranks", "./a"), 4, 0)
+
+
+def test_fewer_hosts_oversubscribe():
+    s = spec("-n", "8", "./a")
+    assert plan.slots(s, 8) == 1 and plan.slots(s, 3) == 3
+
+
+def test_hostfiles():
+    assert plan.hostfile("mpich", ["10.100.1.2", "10.100.1.3"], 2) == "10.100.1.2:2\n10.100.1.3:2\n"
+    assert plan.hostfile("openmpi", ["10.100.1.2"], 1) == "10.100.1.2 slots=1\n"
+
+
+def test_mpiexec_argv_mpich():
+    s = spec("-n", "4", "-genv", "A", "1", "-wdir", "/w", "-l", "./cpi", "x")
+    argv = plan.mpiexec_argv("mpich", s, "/j/hf", "/j/agent", "10.100.1.0/24", {"A": "1"})
+    assert argv == ["mpiexec.mpich", "-launcher", "rsh", "-launcher-exec", "/j/agent", "-f", "/j/hf", "-n", "4",
+                    "-genv", "A", "1", "-wdir", "/w", "-l", "./cpi", "x"]
+
+
+def test_mpiexec_argv_openmpi():
+    s = spec("-n", "2", "./cpi")
+    argv = plan.mpiexec_argv("openmpi", s, "/j/hf", "/j/agent", "10.100.1.0/24", {"A": "1"})
+    assert argv[:4] == ["mpiexec.openmpi", "--allow-run-as-root", "--hostfile", "/j/hf"]
+    joined = " ".join(argv)
+    assert "--mca plm_rsh_agent /j/agent" in joined and "--mca plm_rsh_no_tree_spawn 1" in joined
+    assert "--mca oob_tcp_if_include 10.100.1.0/24" in joined and "-x A=1" in joined
+    assert argv[-1] == "./cpi"
+
+
+def test_resolve_env_takes_named_values_from_here():
+    s = spec("-n", "1", "-genv", "A", "1", "-x", "B", "./a")
+    assert plan.resolve_env(s, {"B": "2"}) == {"A": "1", "B": "2"}
+    with pytest.raises(UsageError, match="B is not set"):
+        plan.resolve_env(s, {})
+
+
+def test_remote_command_is_left_for_the_remote_shell():
+    # Hydra quotes the proxy path itself; the remote shell must see the quotes.
+    assert plan.remote_command(['"/usr/bin/hydra_pmi_proxy"', "--control-port", "h:1"]) == \
+        '"/usr/bin/hydra_pmi_proxy" --control-port h:1'
+
+
+def test_flavour_from_ldd_output():
+    mpich = "\tlinux-vdso.so.1 (0x0)\n\tlibmpich.so.12 => /lib/x86_64-linux-gnu/libmpich.so.12 (0x0)\n"
+    ompi = "\tlibmpi.so.40 => /lib/x86_64-linux-gnu/libmpi.so.40 (0x0)\n"
+    assert detect.flavour_of_libraries(mpich) == "mpich"
+    assert detect.flavour_of_libraries(ompi) == "openmpi"
+    assert detect.flavour_of_libraries("\tlibc.so.6 => /lib/libc.so.6 (0x0)\n") is None
+
+
+def test_detect_refuses_a_program_without_mpi(tmp_path):
+    with pytest.raises(UsageError, match="not linked against MPICH or Open MPI"):
+        detect.detect(("/bin/true",))
+    with pytest.raises(UsageError, match="no executable program"):
+        detect.detect(("-l", str(tmp_path / "nothing")))
+
+
+def test_agent_argv_like_ssh():
+    assert rsh_agent.split_argv(["-x", "10.0.0.3", '"/usr/bin/p"', "--a"]) == ("10.0.0.3", ['"/usr/bin/p"', "--a"], None)
+    assert rsh_agent.split_argv(["-l", "bob", "-o", "X=1", "h", "orted"]) == ("h", ["orted"], "bob")
+    assert rsh_agent.split_argv(["alice@h", "ls"]) == ("h", ["ls"], "alice")
+
+
+def test_agent_without_a_job_fails(monkeypatch):
+    monkeypatch.delenv(rsh_agent.JOB_ENV, raising=False)
+    assert rsh_agent.main(["h", "true"]) == 255
+
+
+def test_authorized_keys_line_added_and_removed_by_marker():
+    line = trust.authorized_line("ssh-ed25519 AAAAC3 sfmpirun-x\n", "sfmpirun-abc")
+    assert line == f"{trust.KEY_OPTIONS} ssh-ed25519 AAAAC3 sfmpirun-abc\n"
+    text = "ssh-rsa AAAB user@h\n" + line + "ssh-ed25519 CCC sfmpirun-abcd\n"
+    assert trust.without_marker(text, "sfmpirun-abc") == "ssh-rsa AAAB user@h\nssh-ed25519 CCC sfmpirun-abcd\n"
