@@ -9,7 +9,9 @@ Per family f there are up to three tables, all named sfmpi_f<f>:
   that is not in the map is dropped: nothing joins a family unannounced.
 - `table inet`: the host's routing side. Traffic stays inside the family
   (br_netfilter is on, so bridged IPv4 also passes inet forward, with the
-  bridge as both iif and oif); guests reach the host only for DHCP.
+  bridge as both iif and oif); guests reach the host only for DHCP. Routed
+  traffic from elsewhere (the uplink, another family with NAT) gets in only
+  to the family's declared open ports.
 - `table ip` (only with NAT): masquerade the subnet when it leaves the host.
 
 Every drop counts into a named counter (`nft list counters`) so a test or an
@@ -23,7 +25,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
+
+from sfmpi.errors import UsageError
 
 from . import netplan
 
@@ -50,6 +54,41 @@ FAMILY_DROP_REASONS = {
 }
 
 
+PROTOCOLS = ("tcp", "udp")
+_PORT_HELP = "use PORT, PORT/tcp or PORT/udp with PORT in 1..65535"
+
+
+class OpenPort(NamedTuple):
+    """A port of the family's VMs that routed traffic from outside may reach."""
+    port: int
+    proto: str = "tcp"
+
+    def __str__(self) -> str:
+        return f"{self.port}/{self.proto}"
+
+
+def parse_open_port(spec: "str | int | OpenPort") -> OpenPort:
+    """"80", "80/tcp", "53/udp" (or 80) -> OpenPort; anything else is a UsageError.
+    An OpenPort is checked too: its fields end up in an nft script."""
+    if isinstance(spec, OpenPort) or (isinstance(spec, int) and not isinstance(spec, bool)):
+        spec = str(spec)
+    if not isinstance(spec, str):
+        raise UsageError(f"bad open port {spec!r}: {_PORT_HELP}")
+    number, slash, proto = spec.strip().lower().partition("/")
+    proto = proto if slash else "tcp"
+    if proto not in PROTOCOLS:
+        raise UsageError(f"bad open port {spec!r}: protocol {proto!r} is neither tcp nor udp ({_PORT_HELP})")
+    # isdecimal, not int(): int() takes "+80", " 80" and "8_0".
+    if not number.isascii() or not number.isdecimal() or not 1 <= int(number) <= 65535:
+        raise UsageError(f"bad open port {spec!r}: {_PORT_HELP}")
+    return OpenPort(int(number), proto)
+
+
+def parse_open_ports(specs: "Iterable[str | int | OpenPort]") -> tuple[OpenPort, ...]:
+    """Sorted and without repeats: the same ports give the same rules (and compare equal)."""
+    return tuple(sorted(set(parse_open_port(s) for s in specs)))
+
+
 def table_name(f: int) -> str:
     return f"sfmpi_f{netplan.check_family(f)}"
 
@@ -69,8 +108,12 @@ def _drop_if_exists(family: str, f: int) -> str:
     return f"add table {family} {t}\ndelete table {family} {t}\n"
 
 
-def family_tables(f: int, nat: bool) -> str:
-    """Create (or re-create, empty of VMs) the tables of family f in one transaction."""
+def family_tables(f: int, nat: bool, open_ports: Iterable[OpenPort] = ()) -> str:
+    """Create (or re-create, empty of VMs) the tables of family f in one transaction.
+
+    nat: the family's VMs may reach anything beyond the host (masqueraded).
+    open_ports: routed traffic from outside the family may reach these ports of its VMs.
+    """
     t, br = table_name(f), netplan.bridge_name(f)
     counters = "\n".join(
         f"\tcounter {name} {{ comment \"{why}\"; }}"
@@ -108,23 +151,15 @@ def family_tables(f: int, nat: bool) -> str:
 \t}}
 }}
 """
-    if nat:
-        # Egress: out to anywhere, and only answers back in.
-        egress = (f"\t\tiifname \"{br}\" accept\n"
-                  f"\t\toifname \"{br}\" ct state established,related accept\n")
-    else:
-        egress = ""
     counters = "\n".join(
         f"\tcounter {name} {{ comment \"{why}\"; }}"
         for (fam, name), why in FAMILY_DROP_REASONS.items() if fam == "inet")
+    forward = "".join(f"\t\t{rule}\n" for rule in _forward_rules(f, nat, open_ports))
     script += _drop_if_exists("inet", f) + f"""table inet {t} {{
 {counters}
 \tchain forward {{
 \t\ttype filter hook forward priority 0; policy accept;
-\t\tiifname "{br}" oifname "{br}" accept
-{egress}\t\tiifname "{br}" counter name "leave_family" drop
-\t\toifname "{br}" counter name "enter_family" drop
-\t}}
+{forward}\t}}
 \tchain input {{
 \t\ttype filter hook input priority 0; policy accept;
 \t\tiifname "{br}" udp dport 67 accept
@@ -143,6 +178,29 @@ def family_tables(f: int, nat: bool) -> str:
 }}
 """
     return script
+
+
+def _forward_rules(f: int, nat: bool, open_ports: Iterable[OpenPort]) -> list[str]:
+    """The body of the inet forward chain, in order; the first match decides."""
+    br = netplan.bridge_name(f)
+    open_ports = parse_open_ports(open_ports)
+    rules = [f'iifname "{br}" oifname "{br}" accept']
+    if nat:
+        # Egress: out to anywhere, and only answers back in.
+        rules += [f'iifname "{br}" accept',
+                  f'oifname "{br}" ct state established,related accept']
+    elif open_ports:
+        # Answers to connections let in through an open port go back out;
+        # nothing else leaves (the family cannot start a connection outwards).
+        rules.append(f'iifname "{br}" ct state established,related accept')
+    # Declared ports before the catch-all drops: everything else routed into
+    # the family is still counted by enter_family.
+    for proto in PROTOCOLS:
+        ports = ", ".join(str(p.port) for p in open_ports if p.proto == proto)
+        if ports:
+            rules.append(f'oifname "{br}" ip daddr {netplan.subnet(f)} {proto} dport {{ {ports} }} accept')
+    return rules + [f'iifname "{br}" counter name "leave_family" drop',
+                    f'oifname "{br}" counter name "enter_family" drop']
 
 
 def _vm_rules(k: int, mac: str, ip: str) -> list[str]:

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from sfmpi.errors import UsageError
 from sfmpi.hostd import netplan, nft
 
 F = 300  # 10.101.44.0/24
@@ -30,8 +31,9 @@ def lines(script: str) -> list[str]:
 
 
 @pytest.mark.parametrize("nat", [False, True])
-def test_family_tables_parse(nat):
-    nft_check(nft.family_tables(F, nat))
+@pytest.mark.parametrize("ports", [(), ("22",), ("22", "8080/tcp", "53/udp")])
+def test_family_tables_parse(nat, ports):
+    nft_check(nft.family_tables(F, nat, nft.parse_open_ports(ports)))
 
 
 def test_family_tables_replace_whatever_was_there():
@@ -77,6 +79,81 @@ def test_nat_adds_egress_and_masquerade():
     # Egress is accepted before the catch-all drop of the family.
     assert script.index('iifname "sfbr300" accept') < \
         script.index('iifname "sfbr300" counter name "leave_family" drop')
+
+
+def inet_forward(script: list[str]) -> list[str]:
+    start = script.index("table inet sfmpi_f300 {")
+    start = script.index("type filter hook forward priority 0; policy accept;", start) + 1
+    return script[start:script.index("}", start)]
+
+
+def test_open_ports_are_accepted_before_the_enter_family_drop():
+    ports = nft.parse_open_ports(["8080", "22/tcp", "53/udp"])
+    forward = inet_forward(lines(nft.family_tables(F, nat=False, open_ports=ports)))
+    tcp = 'oifname "sfbr300" ip daddr 10.101.44.0/24 tcp dport { 22, 8080 } accept'
+    udp = 'oifname "sfbr300" ip daddr 10.101.44.0/24 udp dport { 53 } accept'
+    assert forward == [
+        'iifname "sfbr300" oifname "sfbr300" accept',
+        # Answers to what the open ports let in; nothing new leaves the family.
+        'iifname "sfbr300" ct state established,related accept',
+        tcp,
+        udp,
+        'iifname "sfbr300" counter name "leave_family" drop',
+        'oifname "sfbr300" counter name "enter_family" drop',
+    ]
+    assert not any(line == 'iifname "sfbr300" accept' for line in forward)  # still no egress
+
+
+def test_closed_family_lets_nothing_in_or_out():
+    forward = inet_forward(lines(nft.family_tables(F, nat=False)))
+    assert forward == ['iifname "sfbr300" oifname "sfbr300" accept',
+                       'iifname "sfbr300" counter name "leave_family" drop',
+                       'oifname "sfbr300" counter name "enter_family" drop']
+
+
+def test_nat_with_open_ports():
+    script = lines(nft.family_tables(F, nat=True, open_ports=nft.parse_open_ports(["443"])))
+    forward = inet_forward(script)
+    port_rule = 'oifname "sfbr300" ip daddr 10.101.44.0/24 tcp dport { 443 } accept'
+    assert forward.index('iifname "sfbr300" accept') < forward.index(port_rule) < \
+        forward.index('oifname "sfbr300" counter name "enter_family" drop')
+    assert "type nat hook postrouting priority srcnat; policy accept;" in script
+    assert 'ip saddr 10.101.44.0/24 oifname != "sfbr300" masquerade' in script
+
+
+def test_open_ports_do_not_change_the_bridge_table():
+    def bridge_table(script: str) -> str:
+        return script[:script.index("add table inet")]
+    assert bridge_table(nft.family_tables(F, False, nft.parse_open_ports(["22"]))) == \
+        bridge_table(nft.family_tables(F, False))
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("22", (22, "tcp")), ("22/tcp", (22, "tcp")), ("53/udp", (53, "udp")), ("80/TCP", (80, "tcp")),
+    (" 443 ", (443, "tcp")), ("1", (1, "tcp")), ("65535/udp", (65535, "udp")), (8080, (8080, "tcp")),
+])
+def test_parse_open_port(spec, want):
+    port = nft.parse_open_port(spec)
+    assert port == want and str(port) == f"{want[0]}/{want[1]}"
+
+
+@pytest.mark.parametrize("spec", ["0", "65536", "-1", "+80", "8_0", "80/icmp", "80/", "/tcp", "", "http",
+                                  "22/tcp/udp", "\u0663", True, None, 3.0, nft.OpenPort(0, "tcp"),
+                                  nft.OpenPort(22, "sctp")])
+def test_parse_open_port_refuses(spec):
+    with pytest.raises(UsageError, match="bad open port"):
+        nft.parse_open_port(spec)
+
+
+def test_open_ports_are_sorted_and_unique():
+    assert nft.parse_open_ports(["80", "22/udp", "80/tcp", 22]) == ((22, "tcp"), (22, "udp"), (80, "tcp"))
+    assert nft.family_tables(F, False, nft.parse_open_ports(["80", "22"])) == \
+        nft.family_tables(F, False, nft.parse_open_ports(["22", "80/tcp", "22"]))
+
+
+def test_family_tables_refuses_bad_ports():
+    with pytest.raises(UsageError):
+        nft.family_tables(F, False, [nft.OpenPort(70000, "tcp")])
 
 
 def test_vm_chain_rules_in_order():
