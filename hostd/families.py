@@ -5,6 +5,11 @@ member does: a host-side clone of a checkpoint may outlive the parent. Each
 family has a number f (host-wide unique: the kernel allocates it by bridge
 name), a bridge, one tap per member and an ID per member (0: parent), from
 which addresses follow (hostd/netplan.py).
+
+A family's network options (NAT, open ports) are chosen when its parent
+starts; clones join the family and so inherit them. The caller remembers them
+(hostd's store), so a family re-made later (hostd restarted, or a clone of a
+checkpoint whose family is gone) gets the same rules.
 """
 from __future__ import annotations
 
@@ -13,13 +18,42 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
-from sfmpi.errors import CapacityError
+from sfmpi.errors import CapacityError, UsageError
 
-from . import netplan
+from . import netplan, nft
 from .network import FamilyNetwork, allocate_family
 
 log = logging.getLogger("sfmpi.hostd.families")
+
+
+@dataclass(frozen=True)
+class NetOptions:
+    """What a family's network lets through beyond the family itself."""
+    nat: bool = False                            # egress to the uplink, masqueraded
+    open_ports: tuple[nft.OpenPort, ...] = ()    # reachable from outside the family
+
+    @classmethod
+    def parse(cls, nat: bool = False, open_ports: Iterable[str | int] = ()) -> "NetOptions":
+        """From user input (CLI, hostd request): UsageError for anything malformed."""
+        if not isinstance(nat, bool):
+            raise UsageError(f"nat must be true or false (got {nat!r})")
+        if isinstance(open_ports, (str, bytes)) or not isinstance(open_ports, (list, tuple)):
+            raise UsageError(f"open ports must be a list such as [\"80/tcp\"] (got {open_ports!r})")
+        return cls(nat, nft.parse_open_ports(open_ports))
+
+    def to_json(self) -> dict:
+        return {"nat": self.nat, "open_ports": [str(p) for p in self.open_ports]}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "NetOptions":
+        d = d or {}
+        return cls.parse(d.get("nat", False), d.get("open_ports", []))
+
+    def __str__(self) -> str:
+        ports = ", ".join(str(p) for p in self.open_ports) or "none"
+        return f"NAT {'on' if self.nat else 'off'}, open ports {ports}"
 
 
 @dataclass
@@ -28,6 +62,10 @@ class Family:
     number: int
     net: FamilyNetwork
     members: dict[str, int] = field(default_factory=dict)   # VM name -> ID
+
+    @property
+    def options(self) -> NetOptions:
+        return NetOptions(self.net.nat, self.net.open_ports)
 
     def hosts(self) -> list[list[str]]:
         return [[netplan.hostname(self.name, k), str(netplan.ip(self.number, k))]
@@ -39,8 +77,10 @@ class Families:
     pyroute2's IPRoute drives an asyncio loop of its own (it cannot run inside
     hostd's), and nft and dnsmasq are blocking subprocesses."""
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, remembered: Callable[[str], NetOptions] = lambda name: NetOptions()):
+        """remembered(name): the options family `name` had last (hostd: from its store)."""
         self.state_dir = state_dir
+        self.remembered = remembered
         self.by_name: dict[str, Family] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="families")
 
@@ -53,18 +93,33 @@ class Families:
                 return fam
         return None
 
-    async def ensure(self, name: str, number: int | None = None) -> Family:
-        return await self._run(self._ensure, name, number)
+    async def ensure(self, name: str, number: int | None = None, options: NetOptions | None = None) -> Family:
+        """The living family `name`, or a new one (on bridge `number` when given).
 
-    def _ensure(self, name: str, number: int | None) -> Family:
+        options: what a starting parent asks for; a living family must have them
+        already. None (clones, recovery): the family's own, else the remembered ones.
+        """
+        # Looked up here, on the event loop's thread: hostd's store is not thread-safe.
+        remembered = self.remembered(name) if options is None and name not in self.by_name else None
+        return await self._run(self._ensure, name, number, options, remembered)
+
+    def _ensure(self, name: str, number: int | None, options: NetOptions | None,
+                remembered: NetOptions | None) -> Family:
         fam = self.by_name.get(name)
         if fam is not None:
+            if options is not None and options != fam.options:
+                raise UsageError(f"family {name} is still up (members: {', '.join(sorted(fam.members))}) "
+                                 f"with {fam.options}; start {name} with those options, or stop them first")
             return fam
+        if options is None:
+            options = remembered if remembered is not None else NetOptions()
         f = number if number is not None else allocate_family()
-        net = FamilyNetwork(f, name, self.state_dir)
+        net = FamilyNetwork(f, name, self.state_dir, nat=options.nat, open_ports=options.open_ports)
         net.up()
         fam = Family(name=name, number=f, net=net)
         self.by_name[name] = fam
+        if options.nat or options.open_ports:
+            log.info("family %s (%d): %s", name, f, options)
         return fam
 
     def free_ids(self, fam: Family, count: int, name_taken=lambda name: False) -> list[int]:

@@ -34,7 +34,7 @@ from .checkpoint import (MODES, OVERLAY_TEMPLATE, Checkpoint, DiskFreeze, captur
                          sha256_file, top_disk)
 from .clone_api import CloneApi
 from .cloning import Cloner
-from .families import Families
+from .families import Families, NetOptions
 from .tap import open_unattached_tap
 from .qemu import QemuProcess, pid_alive
 from .qemu_cmdline import MachineSpec, Nic, NullDisk, Qcow2Disk, Sockets, overlay_argv, vm_argv
@@ -76,7 +76,7 @@ class HostManager:
         self.vms: dict[str, Vm] = {}
         self.admission = asyncio.Lock()
         self._watchers: set[asyncio.Task] = set()
-        self.families = Families(paths.home / "net")
+        self.families = Families(paths.home / "net", remembered=self.remembered_options)
         self.tickets = TicketBook(FAMILY_LIMIT)
         self.clone_api = CloneApi(self, self.tickets)
         self.cloner = Cloner(self)
@@ -104,6 +104,16 @@ class HostManager:
             log_path=str(vm_dir / "qemu.log"),
             serial_log=str(vm_dir / "serial.log"),
         )
+
+    def remembered_options(self, family: str) -> NetOptions:
+        return NetOptions.from_json(self.store.family_options(family))
+
+    def family_options(self, family: str) -> NetOptions:
+        """A living family's network options, else the ones remembered for that name."""
+        if not family:
+            return NetOptions()
+        fam = self.families.by_name.get(family)
+        return fam.options if fam is not None else self.remembered_options(family)
 
     def name_taken(self, name: str) -> bool:
         return name in self.vms or self.store.get_vm(name) is not None
@@ -165,10 +175,14 @@ class HostManager:
 
     # -- start -----------------------------------------------------------
     async def start_vm(self, name: str, image: str, mem_mb: int = 512, cpus: int = 1,
-                       accel: str | None = None, timeout: float = BOOT_TIMEOUT) -> dict:
+                       accel: str | None = None, timeout: float = BOOT_TIMEOUT,
+                       nat: bool = False, open_ports: list[str] | tuple = ()) -> dict:
+        """Boot a parent VM; it starts family `name` with NAT and open ports as given
+        (its clones inherit them)."""
         check_name(name)
         if cpus < 1 or mem_mb < 64:
             raise UsageError(f"VM {name}: need at least 1 vCPU and 64 MiB (got {cpus}, {mem_mb} MiB)")
+        options = NetOptions.parse(nat, open_ports)
         img = Image.load(image)
         chosen = await asyncio.to_thread(accel_mod.choose, str(img.kernel), str(img.initrd),
                                          self.paths.accel_cache, accel)
@@ -182,7 +196,10 @@ class HostManager:
             self.reserve(rec)
         t0 = time.monotonic()
         try:
-            fam = await self.families.ensure(name)
+            fam = await self.families.ensure(name, options=options)
+            # Remembered so that a restarted hostd, or a clone of a checkpoint
+            # after the family is gone, re-makes the family with the same rules.
+            self.store.put_family_options(name, options.to_json())
             tap = (await self.families.add(fam, [(name, 0)]))[name]
             vm_rec = rec.with_(family_no=fam.number)
             self.store.put_vm(vm_rec)
@@ -305,7 +322,7 @@ class HostManager:
             "family": rec.family, "family_no": rec.family_no or None,
             "netid": rec.netid if rec.family else None,
             "ip": str(netplan.ip(rec.family_no, rec.netid)) if rec.family_no else "",
-            "ticket": rec.ticket,
+            "ticket": rec.ticket, **self.family_options(rec.family).to_json(),
         }
 
     def list_vms(self) -> list[dict]:
@@ -511,7 +528,8 @@ class HostManager:
                     await vm.agent.connect()
                     self.clone_api.attach(vm)
                     if rec.family_no:
-                        # Re-adopt the family: same bridge, the running QEMU's tap.
+                        # Re-adopt the family: same bridge, the running QEMU's tap,
+                        # the rules of its remembered options (NAT, open ports).
                         fam = await self.families.ensure(rec.family, rec.family_no)
                         await self.families.add(fam, [(rec.name, rec.netid)])
                     attached.append(rec.name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -44,6 +45,10 @@ def _sysctl(path: str, value: str) -> None:
     # Missing files are fine (e.g. no IPv6 in this kernel: nothing to disable).
     with contextlib.suppress(FileNotFoundError):
         Path("/proc/sys", path).write_text(value)
+
+
+def _read_sysctl(path: str) -> str:
+    return Path("/proc/sys", path).read_text().strip()
 
 
 def _disable_ipv6(ifname: str) -> None:
@@ -102,6 +107,65 @@ def leftover_tables() -> list[str]:
     text = proc.output(["nft", "list", "tables"])
     return sorted(" ".join(line.split()[1:3]) for line in text.splitlines()
                   if re.match(r"^table \S+ sfmpi_f\d+$", line.strip()))
+
+
+def nat_families() -> list[int]:
+    """Families on this host with NAT on, whichever hostd owns them: only a NAT
+    family has a `table ip` (nft.family_tables)."""
+    return sorted(int(t.rsplit("_f", 1)[1]) for t in leftover_tables() if t.startswith("ip "))
+
+
+# NAT needs net.ipv4.ip_forward=1: answers to masqueraded traffic are routed in
+# from the uplink, and IPv4 forwarding is decided on the interface a packet
+# comes in on. The sysctl is host-wide and shared by every hostd on the host,
+# so the value it had before the first NAT family is kept in a host-wide file,
+# and put back by whoever takes down the last NAT family (the nft tables say
+# which are left, after a crash too). /run is tmpfs: the file goes at reboot,
+# as does the sysctl's value. The file exists only while we changed the value.
+FORWARDING_DIR = Path("/run/sfmpi")
+IP_FORWARD = "net/ipv4/ip_forward"
+
+
+@contextlib.contextmanager
+def _forwarding_lock():
+    """Serialises "turn on + add a NAT table" against "last NAT table gone -> restore"
+    across processes; yields the file that holds the saved value."""
+    FORWARDING_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(FORWARDING_DIR, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield FORWARDING_DIR / "ip_forward.saved"
+    finally:
+        os.close(fd)
+
+
+def _forwarding_on(saved: Path) -> None:
+    """Caller holds _forwarding_lock. Keeps the first value we overwrite, only that one."""
+    was = _read_sysctl(IP_FORWARD)
+    if was == "1":
+        return
+    if not saved.exists():
+        saved.write_text(was + "\n")
+    log.warning("NAT family: enabling %s (was %s; restored after the last NAT family)",
+                IP_FORWARD.replace("/", "."), was)
+    _sysctl(IP_FORWARD, "1")
+
+
+def restore_forwarding() -> None:
+    """Put ip_forward back as it was before the first NAT family, if none is left."""
+    saved = FORWARDING_DIR / "ip_forward.saved"
+    if not saved.exists():  # the common case: we never changed it, nothing to lock
+        return
+    with _forwarding_lock() as saved:
+        if not saved.exists() or nat_families():
+            return
+        was = saved.read_text().strip()
+        if was not in ("0", "1"):  # not ours to interpret: leave the sysctl as it is
+            log.warning("%s holds %r; not restoring %s", saved, was, IP_FORWARD)
+        else:
+            log.info("last NAT family gone: %s back to %s", IP_FORWARD.replace("/", "."), was)
+            _sysctl(IP_FORWARD, was)
+        saved.unlink()
 
 
 def cleanup_families(families: Iterable[int], state_dir: Path) -> None:
@@ -264,14 +328,19 @@ def _tail(path: Path, lines: int = 8) -> str:
 class FamilyNetwork:
     """Bridge, taps, nft rules and DHCP of family f (the parent VM is `name`).
 
+    nat: egress to the host's uplink, masqueraded. open_ports: ports of the
+    family's VMs that routed traffic from outside the family may reach.
+
     up() / down() (safe twice, and after a crash of whoever brought it up) /
     context manager. Files go to state_dir/sfbr<f>/.
     """
 
-    def __init__(self, f: int, name: str, state_dir: Path, nat: bool = False):
+    def __init__(self, f: int, name: str, state_dir: Path, nat: bool = False,
+                 open_ports: Iterable[nft.OpenPort | str] = ()):
         self.f = netplan.check_family(f)
         self.name = name
-        self.nat = nat
+        self.nat = bool(nat)
+        self.open_ports = nft.parse_open_ports(open_ports)
         self.bridge = netplan.bridge_name(f)
         self.dir = Path(state_dir) / self.bridge
         self.dhcp = DhcpServer(f, self.dir)
@@ -299,11 +368,7 @@ class FamilyNetwork:
             # any nft hook, so they could move another VM's MAC to a guest's
             # port. pyroute2 has no bridge boolopts: iproute2 sets this one.
             proc.run(["ip", "link", "set", self.bridge, "type", "bridge", "no_linklocal_learn", "1"])
-            if self.nat:
-                # Answers to masqueraded traffic are routed in from the uplink.
-                log.warning("family %d: NAT on, enabling net.ipv4.ip_forward", self.f)
-                _sysctl("net/ipv4/ip_forward", "1")
-            run_nft(nft.family_tables(self.f, self.nat))
+            self._add_tables()
             self.dir.mkdir(parents=True, exist_ok=True)
             self.dhcp.write_hosts(self._dhcp_entries())
             self.dhcp.start()
@@ -313,6 +378,17 @@ class FamilyNetwork:
             raise NetworkError(f"family {self.f} ({self.name}): cannot bring up {self.bridge}: {exc}") from exc
         log.info("family %d (%s) up on %s, %s", self.f, self.name, self.bridge, netplan.subnet(self.f))
         return self
+
+    def _add_tables(self) -> None:
+        script = nft.family_tables(self.f, self.nat, self.open_ports)
+        if not self.nat:
+            run_nft(script)
+            return
+        # Forwarding on and the NAT table in, under the lock: a concurrent
+        # down() of the last other NAT family must not restore in between.
+        with _forwarding_lock() as saved:
+            _forwarding_on(saved)
+            run_nft(script)
 
     def down(self) -> None:
         """Remove everything of family f, whatever is left of it; bridge last (it is the lock)."""
@@ -326,6 +402,8 @@ class FamilyNetwork:
 
         attempt("dnsmasq", self.dhcp.stop)
         attempt("nft tables", run_nft, nft.delete_family(self.f))
+        # Whether or not this family had NAT (after a crash nobody knows).
+        attempt("ip_forward", restore_forwarding)
         attempt("links", self._delete_links)
         attempt("files", lambda: shutil.rmtree(self.dir, ignore_errors=True))
         self.ports.clear()

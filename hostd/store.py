@@ -2,7 +2,12 @@
 
 One row per VM that hostd started and has not yet cleaned up. Checkpoints live
 on disk as directories with a manifest (they outlive hostd and `sfmpi down`);
-the table only indexes them.
+the table only indexes them. A family's network options (hostd/families.py)
+outlive the family, like its checkpoints: a clone of one re-makes the family
+with them; the next parent of that name replaces them.
+
+There is no schema version: tables are created if missing (an older database
+gains them when opened) and VM rows are JSON whose newer fields have defaults.
 """
 from __future__ import annotations
 
@@ -69,6 +74,10 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS families (
+    name TEXT PRIMARY KEY,
+    options TEXT NOT NULL
+);
 """
 
 
@@ -114,6 +123,15 @@ class Store:
 
     def delete_checkpoint(self, ckpt_id: str) -> None:
         self.db.execute("DELETE FROM checkpoints WHERE id = ?", (ckpt_id,))
+
+    # -- family network options ------------------------------------------
+    def put_family_options(self, family: str, options: dict) -> None:
+        self.db.execute("INSERT OR REPLACE INTO families (name, options) VALUES (?, ?)",
+                        (family, json.dumps(options)))
+
+    def family_options(self, family: str) -> dict | None:
+        row = self.db.execute("SELECT options FROM families WHERE name = ?", (family,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     # -- counters --------------------------------------------------------
     def next(self, name: str, count: int = 1) -> int:

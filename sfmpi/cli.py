@@ -97,15 +97,27 @@ def vm() -> None:
 @click.option("--accel", type=click.Choice(["kvm", "tcg"]), default=None,
               help="Force the accelerator (default: KVM if a probe guest boots under it, else TCG).")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the guest agent.")
+@click.option("--nat", is_flag=True,
+              help="Let the VM's family reach the host's uplink (egress, masqueraded). Clones inherit it.")
+@click.option("--open-port", "open_ports", multiple=True, metavar="PORT[/tcp|/udp]",
+              help="Accept routed traffic from outside the family to this port of its VMs "
+                   "(repeatable; default tcp). Clones inherit it.")
 @click.option("--json", "as_json", is_flag=True)
-def vm_start(name, image_path, mem, cpus, accel, timeout, as_json) -> None:
+def vm_start(name, image_path, mem, cpus, accel, timeout, nat, open_ports, as_json) -> None:
     """Boot a VM from an image and wait until its agent answers."""
     from .hostd.admission import parse_size_mb
+    from .hostd.nft import parse_open_ports
+    # Checked here too (hostd checks again): bad input must not start hostd.
+    ports = [str(p) for p in parse_open_ports(open_ports)]
     image_path = os.path.abspath(image_path) if image_path else _default_image()
     res = _client().call("vm.start", name=name, image=image_path, mem_mb=parse_size_mb(mem), cpus=cpus,
-                         accel=accel, timeout=timeout)
-    _emit(res, as_json, lambda r: click.echo(
-        f"{r['name']} running ({r['accel']}, {r['mem_mb']} MiB, {r['cpus']} vCPU) in {r['boot_ms'] / 1000:.1f} s"))
+                         accel=accel, timeout=timeout, nat=nat, open_ports=ports)
+
+    def human(r):
+        net = (["NAT"] if r.get("nat") else []) + [f"open {p}" for p in r.get("open_ports", [])]
+        click.echo(f"{r['name']} running ({r['accel']}, {r['mem_mb']} MiB, {r['cpus']} vCPU"
+                   f"{''.join(', ' + n for n in net)}) in {r['boot_ms'] / 1000:.1f} s")
+    _emit(res, as_json, human)
 
 
 @vm.command("exec", context_settings={"ignore_unknown_options": True})

@@ -2,13 +2,19 @@
 with network namespaces on veths playing the VMs (no QEMU, quick).
 
 Each namespace's veth peer on the host is named like a VM's tap and attached
-with the same rules a tap gets. Traffic goes only to addresses inside these
-namespaces and bridges; everything is removed at the end, and checked.
+with the same rules a tap gets. An "uplink" namespace on a veth of the host
+plays the world beyond the host, on an address range no real network uses.
+Traffic goes only to addresses inside these namespaces and bridges;
+everything is removed at the end, and checked.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,15 +24,22 @@ import psutil
 import pytest
 
 from sfmpi import proc
-from sfmpi.hostd import netplan
-from sfmpi.hostd.network import (FamilyNetwork, allocate_family, cleanup_families,
-                                 leftover_links, leftover_tables)
+from sfmpi.errors import UsageError
+from sfmpi.hostd import netplan, nft
+from sfmpi.hostd.families import Families, NetOptions
+from sfmpi.hostd.network import (FORWARDING_DIR, FamilyNetwork, allocate_family, cleanup_families,
+                                 leftover_links, leftover_tables, nat_families)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bridges and nftables need root")
 
 TAG = f"sfmt{os.getpid() % 100000}"  # prefix of this run's namespace names
 # Far from the low numbers a real hostd starts at; the allocator skips taken ones.
 START = 38000 + os.getpid() % 300
+# The uplink: 198.18.0.0/15 is for benchmarking test networks (RFC 2544), on no real network.
+UPLINK = ipaddress.IPv4Network(f"198.18.{os.getpid() % 256}.0/24")
+UPLINK_HOST, UPLINK_PEER = UPLINK.network_address + 1, UPLINK.network_address + 2
+UPLINK_LINK = f"sfu{os.getpid() % 100000}"  # the host's side; named like no family link
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 def sh(*argv: str, check: bool = True):
@@ -48,6 +61,69 @@ def send_frames(ns: str, *frames: bytes) -> None:
     in_ns(ns, sys.executable, "-c", code, *(f.hex() for f in frames))
 
 
+# TCP servers on the ports given; each connection is answered with the
+# address the server saw it come from (so NAT shows), then closed.
+SERVER = """
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+for port in sys.argv[1:]:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(port)))
+    s.listen(16)
+    sel.register(s, selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        conn, peer = key.fileobj.accept()
+        with conn:
+            conn.sendall(peer[0].encode() + b"\\n")
+"""
+CLIENT = """
+import socket, sys
+address, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+try:
+    with socket.create_connection((address, port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        print(s.makefile().readline().strip())
+except OSError as exc:
+    sys.exit(f"{address}:{port}: {exc}")
+"""
+
+
+@contextlib.contextmanager
+def listening(ns: str, *ports: int):
+    """SERVER in namespace ns, for the with-block."""
+    server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, *map(str, ports)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready = server.stdout.readline()  # or b"" if it died
+        assert ready.strip() == b"ready", server.stderr.read().decode()
+        yield
+    finally:
+        server.terminate()
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+        server.stderr.close()
+
+
+def connect(ns: str, address, port: int, timeout: float = 1.0) -> str | None:
+    """A TCP connection from namespace ns: the source address the server saw, or None if it failed."""
+    p = in_ns(ns, sys.executable, "-c", CLIENT, str(address), str(port), str(timeout), check=False)
+    return p.stdout.decode().strip() if p.returncode == 0 else None
+
+
+def forwarding_on(*links: str) -> None:
+    """Route IPv4 coming in on these links only (it goes away with them); the
+    host's net.ipv4.ip_forward stays as it is."""
+    for link in links:
+        Path(f"/proc/sys/net/ipv4/conf/{link}/forwarding").write_text("1")
+
+
 def mac_bytes(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
@@ -66,8 +142,8 @@ class Lab:
         self.nets: list[FamilyNetwork] = []
         self.namespaces: list[str] = []
 
-    def family(self, name: str) -> FamilyNetwork:
-        net = FamilyNetwork(allocate_family(START), name, self.state_dir)
+    def family(self, name: str, **options) -> FamilyNetwork:
+        net = FamilyNetwork(allocate_family(START), name, self.state_dir, **options)
         self.nets.append(net)  # before up(): cleaned up even if up() fails
         return net.up()
 
@@ -92,10 +168,39 @@ class Lab:
             sh("ip", "link", "set", port, "master", net.bridge, "up")
         return ns
 
+    def uplink(self) -> str:
+        """A namespace playing the network beyond the host: its eth0 (UPLINK_PEER)
+        on a veth to the host (UPLINK_LINK, UPLINK_HOST). It has no route to any
+        family: whatever reaches it from a family without help was masqueraded."""
+        ns = f"{TAG}-uplink-{len(self.namespaces)}"
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        sh("ip", "link", "add", UPLINK_LINK, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        Path(f"/proc/sys/net/ipv6/conf/{UPLINK_LINK}/disable_ipv6").write_text("1")
+        sh("ip", "addr", "add", f"{UPLINK_HOST}/{UPLINK.prefixlen}", "dev", UPLINK_LINK)
+        sh("ip", "link", "set", UPLINK_LINK, "up")
+        in_ns(ns, "ip", "link", "set", "lo", "up")
+        in_ns(ns, "ip", "link", "set", "eth0", "up")
+        in_ns(ns, "ip", "addr", "add", f"{UPLINK_PEER}/{UPLINK.prefixlen}", "dev", "eth0")
+        return ns
+
+    def remove_namespace(self, ns: str) -> None:
+        # The host's end of a veth first: netns deletion takes its links
+        # away only later, in the kernel's own time.
+        if ns.startswith(f"{TAG}-uplink-"):
+            sh("ip", "link", "del", UPLINK_LINK, check=False)
+        sh("ip", "netns", "del", ns, check=False)
+        if ns in self.namespaces:
+            self.namespaces.remove(ns)
+
+    def close_family(self, name: str) -> None:
+        for net in reversed(self.nets):  # the newest object owns the running dnsmasq
+            if net.name == name:
+                net.down()
+
     def close(self) -> None:
-        for ns in self.namespaces:
-            sh("ip", "netns", "del", ns, check=False)
-        self.namespaces.clear()
+        for ns in list(self.namespaces):
+            self.remove_namespace(ns)
         for net in self.nets:
             net.down()
 
@@ -105,6 +210,10 @@ class Lab:
         found += [f"nft table {t}" for t in leftover_tables() if int(t.rsplit("_f", 1)[1]) in mine]
         found += [f"netns {n}" for n in sh("ip", "netns", "list").stdout.decode().split()
                   if n.startswith(TAG + "-")]
+        found += [f"link {UPLINK_LINK}"] if Path("/sys/class/net", UPLINK_LINK).exists() else []
+        saved = FORWARDING_DIR / "ip_forward.saved"
+        if saved.exists() and not nat_families():  # nobody restored ip_forward
+            found.append(f"{saved} ({saved.read_text().strip()!r}) with no NAT family left")
         for p in psutil.process_iter(["pid", "cmdline", "status"]):
             cmd = " ".join(p.info["cmdline"] or [])
             if p.info["status"] != psutil.STATUS_ZOMBIE and "dnsmasq" in cmd and str(self.state_dir) in cmd:
@@ -286,6 +395,164 @@ def test_add_and_remove_taps_leave_other_vms_alone(lab):
     assert after["bridge/vm_2_mac"] == before["bridge/vm_2_mac"]  # survived the update
     assert "alpha-7" not in (a.dhcp.dir / "dhcp-hosts").read_text()
     assert ping(lab.a0, netplan.ip(a.f, 1))
+
+
+@pytest.fixture
+def uplink(lab):
+    ns = lab.uplink()
+    yield ns
+    lab.remove_namespace(ns)
+
+
+@pytest.fixture
+def host_ip_forward():
+    """The host's net.ipv4.ip_forward before the test; it must be the same after it."""
+    was = IP_FORWARD.read_text().strip()
+    yield was
+    now = IP_FORWARD.read_text().strip()
+    if now != was:  # never leave the host changed, even when the test failed
+        IP_FORWARD.write_text(was)
+    assert now == was, f"net.ipv4.ip_forward left at {now} (was {was})"
+
+
+def test_open_ports_let_in_only_those_ports(lab, uplink):
+    """From the uplink, routed to the family: the declared port gets through,
+    another port of the same VM (with a server on it) does not."""
+    net = lab.family("delta", open_ports=["7001"])
+    vm = lab.namespace(net, 0)
+    in_ns(uplink, "ip", "route", "add", str(netplan.subnet(net.f)), "via", str(UPLINK_HOST))
+    in_ns(uplink, "ip", "route", "add", str(netplan.subnet(lab.a.f)), "via", str(UPLINK_HOST))
+    in_ns(vm, "ip", "route", "add", str(UPLINK), "via", str(netplan.gateway(net.f)))
+    forwarding_on(UPLINK_LINK, net.bridge, lab.a.bridge)
+    vm_ip = netplan.ip(net.f, 0)
+    with listening(vm, 7001, 7002), listening(lab.a0, 7001):
+        before, before_a = net.counters(), lab.a.counters()
+        assert connect(uplink, vm_ip, 7001) == str(UPLINK_PEER)  # routed, not masqueraded
+        assert delta(net, before, "inet/enter_family") == 0
+        assert connect(uplink, vm_ip, 7002) is None
+        assert delta(net, before, "inet/enter_family") >= 1
+        # The port is open in family delta only: alpha (no open ports) stays closed.
+        assert connect(uplink, netplan.ip(lab.a.f, 0), 7001) is None
+        assert delta(lab.a, before_a, "inet/enter_family") >= 1
+        # UDP 7001 is not TCP 7001.
+        before = net.counters()
+        in_ns(uplink, sys.executable, "-c", "import socket, sys; socket.socket(socket.AF_INET, "
+              "socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 7001))", str(vm_ip))
+        deadline = time.monotonic() + 2
+        while delta(net, before, "inet/enter_family") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert delta(net, before, "inet/enter_family") >= 1
+
+
+def test_nat_family_reaches_the_uplink_masqueraded(lab, uplink, host_ip_forward):
+    net = lab.family("epsilon", nat=True)
+    try:
+        # NAT needs forwarding on the host (answers come in on the uplink).
+        assert IP_FORWARD.read_text().strip() == "1"
+        vm = lab.namespace(net, 0)
+        in_ns(vm, "ip", "route", "add", str(UPLINK), "via", str(netplan.gateway(net.f)))
+        with listening(uplink, 7003):
+            # The uplink knows no way back to the family: only the host's own
+            # address on the uplink side makes an answer possible.
+            seen = connect(vm, UPLINK_PEER, 7003)
+            assert seen == str(UPLINK_HOST)
+            # A family without NAT gets nowhere, even now the host forwards.
+            in_ns(lab.a0, "ip", "route", "add", str(UPLINK), "via", str(netplan.gateway(lab.a.f)))
+            try:
+                before_a = lab.a.counters()
+                assert connect(lab.a0, UPLINK_PEER, 7003) is None
+                assert delta(lab.a, before_a, "inet/leave_family") >= 1
+            finally:
+                in_ns(lab.a0, "ip", "route", "del", str(UPLINK))
+        # NAT is egress only: without open ports nothing gets in.
+        in_ns(uplink, "ip", "route", "add", str(netplan.subnet(net.f)), "via", str(UPLINK_HOST))
+        with listening(vm, 7004):
+            before = net.counters()
+            assert connect(uplink, netplan.ip(net.f, 0), 7004) is None
+            assert delta(net, before, "inet/enter_family") >= 1
+    finally:
+        net.down()
+    assert IP_FORWARD.read_text().strip() == host_ip_forward  # restored (the fixture checks it too)
+
+
+def test_ip_forward_comes_back_after_the_last_nat_family(lab, host_ip_forward):
+    if nat_families():
+        pytest.skip(f"NAT families of another sfmpi on this host: {nat_families()}")
+    first, second = lab.family("zeta", nat=True), lab.family("eta", nat=True)
+    try:
+        assert IP_FORWARD.read_text().strip() == "1"
+        first.down()
+        assert IP_FORWARD.read_text().strip() == "1"  # eta still needs it
+        assert nat_families() == [second.f]
+    finally:
+        first.down()
+        second.down()
+    assert IP_FORWARD.read_text().strip() == host_ip_forward
+    assert not (FORWARDING_DIR / "ip_forward.saved").exists()
+
+
+def test_nat_and_open_ports_together(lab, uplink, host_ip_forward):
+    """Another family with NAT reaches an open port of this one (masqueraded to
+    the host's address on this family's bridge), and not a closed port."""
+    server = lab.family("theta", open_ports=["7005"])
+    client = lab.family("iota", nat=True)
+    try:
+        s0, c0 = lab.namespace(server, 0), lab.namespace(client, 0)
+        in_ns(s0, "ip", "route", "add", str(netplan.subnet(client.f)), "via", str(netplan.gateway(server.f)))
+        in_ns(c0, "ip", "route", "add", str(netplan.subnet(server.f)), "via", str(netplan.gateway(client.f)))
+        with listening(s0, 7005, 7006):
+            before = server.counters()
+            assert connect(c0, netplan.ip(server.f, 0), 7005) == str(netplan.gateway(server.f))
+            assert connect(c0, netplan.ip(server.f, 0), 7006) is None
+            assert delta(server, before, "inet/enter_family") >= 1
+    finally:
+        client.down()
+        server.down()
+
+
+def test_a_restarted_hostd_remakes_the_family_with_its_options(lab, host_ip_forward):
+    """hostd's part without VMs: options go to the store with the family; a new
+    Families (hostd restarted) re-adopts the bridge by number and, asked for no
+    options, re-makes the same rules from the store."""
+    from sfmpi.hostd.store import Store
+    store = Store(lab.state_dir / "state.db")
+    options = NetOptions.parse(True, ["7007/udp", "22"])
+
+    def remembered(name: str) -> NetOptions:
+        return NetOptions.from_json(store.family_options(name))
+
+    async def first_hostd(number: int) -> int:
+        families = Families(lab.state_dir, remembered)
+        fam = await families.ensure("kappa", number, options=options)
+        lab.nets.append(fam.net)  # removed at the end whatever happens
+        store.put_family_options("kappa", options.to_json())
+        assert (await families.ensure("kappa")) is fam  # a clone joins: same family
+        # Another parent named kappa while the family lives must ask for the same.
+        with pytest.raises(UsageError, match="still up"):
+            await families.ensure("kappa", options=NetOptions())
+        return fam.number
+
+    async def second_hostd(f: int):
+        fam = await Families(lab.state_dir, remembered).ensure("kappa", f)
+        lab.nets.append(fam.net)  # its own dnsmasq: this object stops (and reaps) it
+        return fam
+
+    try:
+        # A number far from a real hostd's, as lab.family() takes (hostd lets
+        # ensure() allocate); outside the loop: pyroute2 cannot run inside one.
+        f = asyncio.run(first_hostd(allocate_family(START)))
+        fam = asyncio.run(second_hostd(f))
+        assert fam.number == f and fam.options == options
+        assert fam.options.to_json() == {"nat": True, "open_ports": ["22/tcp", "7007/udp"]}
+        rules = proc.output(["nft", "list", "chain", "inet", nft.table_name(f), "forward"])
+        assert "udp dport 7007 accept" in rules.replace("{ 7007 }", "7007")
+        assert "tcp dport 22 accept" in rules.replace("{ 22 }", "22")
+        assert f in nat_families()
+        # The store is what carries them: a name it never saw gets a closed family.
+        assert remembered("nobody") == NetOptions()
+    finally:
+        store.close()
+        lab.close_family("kappa")
 
 
 def test_cleanup_after_a_crash_finds_everything_by_name(lab):

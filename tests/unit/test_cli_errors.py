@@ -46,6 +46,27 @@ def test_vm_start_without_default_image(cli, env):
     assert no_hostd(env)
 
 
+@pytest.mark.parametrize("port, why", [
+    ("0", "1..65535"), ("65536", "1..65535"), ("http", "1..65535"), ("80/icmp", "neither tcp nor udp"),
+    ("80/", "neither tcp nor udp"),
+])
+def test_vm_start_bad_open_port(cli, env, port, why):
+    # Checked before anything else: no image is needed to be told, and no hostd starts.
+    r = cli("vm", "start", "x", "--nat", "--open-port", "22", "--open-port", port)
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"sfmpi: error: bad open port '{port}'") and why in lines[0]
+    assert r.stdout == ""
+    assert no_hostd(env)
+
+
+def test_vm_start_open_port_needs_a_value(cli, env):
+    r = cli("vm", "start", "x", "--open-port")
+    assert r.exit_code == 2 and "--open-port" in r.stderr
+    assert no_hostd(env)
+
+
 def test_clone_requires_n(cli, env):
     r = cli("clone", "ck-1")
     assert r.exit_code == 2 and "-n" in r.stderr
