@@ -23,6 +23,7 @@ from sfmpi.errors import LaunchError, SfmpiError
 from . import control, detect, options, plan, trust
 from .rsh_agent import FAILURES, JOB_ENV
 
+AGENT = "sfmpirun-agent"
 RUN_DIR = Path(os.environ.get("SFMPIRUN_DIR", "/run/sfmpirun"))
 POLL = 0.2
 MEMBER_CHECK = 1.0   # how often a running job asks hostd whether its clones live
@@ -98,6 +99,7 @@ class Job:
         trust.ensure_sshd()
         self.trust = trust.create(self.dir, self.job_id)
         self.listener = control.listen()
+        self.control_port = self.listener.getsockname()[1]
         self.say(f"ticket {self.ticket.id}: {self.ticket.granted} clone(s); forking")
         clone_id = api.clone(self.ticket)
         if clone_id:
@@ -119,7 +121,7 @@ class Job:
         hosts = [me["ip"]] if self.spec.parent_ranks or self.ticket is None else []
         if self.ticket is None or self.state != JobState.CLONED:
             return hosts or [me["ip"]]
-        port = self.listener.getsockname()[1]
+        port = self.control_port
         for m in api.members(self.ticket):
             if m.state != "running":
                 raise LaunchError(f"clone {m.id} ended before the job started: {m.failure or m.status}")
@@ -131,9 +133,10 @@ class Job:
         hosts = self._hosts(me)
         hostfile = self.dir / "hostfile"
         hostfile.write_text(plan.hostfile(flavour, hosts, plan.slots(self.spec, len(hosts))))
-        agent = self.dir / "agent"
-        agent.write_text(f"#!/bin/sh\nexec {sys.executable} -m sfmpi.launcher.rsh_agent \"$@\"\n")
-        agent.chmod(0o755)
+        # Installed, not written to the job directory: /run is mounted noexec.
+        agent = shutil.which(AGENT)
+        if agent is None:
+            raise LaunchError(f"{AGENT} is not installed in this VM (it comes with sfmpirun)")
         subnet = _subnet_of(me["ip"])
         argv = plan.mpiexec_argv(flavour, self.spec, str(hostfile), str(agent), subnet, env)
         self.say("hosts " + " ".join(hosts) + "; " + " ".join(argv))

@@ -61,6 +61,7 @@ NATIVE_DIR = PACKAGE_DIR.parent / "native"
 NATIVE_SOURCES = ("Makefile", "sfclone/sfclone.c", "sfclone/sfclone.h")
 SFCLONE_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.sfclone import run\nrun()\n"
 SFMPIRUN_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.run import main\nmain()\n"
+SFMPIRUN_AGENT_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.rsh_agent import run\nrun()\n"
 
 AGENT_UNIT = """\
 [Unit]
@@ -316,7 +317,8 @@ def _configure(rootfs: Path) -> None:
     for module in LAUNCHER_MODULES:
         (pkg / "launcher").mkdir(parents=True, exist_ok=True)
         shutil.copy2(LAUNCHER_DIR / module, pkg / "launcher" / module)
-    for name, text in (("sfclone", SFCLONE_WRAPPER), ("sfmpirun", SFMPIRUN_WRAPPER)):
+    for name, text in (("sfclone", SFCLONE_WRAPPER), ("sfmpirun", SFMPIRUN_WRAPPER),
+                       ("sfmpirun-agent", SFMPIRUN_AGENT_WRAPPER)):
         (rootfs / "usr/bin" / name).write_text(text)
         (rootfs / "usr/bin" / name).chmod(0o755)
     proc.run(["make", "-s", "-C", NATIVE_DIR, "install", f"DESTDIR={rootfs}", "PREFIX=/usr/local"])
