@@ -23,8 +23,7 @@ from . import plan
 JOB_ENV = "SFMPIRUN_JOB"
 FAILURES = "agent-failures"
 CONNECT_TIMEOUT = 15.0
-# ssh options launchers may pass; those taking a value skip it too.
-FLAGS = {"-x", "-q", "-T", "-n", "-a", "-A", "-4", "-6", "-C"}
+# ssh options launchers may pass (-x, -q, ...) are skipped; these take a value, skipped too.
 WITH_VALUE = {"-l", "-o", "-p", "-i", "-F"}
 
 

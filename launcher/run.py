@@ -88,13 +88,11 @@ class Job:
         try:
             plan.check_granted(self.spec, wanted, self.ticket.granted)
         except SfmpiError:
-            api.kill(self.ticket)  # hand the reservation back at once
-            self.ticket = None
+            self._give_back_ticket()
             raise
         if self.ticket.granted == 0:
             self.say("no clone granted: running here only")
-            api.kill(self.ticket)
-            self.ticket = None
+            self._give_back_ticket()
             return 0
         trust.ensure_sshd()
         self.trust = trust.create(self.dir, self.job_id)
@@ -109,6 +107,11 @@ class Job:
         self.say("forked")
         return 0
 
+    def _give_back_ticket(self) -> None:
+        """An unused ticket: hand its reservation back at once, not when it expires."""
+        api.kill(self.ticket)
+        self.ticket = None
+
     def _be_a_clone(self) -> None:
         """This is a clone's copy of sfmpirun: wait for the parent's word, then end the clone."""
         status = control.wait_for_exit_word(self.listener)
@@ -118,9 +121,9 @@ class Job:
             os._exit(status)
 
     def _hosts(self, me: dict) -> list[str]:
-        hosts = [me["ip"]] if self.spec.parent_ranks or self.ticket is None else []
-        if self.ticket is None or self.state != JobState.CLONED:
-            return hosts or [me["ip"]]
+        if self.ticket is None:  # no clone: everything runs here
+            return [me["ip"]]
+        hosts = [me["ip"]] if self.spec.parent_ranks else []
         port = self.control_port
         for m in api.members(self.ticket):
             if m.state != "running":
@@ -169,7 +172,7 @@ class Job:
                 return f"stopped by {signal.Signals(self.stop_signal).name}; job killed"
             if failures.exists() and failures.stat().st_size:
                 return "an agent failed, job killed: " + failures.read_text().strip().replace("\n", "; ")
-            if self.ticket is not None and self.state == JobState.RUNNING and time.monotonic() >= next_check:
+            if self.ticket is not None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + MEMBER_CHECK
                 for m in api.members(self.ticket):
                     if m.state != "running":
