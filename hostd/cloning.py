@@ -190,7 +190,7 @@ class Cloner:
     def extras(fam: Family, ckpt: Checkpoint) -> dict:
         """What makes each copy unique, sent just before it re-identifies."""
         return {"time": time.time(), "entropy": base64.b64encode(secrets.token_bytes(64)).decode(),
-                "machine_id": uuid.uuid4().hex, "hosts": fam.hosts(),
+                "machine_id": uuid.uuid4().hex, "boot_id": str(uuid.uuid4()), "hosts": fam.hosts(),
                 "checkpoint": {"id": ckpt.id, "family": fam.name}}
 
     async def _overlay_template(self, ckpt: Checkpoint) -> Path:

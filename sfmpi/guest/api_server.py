@@ -127,7 +127,7 @@ class ApiServer:
         elif answer.get("hosts"):
             identity.write_hosts(answer["hosts"])
         result = {k: v for k, v in answer.items()
-                  if k not in ("re", "identity", "time", "entropy", "machine_id", "hosts")}
+                  if k not in ("re", "identity", "time", "entropy", "machine_id", "boot_id", "hosts")}
         return self._to_client(result)
 
     def whoami(self) -> dict:

@@ -2,7 +2,7 @@
 
 Applied by the agent to the parent at boot (without hooks) and to every clone
 before its clone call returns: wall clock from the host, kernel RNG reseeded
-with the host's entropy, a new machine-id, MAC, IP and hostname from
+with the host's entropy, a new machine-id and boot ID, MAC, IP and hostname from
 (family, ID), the family's hosts in /etc/hosts, then /etc/sfmpi/clone.d hooks.
 QEMU's vmgenid device got a new generation ID on the clone's command line; the
 guest kernel reseeds on that too.
@@ -46,6 +46,8 @@ def apply(msg: dict, run_hooks: bool) -> None:
         reseed(base64.b64decode(msg["entropy"]))
     if msg.get("machine_id"):
         write_machine_id(msg["machine_id"])
+    if msg.get("boot_id"):
+        set_boot_id(msg["boot_id"])
     configure_network(ident)
     set_hostname(ident["hostname"])
     write_hosts(msg.get("hosts") or [[ident["hostname"], ident["ip"]]])
@@ -62,6 +64,26 @@ def reseed(data: bytes) -> None:
 
 def write_machine_id(machine_id: str) -> None:
     _write_atomic("/etc/machine-id", machine_id.strip() + "\n")
+
+
+# The kernel's boot ID is made once per boot and read-only, so a clone would
+# keep its parent's. Programs take it to mean "same machine": UCX (under MPICH
+# and Open MPI) then tries shared memory between ranks on different clones and
+# MPI_Init fails. A file of our own is bind-mounted over it instead.
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+BOOT_ID_FILE = "/run/sfmpi-boot_id"
+MS_BIND = 0x1000
+
+
+def set_boot_id(boot_id: str) -> None:
+    # Written in place: a clone of a clone keeps the mount and only changes the text.
+    with open(BOOT_ID_FILE, "w") as f:
+        f.write(boot_id.strip() + "\n")
+    if os.stat(BOOT_ID).st_dev == os.stat(BOOT_ID_FILE).st_dev:
+        return  # already our file
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(BOOT_ID_FILE.encode(), BOOT_ID.encode(), None, MS_BIND, None) != 0:
+        raise IdentityError(f"bind a new boot ID over {BOOT_ID}: {os.strerror(ctypes.get_errno())}")
 
 
 def nic_name() -> str:

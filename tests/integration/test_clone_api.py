@@ -49,6 +49,7 @@ else:
               "variable": secret, "tmp": open("/tmp/in-tmp").read(),
               "disk": open("/root/on-disk").read(), "held": held.read(),
               "machine_id": open("/etc/machine-id").read().strip(),
+              "boot_id": open("/proc/sys/kernel/random/boot_id").read().strip(),
               "urandom": os.urandom(16).hex(), "time": time.time()}
     s = socket.create_connection((me["ip"], 7000), timeout=30)
     s.sendall((json.dumps(report) + "\n").encode())
@@ -95,6 +96,7 @@ def test_every_copy_has_its_own_identity(python_run):
         assert len(set(values)) == len(values), (key, values)
     reports = python_run["reports"]
     assert len({r["machine_id"] for r in reports}) == 3
+    assert len({r["boot_id"] for r in reports}) == 3   # UCX and systemd take it for "same machine"
     assert len({r["urandom"] for r in reports}) == 3
     for r in reports:
         # hostname and address are the documented function of (family, ID)
