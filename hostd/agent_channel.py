@@ -24,6 +24,8 @@ OutputSink = Callable[[int, bytes], Awaitable[None]]
 RequestHandler = Callable[["AgentChannel", dict], Awaitable[None]]
 # Events the agent sends once, that hostd waits for by name.
 AWAITED_EVENTS = ("identified", "cloned")
+# Seconds between SIGTERM and SIGKILL for a command whose caller went away.
+EXEC_KILL_GRACE = 10.0
 
 
 class AgentChannel:
@@ -175,7 +177,9 @@ class AgentChannel:
                     raise AgentError(f"VM {self.vm_name}: agent connection lost while running {argv[0]}")
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await self._send({"op": "signal", "id": job_id, "sig": 9})
+                # The caller went away (Ctrl-C, closed connection): like ssh's hang-up,
+                # the command may clean up (sfmpirun destroys its clones) before it is killed.
+                await self._send({"op": "signal", "id": job_id, "sig": 15, "grace": EXEC_KILL_GRACE})
             raise
         finally:
             self._jobs.pop(job_id, None)

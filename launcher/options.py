@@ -28,16 +28,18 @@ real mpiexec (MPICH or Open MPI) and joins. Exit status: the job's.
   --parent-ranks / --no-parent-ranks
                      run ranks in this VM too (default: on)
   --allow-fewer      run on fewer clones if the host grants fewer
+  --launch-timeout S end the job if the launcher has not reached every clone
+                     with ranks within S seconds (default 120)
   -v, --verbose      say what happens, with timings, on stderr
   -h, --help         this text
 Anything else, and everything after --, goes to the real mpiexec.
 """
 
 VALUE_OPTIONS = {"-n": "ranks", "-np": "ranks", "-ppn": "ppn", "--clones": "clones", "-wdir": "wdir",
-                 "--mpi": "mpi"}
+                 "--mpi": "mpi", "--launch-timeout": "launch_timeout"}
 FLAG_OPTIONS = {"--parent-ranks": ("parent_ranks", True), "--no-parent-ranks": ("parent_ranks", False),
                 "--allow-fewer": ("allow_fewer", True), "-v": ("verbose", True), "--verbose": ("verbose", True)}
-INTEGER = {"ranks", "ppn", "clones"}
+INTEGER = {"ranks", "ppn", "clones", "launch_timeout"}
 
 
 class HelpRequested(Exception):

@@ -28,6 +28,7 @@ class JobSpec:
     parent_ranks: bool = True
     allow_fewer: bool = False
     verbose: bool = False
+    launch_timeout: int = 120          # seconds for the launcher to reach every clone with ranks
     env_names: tuple[str, ...] = field(default=())  # -x NAME: pass this variable's current value
 
     def __post_init__(self):
@@ -39,6 +40,8 @@ class JobSpec:
             raise UsageError(f"--clones must be 0 or more (got {self.clones})")
         if self.mpi not in FLAVOURS + ("auto",):
             raise UsageError(f"--mpi must be mpich, openmpi or auto (got {self.mpi!r})")
+        if self.launch_timeout <= 0:
+            raise UsageError(f"--launch-timeout must be at least 1 second (got {self.launch_timeout})")
         if not self.launcher_args:
             raise UsageError("no program to run: sfmpirun [options] PROGRAM [ARGS...]")
         if not self.parent_ranks and self.clones == 0:
@@ -69,6 +72,11 @@ def slots(spec: JobSpec, hosts: int) -> int:
     """Ranks per host: `ppn`, or more when fewer hosts were granted than asked
     (the same ranks oversubscribe the hosts there are)."""
     return max(spec.ppn, math.ceil(spec.ranks / hosts))
+
+
+def hosts_with_ranks(hosts: list[str], ranks: int, per_host: int) -> list[str]:
+    """The hosts the launcher puts ranks on: filled in hostfile order, `per_host` each."""
+    return hosts[:math.ceil(ranks / per_host)]
 
 
 def hostfile(flavour: str, hosts: list[str], per_host: int) -> str:

@@ -5,7 +5,8 @@ the clone presents the pinned host key, runs COMMAND there through the remote
 shell, relays stdin, stdout and stderr, and exits with COMMAND's status.
 
 Hydra hangs when its launcher fails, so a failure to connect is also written to
-the job directory, where sfmpirun sees it and ends the job.
+the job directory, where sfmpirun sees it and ends the job; each host reached
+is written there too, so sfmpirun also sees a launch that never happened.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from . import plan
 
 JOB_ENV = "SFMPIRUN_JOB"
 FAILURES = "agent-failures"
+REACHED = "agent-reached"
 CONNECT_TIMEOUT = 15.0
 # ssh options launchers may pass (-x, -q, ...) are skipped; these take a value, skipped too.
 WITH_VALUE = {"-l", "-o", "-p", "-i", "-F"}
@@ -49,6 +51,19 @@ def split_argv(argv: list[str]) -> tuple[str, list[str], str | None]:
 def record_failure(job_dir: Path, host: str, reason: str) -> None:
     with open(job_dir / FAILURES, "a") as f:
         f.write(f"{host}: {reason}\n")
+
+
+def record_reached(job_dir: Path, host: str) -> None:
+    # One short append per line (O_APPEND): agents running at once do not interleave.
+    with open(job_dir / REACHED, "a") as f:
+        f.write(host + "\n")
+
+
+def reached_hosts(job_dir: Path) -> set[str]:
+    try:
+        return set((job_dir / REACHED).read_text().split())
+    except FileNotFoundError:
+        return set()
 
 
 def _pinned_key(job_dir: Path):
@@ -125,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         record_failure(job_dir, host, reason)
         sys.stderr.write(f"sfmpirun-agent: {host}: {reason}\n")
         return 255
+    record_reached(job_dir, host)
     try:
         channel = client.get_transport().open_session()
         channel.exec_command(plan.remote_command(command))

@@ -21,7 +21,7 @@ from sfmpi import api
 from sfmpi.errors import LaunchError, SfmpiError
 
 from . import control, detect, options, plan, trust
-from .rsh_agent import FAILURES, JOB_ENV
+from .rsh_agent import FAILURES, JOB_ENV, reached_hosts
 
 AGENT = "sfmpirun-agent"
 RUN_DIR = Path(os.environ.get("SFMPIRUN_DIR", "/run/sfmpirun"))
@@ -51,6 +51,7 @@ class Job:
         self.trust: trust.JobTrust | None = None
         self.lines = control.CloneLines()
         self.mpiexec: subprocess.Popen | None = None
+        self.must_reach: set[str] = set()   # clones with ranks: the launcher's agent must log in to each
         self.stop_signal: int | None = None
         self.t0 = time.monotonic()
 
@@ -135,7 +136,9 @@ class Job:
     def _run_mpiexec(self, flavour: str, env: dict[str, str], me: dict) -> int:
         hosts = self._hosts(me)
         hostfile = self.dir / "hostfile"
-        hostfile.write_text(plan.hostfile(flavour, hosts, plan.slots(self.spec, len(hosts))))
+        per_host = plan.slots(self.spec, len(hosts))
+        hostfile.write_text(plan.hostfile(flavour, hosts, per_host))
+        self.must_reach = set(plan.hosts_with_ranks(hosts, self.spec.ranks, per_host)) - {me["ip"]}
         # Installed, not written to the job directory: /run is mounted noexec.
         agent = shutil.which(AGENT)
         if agent is None:
@@ -145,7 +148,7 @@ class Job:
         self.say("hosts " + " ".join(hosts) + "; " + " ".join(argv))
         if shutil.which(argv[0]) is None:
             raise LaunchError(f"{argv[0]} is not installed in this VM")
-        self.mpiexec = subprocess.Popen(argv, start_new_session=True,
+        self.mpiexec = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent,
                                         env={**self.environ, JOB_ENV: str(self.dir)})
         self.state = JobState.RUNNING
         reason = self._supervise()
@@ -167,6 +170,7 @@ class Job:
         """Wait for mpiexec; the reason to stop it early, or None if it ended by itself."""
         failures = self.dir / FAILURES
         next_check = time.monotonic() + MEMBER_CHECK
+        launch_deadline = time.monotonic() + self.spec.launch_timeout
         while self.mpiexec.poll() is None:
             if self.stop_signal is not None:
                 return f"stopped by {signal.Signals(self.stop_signal).name}; job killed"
@@ -177,6 +181,13 @@ class Job:
                 for m in api.members(self.ticket):
                     if m.state != "running":
                         return f"clone {m.id} died ({m.failure or f'exited {m.status}'}); job killed"
+            if self.must_reach and time.monotonic() >= launch_deadline:
+                # Hydra waits forever for a proxy its launcher never started.
+                missing = self.must_reach - reached_hosts(self.dir)
+                if missing:
+                    return (f"the launcher did not reach {', '.join(sorted(missing))} within "
+                            f"{self.spec.launch_timeout} s (--launch-timeout); job killed")
+                self.must_reach = set()
             time.sleep(POLL)
         return None
 
@@ -228,6 +239,17 @@ class Job:
 def _subnet_of(ip: str) -> str:
     """The family's /24 (docs/clone-api.md: every family is one /24)."""
     return ".".join(ip.split(".")[:3]) + ".0/24"
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In mpiexec, before exec: SIGTERM when sfmpirun dies, even by SIGKILL.
+    Hydra and Open MPI then end their ranks and agents; the clones see the
+    control line close and exit (control.NO_WORD)."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _session_members(sid: int) -> list[int]:

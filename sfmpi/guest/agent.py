@@ -10,7 +10,7 @@ is promised). It serves two sides:
 Wire protocol with hostd (version 2), one JSON object per line each way:
   host -> guest  {"op": "ping"}
                  {"op": "exec", "id": N, "argv": [...], "env": {...}, "cwd": "/"}
-                 {"op": "signal", "id": N, "sig": 15}
+                 {"op": "signal", "id": N, "sig": 15, "grace": 10}  (SIGKILL after grace s)
                  {"op": "identify", "identity": {...}, "time": t, "entropy": b64, "machine_id": hex}
                  {"re": R, "ok": true|false, ...}      answer to the guest's request R
   guest -> host  {"ev": "ready", "version": 2, "hostname": ..., "boot_id": ..., "uptime": s}
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import glob
+import contextlib
 import itertools
 import json
 import os
@@ -201,6 +202,11 @@ class Agent:
                 job = self.jobs.get(msg.get("id"))
                 if job is not None:
                     os.killpg(job.pid, int(msg.get("sig", signal.SIGTERM)))
+                    if msg.get("grace"):
+                        # Time to clean up (sfmpirun destroys its clones), then no choice.
+                        timer = threading.Timer(float(msg["grace"]), self._kill_if_running, args=(job,))
+                        timer.daemon = True
+                        timer.start()
             except ProcessLookupError:
                 pass
             except (TypeError, ValueError, OSError) as exc:
@@ -210,6 +216,12 @@ class Agent:
             threading.Thread(target=self.identify, args=(msg,), daemon=True).start()
         else:
             self.send({"ev": "error", "id": msg.get("id"), "message": f"unknown op {op!r}"})
+
+    @staticmethod
+    def _kill_if_running(job: subprocess.Popen) -> None:
+        if job.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
 
     def identify(self, msg: dict) -> None:
         """The parent's identity at boot, or a host-side clone's after resume (an

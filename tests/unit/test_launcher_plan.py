@@ -71,6 +71,27 @@ def test_fewer_hosts_oversubscribe():
     assert plan.slots(s, 8) == 1 and plan.slots(s, 3) == 3
 
 
+def test_the_launcher_must_reach_only_hosts_that_get_ranks():
+    hosts = ["p", "c1", "c2", "c3"]
+    assert plan.hosts_with_ranks(hosts, 4, 1) == hosts
+    assert plan.hosts_with_ranks(hosts, 3, 2) == ["p", "c1"]      # --clones beyond what -n fills
+    assert plan.hosts_with_ranks(hosts, 10, 3) == hosts
+
+
+def test_launch_timeout_option():
+    assert spec("-n", "2", "./a").launch_timeout == 120
+    assert spec("-n", "2", "--launch-timeout", "5", "./a").launch_timeout == 5
+    with pytest.raises(UsageError, match="at least 1 second"):
+        spec("-n", "2", "--launch-timeout", "0", "./a")
+
+
+def test_agents_record_the_hosts_they_reached(tmp_path):
+    assert rsh_agent.reached_hosts(tmp_path) == set()
+    rsh_agent.record_reached(tmp_path, "10.100.1.3")
+    rsh_agent.record_reached(tmp_path, "10.100.1.4")
+    assert rsh_agent.reached_hosts(tmp_path) == {"10.100.1.3", "10.100.1.4"}
+
+
 def test_hostfiles():
     assert plan.hostfile("mpich", ["10.100.1.2", "10.100.1.3"], 2) == "10.100.1.2:2\n10.100.1.3:2\n"
     assert plan.hostfile("openmpi", ["10.100.1.2"], 1) == "10.100.1.2 slots=1\n"

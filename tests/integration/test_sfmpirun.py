@@ -119,6 +119,34 @@ def test_agent_that_cannot_connect_ends_the_job(cli, parent, programs):
     no_job_left(cli, parent)
 
 
+# In every clone sshd gives way to a listener that accepts and never speaks: the
+# agent hangs in the SSH banner exchange, the way a launch hangs that never
+# reaches a clone. --launch-timeout must end the job before the agent gives up.
+SILENT_PORT_22 = """#!/bin/sh
+systemctl stop ssh.service ssh.socket
+systemd-run --unit sfmpi-silent-22 python3 -c 'import socket, time
+s = socket.create_server(("0.0.0.0", 22))
+held = [s.accept() for _ in range(64)]
+time.sleep(3600)'
+"""
+
+
+def test_a_launch_that_never_reaches_a_clone_times_out(cli, parent, programs):
+    put(cli, parent, "/etc/sfmpi/clone.d/20-silent", SILENT_PORT_22)
+    cli.exec(parent, "chmod +x /etc/sfmpi/clone.d/20-silent")
+    try:
+        t0 = time.monotonic()
+        p = sfmpirun(cli, parent, "--launch-timeout 5 -n 2 ./cpi_mpich")
+        took = time.monotonic() - t0
+    finally:
+        cli.exec(parent, "rm -f /etc/sfmpi/clone.d/20-silent")
+    assert p.returncode == 1, p.stderr
+    assert "did not reach 10." in p.stderr and "--launch-timeout" in p.stderr
+    assert "cannot connect" not in p.stderr       # the watchdog, not the agent's own timeout
+    assert took < 120
+    no_job_left(cli, parent)
+
+
 def _start_in_background(cli, parent: str, args: str) -> None:
     cli.exec(parent, f"cd /root && (setsid sfmpirun {args} > /tmp/bg.out 2> /tmp/bg.err; "
                      f"echo $? > /tmp/bg.rc) > /dev/null 2>&1 < /dev/null & echo started")
