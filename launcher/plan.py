@@ -125,6 +125,13 @@ def resolve_env(spec: JobSpec, environ: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def with_preload(env: dict[str, str], environ: dict[str, str], library: str) -> dict[str, str]:
+    """The ranks' environment with `library` preloaded before whatever the user
+    preloads (by -genv/-x, or in the environment the launcher passes on)."""
+    theirs = env.get("LD_PRELOAD", environ.get("LD_PRELOAD", ""))
+    return {**env, "LD_PRELOAD": ":".join(p for p in (library, theirs) if p)}
+
+
 def remote_command(argv: list[str]) -> str:
     """The command a launcher asks its agent to run on a host, as one line for
     the remote shell. Not quoted on purpose: Hydra passes the proxy's path with

@@ -24,6 +24,8 @@ from . import control, detect, options, plan, trust
 from .rsh_agent import FAILURES, JOB_ENV, reached_hosts
 
 AGENT = "sfmpirun-agent"
+# native/mpich-finalize: MPICH 4.0 over UCX can hang in MPI_Finalize across hosts.
+MPICH_FINALIZE_FIX = "/usr/local/lib/sfmpi/libsfmpirun-finalize.so"
 RUN_DIR = Path(os.environ.get("SFMPIRUN_DIR", "/run/sfmpirun"))
 POLL = 0.2
 MEMBER_CHECK = 1.0   # how often a running job asks hostd whether its clones live
@@ -144,6 +146,8 @@ class Job:
         if agent is None:
             raise LaunchError(f"{AGENT} is not installed in this VM (it comes with sfmpirun)")
         subnet = _subnet_of(me["ip"])
+        if flavour == "mpich" and os.path.exists(MPICH_FINALIZE_FIX):
+            env = plan.with_preload(env, self.environ, MPICH_FINALIZE_FIX)
         argv = plan.mpiexec_argv(flavour, self.spec, str(hostfile), str(agent), subnet, env)
         self.say("hosts " + " ".join(hosts) + "; " + " ".join(argv))
         if shutil.which(argv[0]) is None:

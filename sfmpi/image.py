@@ -43,7 +43,11 @@ STAGE2_PACKAGES = (
 # source does not capture.
 GUEST_CONFIG_VERSION = 2
 # mitigations=off: speculative-execution defences only slow an emulated guest down.
-KERNEL_APPEND = "root=/dev/vda rw console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off"
+# ipv6.disable=1: family networks are IPv4 (nft allows each tap one MAC and IPv4
+# address), and a clone would keep its parent's IPv6 link-local address, made
+# from the parent's MAC: the same address on every clone of the family.
+KERNEL_APPEND = ("root=/dev/vda rw console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off "
+                 "ipv6.disable=1")
 PACKAGE_DIR = Path(__file__).parent
 # The part of the sfmpi package a guest runs: the agent and the clone API
 # (host-only modules such as hostd stay out of the image).
@@ -56,9 +60,10 @@ GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"
 LAUNCHER_DIR = PACKAGE_DIR.parent / "launcher"
 LAUNCHER_MODULES = ("__init__.py", "control.py", "detect.py", "options.py", "plan.py", "rsh_agent.py",
                     "run.py", "trust.py")
-# libsfclone, the clone API for C and C++ (built on the host, Debian bookworm too).
+# libsfclone, the clone API for C and C++, and sfmpirun's MPICH finalize fix
+# (built on the host, Debian bookworm too).
 NATIVE_DIR = PACKAGE_DIR.parent / "native"
-NATIVE_SOURCES = ("Makefile", "sfclone/sfclone.c", "sfclone/sfclone.h")
+NATIVE_SOURCES = ("Makefile", "sfclone/sfclone.c", "sfclone/sfclone.h", "mpich-finalize/sfmpirun_finalize.c")
 SFCLONE_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.sfclone import run\nrun()\n"
 SFMPIRUN_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.run import main\nmain()\n"
 SFMPIRUN_AGENT_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.rsh_agent import run\nrun()\n"

@@ -121,6 +121,14 @@ def test_resolve_env_takes_named_values_from_here():
         plan.resolve_env(s, {})
 
 
+def test_preload_goes_before_the_users():
+    lib = "/usr/local/lib/sfmpi/libsfmpirun-finalize.so"
+    assert plan.with_preload({"A": "1"}, {}, lib) == {"A": "1", "LD_PRELOAD": lib}
+    assert plan.with_preload({}, {"LD_PRELOAD": "/x.so"}, lib)["LD_PRELOAD"] == lib + ":/x.so"
+    # -genv LD_PRELOAD wins over the environment, as it does for the ranks
+    assert plan.with_preload({"LD_PRELOAD": "/y.so"}, {"LD_PRELOAD": "/x.so"}, lib)["LD_PRELOAD"] == lib + ":/y.so"
+
+
 def test_remote_command_is_left_for_the_remote_shell():
     # Hydra quotes the proxy path itself; the remote shell must see the quotes.
     assert plan.remote_command(['"/usr/bin/hydra_pmi_proxy"', "--control-port", "h:1"]) == \
