@@ -7,6 +7,7 @@ authorized_keys and its directory is removed.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import shutil
@@ -21,7 +22,7 @@ from sfmpi import api
 from sfmpi.errors import LaunchError, SfmpiError
 
 from . import control, detect, options, plan, trust
-from .rsh_agent import FAILURES, JOB_ENV, reached_hosts
+from .rsh_agent import FAILURES, JOB_ENV, REACHED, reached_hosts
 
 AGENT = "sfmpirun-agent"
 # native/mpich-finalize: MPICH 4.0 over UCX can hang in MPI_Finalize across hosts.
@@ -53,7 +54,9 @@ class Job:
         self.trust: trust.JobTrust | None = None
         self.lines = control.CloneLines()
         self.mpiexec: subprocess.Popen | None = None
-        self.must_reach: set[str] = set()   # clones with ranks: the launcher's agent must log in to each
+        self.rank_clones: set[str] = set()  # clones with ranks: the launcher's agent must log in to each
+        self.must_reach: set[str] = set()   # of those, the ones not yet seen in this launch
+        self.argv: list[str] = []
         self.stop_signal: int | None = None
         self.t0 = time.monotonic()
 
@@ -68,6 +71,14 @@ class Job:
 
     # -- the job ---------------------------------------------------------
     def run(self) -> int:
+        try:
+            self.start()
+            return self.finish(self.run_mpiexec())
+        finally:
+            self._clean_up()
+
+    def start(self) -> None:
+        """Fork the cluster and prepare the launch. In a clone this never returns."""
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         flavour = self.spec.mpi if self.spec.mpi != "auto" else detect.detect(self.spec.launcher_args)
@@ -75,15 +86,14 @@ class Job:
         me = api.whoami()
         wanted = plan.clones_wanted(self.spec)
         self.say(f"{flavour}, {self.spec.ranks} rank(s), {wanted} clone(s) wanted, parent {me['ip']}")
-        try:
-            self.dir.mkdir(parents=True, mode=0o700)
-            if wanted:
-                clone_id = self._fork(wanted)
-                if clone_id:
-                    self._be_a_clone()  # never returns
-            return self._run_mpiexec(flavour, env, me)
-        finally:
-            self._clean_up()
+        sweep_stale_jobs()
+        self.dir.mkdir(parents=True, mode=0o700)
+        (self.dir / OWNER).write_text(_process_id(os.getpid()) + "\n")
+        if wanted:
+            clone_id = self._fork(wanted)
+            if clone_id:
+                self._be_a_clone()  # never returns
+        self._prepare(flavour, env, me)
 
     def _fork(self, wanted: int) -> int:
         self.ticket = api.request_ticket(wanted)
@@ -135,12 +145,12 @@ class Job:
             hosts.append(m.ip)
         return hosts
 
-    def _run_mpiexec(self, flavour: str, env: dict[str, str], me: dict) -> int:
+    def _prepare(self, flavour: str, env: dict[str, str], me: dict) -> None:
         hosts = self._hosts(me)
         hostfile = self.dir / "hostfile"
         per_host = plan.slots(self.spec, len(hosts))
         hostfile.write_text(plan.hostfile(flavour, hosts, per_host))
-        self.must_reach = set(plan.hosts_with_ranks(hosts, self.spec.ranks, per_host)) - {me["ip"]}
+        self.rank_clones = set(plan.hosts_with_ranks(hosts, self.spec.ranks, per_host)) - {me["ip"]}
         # Installed, not written to the job directory: /run is mounted noexec.
         agent = shutil.which(AGENT)
         if agent is None:
@@ -148,19 +158,26 @@ class Job:
         subnet = _subnet_of(me["ip"])
         if flavour == "mpich" and os.path.exists(MPICH_FINALIZE_FIX):
             env = plan.with_preload(env, self.environ, MPICH_FINALIZE_FIX)
-        argv = plan.mpiexec_argv(flavour, self.spec, str(hostfile), str(agent), subnet, env)
-        self.say("hosts " + " ".join(hosts) + "; " + " ".join(argv))
-        if shutil.which(argv[0]) is None:
-            raise LaunchError(f"{argv[0]} is not installed in this VM")
-        self.mpiexec = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent,
+        self.argv = plan.mpiexec_argv(flavour, self.spec, str(hostfile), str(agent), subnet, env)
+        self.say("hosts " + " ".join(hosts) + "; " + " ".join(self.argv))
+        if shutil.which(self.argv[0]) is None:
+            raise LaunchError(f"{self.argv[0]} is not installed in this VM")
+
+    def run_mpiexec(self) -> int:
+        """The real mpiexec, once, on the cluster; its exit status. A job that
+        has to be stopped is killed here with its clones (LaunchError, or
+        128 + signal when sfmpirun was signalled)."""
+        for name in (FAILURES, REACHED):
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / name).unlink()
+        self.must_reach = set(self.rank_clones)
+        self.mpiexec = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent,
                                         env={**self.environ, JOB_ENV: str(self.dir)})
         self.state = JobState.RUNNING
         reason = self._supervise()
         if reason is None:
             status = self.mpiexec.returncode
             self.say(f"mpiexec exited with {status}")
-            self._end_clones(ok=True)
-            self.state = JobState.ENDED
             return status if status >= 0 else 128 - status
         self._kill_local()
         self._end_clones(ok=False)
@@ -169,6 +186,14 @@ class Job:
             sys.stderr.write(f"sfmpirun: {reason}\n")
             return 128 + self.stop_signal
         raise LaunchError(reason)
+
+    def finish(self, status: int) -> int:
+        """The job ended by itself: the clones exit and are joined."""
+        if self.state == JobState.FAILED:
+            return status
+        self._end_clones(ok=True)
+        self.state = JobState.ENDED
+        return status
 
     def _supervise(self) -> str | None:
         """Wait for mpiexec; the reason to stop it early, or None if it ended by itself."""
@@ -238,6 +263,37 @@ class Job:
         if self.trust is not None:
             trust.remove(self.trust)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+OWNER = "owner"   # "PID STARTTIME" of the job's sfmpirun, in its directory
+
+
+def sweep_stale_jobs() -> None:
+    """Jobs whose sfmpirun was killed outright (SIGKILL: no clean-up ran) left
+    a directory and a key in authorized_keys: the next sfmpirun removes them.
+    Their clones are gone already (the control line closed with sfmpirun)."""
+    if not RUN_DIR.is_dir():
+        return
+    for job_dir in RUN_DIR.iterdir():
+        try:
+            owner = (job_dir / OWNER).read_text().split()
+            alive = _process_id(int(owner[0])).split() == owner
+        except (OSError, ValueError, IndexError):
+            continue
+        if alive:
+            continue
+        trust.remove_marker(Path(os.path.expanduser("~")) / ".ssh" / "authorized_keys", f"sfmpirun-{job_dir.name}")
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _process_id(pid: int) -> str:
+    """PID and start time: the same pair only while that very process lives."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Field 22 is the start time; the command name (field 2) may hold spaces.
+            return f"{pid} {f.read().rsplit(')', 1)[1].split()[19]}"
+    except OSError:
+        return f"{pid} gone"
 
 
 def _subnet_of(ip: str) -> str:

@@ -79,9 +79,13 @@ def create(job_dir: Path, job_id: str, home: Path | None = None) -> JobTrust:
 
 def remove(trust: JobTrust) -> None:
     """Take the job's key out of authorized_keys (in the parent; clones are gone)."""
-    with contextlib.suppress(FileNotFoundError), _locked(trust.authorized_keys):
-        text = trust.authorized_keys.read_text()
-        trust.authorized_keys.write_text(without_marker(text, trust.marker))
+    remove_marker(trust.authorized_keys, trust.marker)
+
+
+def remove_marker(authorized_keys: Path, marker: str) -> None:
+    with contextlib.suppress(FileNotFoundError), _locked(authorized_keys):
+        text = authorized_keys.read_text()
+        authorized_keys.write_text(without_marker(text, marker))
 
 
 def ensure_sshd(timeout: float = 30.0) -> None:

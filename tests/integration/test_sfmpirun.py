@@ -189,7 +189,25 @@ def test_sigterm_ends_the_job_and_destroys_the_clones(cli, parent, programs):
     cli.exec(parent, "rm -f /tmp/bg.rc /tmp/bg.out")
     _start_in_background(cli, parent, LONG_JOB)
     _wait_for_clones(cli, parent, 2)
-    cli.exec(parent, "kill -TERM $(ps -eo pid=,args= | awk '$3 ~ /sfmpirun/ {print $1}')")
+    cli.exec(parent, "kill -TERM $(ps -eo pid=,args= | awk '$3 ~ /sfmpirun$/ {print $1}')")
     rc, err = _background_result(cli, parent)
     assert rc == 143 and "SIGTERM" in err, err
+    no_job_left(cli, parent)
+
+
+def test_sfmpirun_killed_outright_takes_its_job_along(cli, parent, programs):
+    # SIGKILL: no clean-up of sfmpirun's own runs. mpiexec dies with it
+    # (parent-death signal), the clones see their control line close and exit,
+    # and the next sfmpirun removes the dead job's key and directory.
+    cli.exec(parent, "rm -f /tmp/bg.rc /tmp/bg.out")
+    _start_in_background(cli, parent, LONG_JOB)
+    _wait_for_clones(cli, parent, 2)
+    cli.exec(parent, "kill -KILL $(ps -eo pid=,args= | awk '$3 ~ /sfmpirun$/ {print $1}')")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and (clones_of(cli, parent) or [
+            p for p in cli.exec(parent, "ps -eo comm=").stdout.split() if p in MPI_PROCESSES]):
+        time.sleep(1)
+    assert "sfmpirun-" in cli.exec(parent, "cat /root/.ssh/authorized_keys").stdout  # left by the killed job
+    p = sfmpirun(cli, parent, "--clones 0 -n 1 ./cpi_mpich 1000")
+    assert p.returncode == 0, p.stderr
     no_job_left(cli, parent)

@@ -1,6 +1,8 @@
 """sfmpirun's pure parts: options, rank layout, hostfiles, mpiexec command lines, trust lines."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from sfmpi.errors import UsageError
@@ -166,3 +168,23 @@ def test_authorized_keys_line_added_and_removed_by_marker():
     assert line == f"{trust.KEY_OPTIONS} ssh-ed25519 AAAAC3 sfmpirun-abc\n"
     text = "ssh-rsa AAAB user@h\n" + line + "ssh-ed25519 CCC sfmpirun-abcd\n"
     assert trust.without_marker(text, "sfmpirun-abc") == "ssh-rsa AAAB user@h\nssh-ed25519 CCC sfmpirun-abcd\n"
+
+
+def test_a_killed_jobs_key_and_directory_are_swept(tmp_path, monkeypatch):
+    from sfmpi.launcher import run
+    monkeypatch.setattr(run, "RUN_DIR", tmp_path / "run")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    auth = tmp_path / ".ssh" / "authorized_keys"
+    auth.write_text("ssh-ed25519 AAAAmine me@host\n"
+                    + trust.authorized_line("ssh-ed25519 AAAAdead", "sfmpirun-dead1")
+                    + trust.authorized_line("ssh-ed25519 AAAAlive", "sfmpirun-live1"))
+    dead, live = tmp_path / "run" / "dead1", tmp_path / "run" / "live1"
+    dead.mkdir(parents=True)
+    live.mkdir()
+    (dead / run.OWNER).write_text("999999 12345\n")                  # that process is gone
+    (live / run.OWNER).write_text(run._process_id(os.getpid()) + "\n")  # this one lives
+    run.sweep_stale_jobs()
+    assert not dead.exists() and live.exists()
+    text = auth.read_text()
+    assert "sfmpirun-dead1" not in text and "sfmpirun-live1" in text and "me@host" in text
