@@ -41,8 +41,9 @@ SHORT_INTERVALS = 100000
 
 # Runs in the parent: fork the cluster as sfmpirun does, time only mpiexec on it.
 GUEST_IDEAL = """
-import json, sys, time
+import json, os, sys, time
 from sfmpi.launcher import options, run
+os.chdir("/root")
 job = run.Job(options.parse(sys.argv[1:]))
 try:
     job.start()
@@ -57,7 +58,8 @@ print(json.dumps({"mpiexec_s": took, "status": status}))
 
 # Runs in the parent: sfmpirun as a user runs it, timed around the command.
 GUEST_TIMED = """
-import json, subprocess, sys, time
+import json, os, subprocess, sys, time
+os.chdir("/root")
 t0 = time.monotonic()
 p = subprocess.run(["sfmpirun", *sys.argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 print(json.dumps({"total_s": time.monotonic() - t0, "status": p.returncode, "stderr": p.stderr[-2000:]}))

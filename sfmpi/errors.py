@@ -92,6 +92,11 @@ class LaunchError(SfmpiError):
     that cannot connect, a clone that died, a signal) ended it."""
 
 
+class SectionError(SfmpiError):
+    """A parallel section or fork pool could not run: a clone that never came,
+    died or fell out of step with the others."""
+
+
 # Errors cross the hostd socket as {"error": {"type": name, "message": text}};
 # this table turns them back into the same class on the client side.
 BY_NAME: dict[str, type[SfmpiError]] = {
@@ -100,6 +105,7 @@ BY_NAME: dict[str, type[SfmpiError]] = {
         SfmpiError, UsageError, NotFound, AlreadyExists, CommandError, QemuError,
         CheckpointError, CapacityError, AgentError, HostdError, ImageError,
         RoleError, TicketError, BusyError, CloneError, ProtocolError, NetworkError, LaunchError,
+        SectionError,
     )
 }
 

@@ -52,7 +52,7 @@ PACKAGE_DIR = Path(__file__).parent
 # The part of the sfmpi package a guest runs: the agent and the clone API
 # (host-only modules such as hostd stay out of the image).
 GUEST_MODULES = (
-    "__init__.py", "errors.py", "api.py", "sfclone.py",
+    "__init__.py", "errors.py", "api.py", "sfclone.py", "sections.py", "section_wire.py", "forkpool.py",
     "guest/__init__.py", "guest/agent.py", "guest/api_server.py", "guest/identity.py",
 )
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"

@@ -1,0 +1,299 @@
+"""Parallel sections: fork the VM at a `with`, join at its end.
+
+    import numpy as np, sfmpi
+    data = np.arange(10_000_000)             # made before the fork: every copy has it
+    with sfmpi.parallel(4) as s:             # 3 clones; the parent is rank 0
+        part = data[s.rank::s.size].sum()
+        parts = s.gather(part)               # the list in the parent, None in the clones
+    print(sum(parts))                        # only the parent gets here
+
+At the `with` the VM forks into n-1 clones (sfmpi.clone); inside the block every
+copy runs the same code with its own `rank`. At the end of the block each clone
+reports to the parent and ends (sfmpi.exit): the code after the block runs in
+the parent only, once every clone has left the block. An exception in a clone
+is raised again in the parent, with the clone's rank and traceback; an
+exception in the parent (KeyboardInterrupt too) destroys the clones at once.
+
+The copies talk over the family network: each clone connects to a port the
+parent opened before the fork. gather/bcast/barrier go through the parent.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import time
+import traceback
+
+from . import api, section_wire
+from .errors import SectionError, UsageError
+
+CONNECT_TIMEOUT = 120.0   # for every clone to reach the parent after the fork
+_active = False           # sections do not nest: one per program at a time
+
+
+class CloneFailed(SectionError):
+    """A clone raised an exception in the section that could not be sent back as itself."""
+
+    def __init__(self, rank: int, kind: str, message: str, remote_traceback: str):
+        super().__init__(f"clone {rank} of the parallel section raised {kind}: {message}\n"
+                         f"{remote_traceback}")
+        self.rank = rank
+        self.remote_traceback = remote_traceback
+
+
+class Section:
+    """One copy's view of a parallel section."""
+
+    def __init__(self, rank: int, size: int, ticket: api.Ticket | None, conns: dict[int, socket.socket]):
+        self.rank = rank
+        self.size = size
+        self.ticket = ticket
+        self._conns = conns          # parent: rank -> socket; clone: {0: socket to the parent}
+        self._step = 0               # collectives called so far: every copy must call the same ones
+        self._comm = None
+
+    @property
+    def is_parent(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives, through the parent -----------------------------------
+    def gather(self, obj):
+        """Every copy's obj, in rank order, in the parent; None in the clones."""
+        step = self._next()
+        if not self.is_parent:
+            section_wire.send(self._conns[0], ("gather", step, obj))
+            return None
+        return [obj] + [self._expect(r, "gather", step) for r in range(1, self.size)]
+
+    def bcast(self, obj=None):
+        """The parent's obj, in every copy."""
+        step = self._next()
+        if self.is_parent:
+            for r in range(1, self.size):
+                section_wire.send(self._conns[r], ("bcast", step, obj))
+            return obj
+        return self._expect(0, "bcast", step)
+
+    def barrier(self) -> None:
+        """Returns in every copy once all copies have called it."""
+        self.gather(None)
+        self.bcast(None)
+
+    @property
+    def comm(self):
+        """An MPI communicator over the section's copies (mpi4py)."""
+        raise SectionError("section.comm is not available yet: run MPI code in a section with sfmpirun, "
+                           "or use gather/bcast/barrier")
+
+    def _next(self) -> int:
+        self._step += 1
+        return self._step
+
+    def _expect(self, rank: int, op: str, step: int):
+        try:
+            kind, their_step, payload = section_wire.recv(self._conns[rank])
+        except section_wire.PeerGone:
+            who = "the parent" if rank == 0 else f"clone {rank}"
+            raise SectionError(f"{who} of the parallel section is gone (during {op} #{step})") from None
+        if kind == "error" and self.is_parent:
+            raise rebuild(rank, payload)
+        if (kind, their_step) != (op, step):
+            raise SectionError(f"the copies of the parallel section are out of step: rank {self.rank} "
+                               f"is in {op} #{step}, rank {rank} sent {kind} #{their_step}")
+        return payload
+
+    # -- the end of the section --------------------------------------------
+    def _leave_clone(self, exc: BaseException | None) -> None:
+        """In a clone: report to the parent and end this VM. Does not return."""
+        status = 0
+        try:
+            if exc is None:
+                section_wire.send(self._conns[0], ("done", self._step, None))
+            else:
+                status = 1
+                section_wire.send(self._conns[0], ("error", self._step, describe(exc)))
+        except OSError:
+            status = 1
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                api.exit(status)
+            finally:
+                os._exit(status)
+
+    def _leave_parent(self, exc: BaseException | None) -> None:
+        """In the parent: wait for every clone to leave, then join them. An
+        exception here (the block's or a clone's) ends the clones at once."""
+        if self.ticket is None:
+            return
+        try:
+            if exc is None:
+                self._collect_clones()
+        finally:
+            if self.ticket is not None:   # not joined: an exception is on its way
+                try:
+                    api.kill(self.ticket)
+                    api.join(self.ticket)
+                except Exception:  # noqa: BLE001 - the exception on its way says more
+                    pass
+                self.ticket = None
+            for conn in self._conns.values():
+                conn.close()
+
+    def _collect_clones(self) -> None:
+        errors = []
+        for r in range(1, self.size):
+            try:
+                kind, step, payload = section_wire.recv(self._conns[r])
+            except section_wire.PeerGone:
+                errors.append((r, None))
+                continue
+            if kind == "error":
+                errors.append((r, payload))
+            elif kind != "done":
+                errors.append((r, {"kind": "SectionError", "pickled": None, "traceback": "",
+                                   "message": f"left the section while the parent waited in {kind} #{step}"}))
+        statuses = api.join(self.ticket)
+        self.ticket = None
+        if errors:
+            rank, payload = errors[0]
+            if payload is None:
+                why = statuses.failures.get(rank) or f"exit status {statuses.get(rank)}"
+                raise SectionError(f"clone {rank} of the parallel section ended without leaving it: {why}")
+            raise rebuild(rank, payload)
+
+
+def describe(exc: BaseException) -> dict:
+    try:
+        pickled = pickle.dumps(exc)
+        pickle.loads(pickled)
+    except Exception:
+        pickled = None
+    return {"kind": type(exc).__name__, "message": str(exc), "pickled": pickled,
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+
+
+def rebuild(rank: int, payload: dict) -> BaseException:
+    """The clone's exception as itself when it pickles, with the rank and the
+    remote traceback as a note; CloneFailed otherwise."""
+    if payload.get("pickled") is not None:
+        try:
+            exc = pickle.loads(payload["pickled"])
+            exc.add_note(f"raised in clone {rank} of the parallel section:\n{payload['traceback']}")
+            exc.sfmpi_rank = rank
+            return exc
+        except Exception:
+            pass
+    return CloneFailed(rank, payload["kind"], payload["message"], payload["traceback"])
+
+
+def _fork(n: int, allow_fewer: bool, ticket_timeout: float | None) -> Section:
+    if n == 1:
+        return Section(0, 1, None, {})
+    rank, size, ticket, conns = fork_connected(n - 1, allow_fewer, ticket_timeout, f"parallel({n})")
+    return Section(rank, size, ticket if rank == 0 else None, conns)
+
+
+def fork_connected(clones: int, allow_fewer: bool, ticket_timeout: float | None, what: str):
+    """Fork this VM into `clones` clones, each connected to the parent over the
+    family network. (rank, copies, ticket, connections): in the parent the
+    connections by clone rank, in a clone {0: the connection to the parent}."""
+    me = api.whoami()
+    listener = section_wire.listen(me["ip"])
+    try:
+        ticket = api.request_ticket(clones, timeout=ticket_timeout)
+        if ticket.granted < clones and not (allow_fewer and ticket.granted > 0):
+            api.kill(ticket)   # give the reservation back now
+            raise UsageError(f"{what} needs {clones} clone(s), the host granted {ticket.granted}"
+                             + ("" if allow_fewer else "; pass allow_fewer=True to run with what is granted"))
+        port = listener.getsockname()[1]
+        rank = api.clone(ticket)
+        size = ticket.granted + 1
+        if rank:
+            listener.close()
+            conn = _connect(me["ip"], port)
+            section_wire.send(conn, ("hello", 0, rank))
+            return rank, size, ticket, {0: conn}
+        return 0, size, ticket, _accept(listener, ticket, size - 1)
+    finally:
+        listener.close()
+
+
+def _connect(ip: str, port: int) -> socket.socket:
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        try:
+            conn = socket.create_connection((ip, port), timeout=10.0)
+            conn.settimeout(None)
+            return conn
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _accept(listener: socket.socket, ticket: api.Ticket, count: int) -> dict[int, socket.socket]:
+    conns: dict[int, socket.socket] = {}
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    listener.settimeout(1.0)
+    try:
+        while len(conns) < count:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                dead = [m for m in api.members(ticket) if m.state != "running" and m.id not in conns]
+                if dead:
+                    raise SectionError(f"clone {dead[0].id} ended before joining the parallel section: "
+                                       f"{dead[0].failure or dead[0].status}") from None
+                if time.monotonic() > deadline:
+                    raise SectionError(f"only {len(conns)} of {count} clones reached the parallel section "
+                                       f"in {CONNECT_TIMEOUT:.0f} s") from None
+                continue
+            conn.settimeout(None)
+            _kind, _step, rank = section_wire.recv(conn)
+            conns[int(rank)] = conn
+        return conns
+    except BaseException:
+        for c in conns.values():
+            c.close()
+        api.kill(ticket)
+        api.join(ticket)
+        raise
+
+
+class parallel:  # noqa: N801 - used as `with sfmpi.parallel(n)`, like a function
+    """`with sfmpi.parallel(n) as section:` forks this VM into n copies for the block."""
+
+    def __init__(self, n: int, *, allow_fewer: bool = False, ticket_timeout: float | None = None):
+        if not isinstance(n, int) or n < 1:
+            raise UsageError(f"parallel(n): n must be a whole number of copies, at least 1 (got {n!r})")
+        self.n = n
+        self.allow_fewer = allow_fewer
+        self.ticket_timeout = ticket_timeout
+        self.section: Section | None = None
+
+    def __enter__(self) -> Section:
+        global _active
+        if _active:
+            raise UsageError("parallel sections do not nest: this program is already in one")
+        _active = True
+        try:
+            self.section = _fork(self.n, self.allow_fewer, self.ticket_timeout)
+        except BaseException:
+            _active = False
+            raise
+        return self.section
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        global _active
+        section = self.section
+        if not section.is_parent:
+            section._leave_clone(exc)   # never returns
+        try:
+            section._leave_parent(exc)
+        finally:
+            _active = False
+        return False

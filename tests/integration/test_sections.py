@@ -1,0 +1,167 @@
+"""Python parallel sections and the fork pool, in the session's parent VM and
+in a VM restored from a checkpoint."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(900)
+
+PARTIAL_SUMS = r'''
+import json, socket, sys
+import numpy as np
+import sfmpi
+
+data = np.arange(1_000_000, dtype=np.int64) * 3 % 1009     # made before the fork
+with sfmpi.parallel(4) as s:
+    part = int(data[s.rank::s.size].sum())
+    parts = s.gather((s.rank, part, socket.gethostname()))
+    token = s.bcast("from the parent" if s.is_parent else None)
+    s.barrier()
+    echoed = s.gather(token)
+print(json.dumps({"parts": parts, "serial": int(data.sum()), "echoed": echoed,
+                  "size": s.size, "rank_after": s.rank}))
+'''
+
+CLONE_RAISES = r'''
+import json, sfmpi
+
+class Odd(ValueError):
+    pass
+
+def check(rank):
+    if rank == 2:
+        raise Odd(f"rank {rank} does not like this")
+
+try:
+    with sfmpi.parallel(3) as s:
+        check(s.rank)
+        s.barrier()    # rank 2 never gets here: the parent hears of its error instead
+    print(json.dumps({"raised": None}))
+except Odd as exc:
+    print(json.dumps({"raised": type(exc).__name__, "message": str(exc), "rank": exc.sfmpi_rank,
+                      "notes": exc.__notes__}))
+'''
+
+NESTED = r'''
+import json, sfmpi
+with sfmpi.parallel(2) as s:
+    try:
+        with sfmpi.parallel(2):
+            pass
+        err = None
+    except sfmpi.errors.UsageError as exc:
+        err = str(exc)
+    errs = s.gather(err)
+print(json.dumps({"errors": errs}))
+'''
+
+POOL = r'''
+import json, os, socket
+import sfmpi
+
+TABLE = {i: i * i for i in range(100)}       # the workers inherit it: nothing is sent
+
+def square_from_table(i):
+    return TABLE[i], socket.gethostname()
+
+def boom(x):
+    raise KeyError(x)
+
+with sfmpi.ForkPoolExecutor(3) as pool:
+    results = list(pool.map(square_from_table, range(100)))
+    err = pool.submit(boom, "missing").exception()
+print(json.dumps({"values": [v for v, _ in results], "hosts": sorted({h for _, h in results}),
+                  "error": [type(err).__name__, str(err), getattr(err, "sfmpi_rank", None)]}))
+'''
+
+PARENT_RAISES = r'''
+import sfmpi, time
+with sfmpi.parallel(3) as s:
+    if s.is_parent:
+        raise RuntimeError("the parent gives up")
+    time.sleep(600)
+'''
+
+
+def put(cli, vm: str, path: str, text: str) -> None:
+    cli.exec(vm, f"cat > {path} <<'SFMPI_EOF'\n{text}\nSFMPI_EOF")
+
+
+def run_py(cli, vm: str, name: str, program: str, check: bool = True):
+    put(cli, vm, f"/root/{name}", program)
+    p = cli.exec(vm, f"cd /root && python3 {name}", check=False)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def clones_of(cli, vm: str) -> list[str]:
+    return [r["name"] for r in cli.json("vm", "list") if r["name"].startswith(vm + "-")]
+
+
+def no_clones_left(cli, vm: str) -> None:
+    deadline = time.monotonic() + 30
+    while clones_of(cli, vm) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert clones_of(cli, vm) == []
+
+
+def test_partial_sums_gather_to_the_serial_sum(cli, parent):
+    out = json.loads(run_py(cli, parent, "sums.py", PARTIAL_SUMS).stdout.strip().splitlines()[-1])
+    assert out["size"] == 4 and out["rank_after"] == 0           # after the block: the parent only
+    assert [r for r, _, _ in out["parts"]] == [0, 1, 2, 3]
+    assert sum(p for _, p, _ in out["parts"]) == out["serial"]
+    assert len({h for _, _, h in out["parts"]}) == 4              # four VMs
+    assert out["echoed"] == ["from the parent"] * 4
+    no_clones_left(cli, parent)
+
+
+def test_an_exception_in_a_clone_is_raised_in_the_parent(cli, parent):
+    out = json.loads(run_py(cli, parent, "raises.py", CLONE_RAISES).stdout.strip().splitlines()[-1])
+    assert out["raised"] == "Odd" and out["rank"] == 2
+    assert out["message"] == "rank 2 does not like this"
+    assert "raised in clone 2" in out["notes"][0] and "in check" in out["notes"][0]   # the clone's traceback
+    no_clones_left(cli, parent)
+
+
+def test_an_exception_in_the_parent_destroys_the_clones(cli, parent):
+    t0 = time.monotonic()
+    p = run_py(cli, parent, "parent_raises.py", PARENT_RAISES, check=False)
+    assert p.returncode == 1 and "RuntimeError: the parent gives up" in p.stderr
+    assert time.monotonic() - t0 < 120
+    no_clones_left(cli, parent)
+
+
+def test_sections_do_not_nest(cli, parent):
+    out = json.loads(run_py(cli, parent, "nested.py", NESTED).stdout.strip().splitlines()[-1])
+    assert len(out["errors"]) == 2
+    assert all(e and "do not nest" in e for e in out["errors"])
+    no_clones_left(cli, parent)
+
+
+def test_bad_n_is_a_usage_error(cli, parent):
+    p = cli.exec(parent, "python3 -c 'import sfmpi; sfmpi.parallel(0)'", check=False)
+    assert p.returncode == 1 and "at least 1" in p.stderr
+
+
+def test_fork_pool_maps_100_items_on_3_workers(cli, parent):
+    out = json.loads(run_py(cli, parent, "pool.py", POOL).stdout.strip().splitlines()[-1])
+    assert out["values"] == [i * i for i in range(100)]
+    assert len(out["hosts"]) == 3 and "parent" not in out["hosts"]
+    assert out["error"][0] == "KeyError" and out["error"][2] in (1, 2, 3)
+    no_clones_left(cli, parent)
+
+
+def test_a_section_in_a_vm_restored_from_a_checkpoint(cli, parent):
+    ckpt = cli.json("checkpoint", parent)["id"]
+    restored = cli.json("clone", ckpt, "-n", "1")["clones"][0]
+    try:
+        out = json.loads(run_py(cli, restored, "sums.py", PARTIAL_SUMS).stdout.strip().splitlines()[-1])
+        assert sum(p for _, p, _ in out["parts"]) == out["serial"]
+        assert len({h for _, _, h in out["parts"]}) == 4
+        no_clones_left(cli, restored)
+    finally:
+        cli("vm", "stop", restored)
