@@ -469,6 +469,40 @@ int sfc_join(const sfc_ticket *t, int *statuses, int max, int *count)
     return rc;
 }
 
+int sfc_members(const sfc_ticket *t, sfc_member *members, int max, int *count)
+{
+    if (t == NULL || count == NULL || (members == NULL && max > 0))
+        return fail(SFC_EUSAGE, "sfc_members: NULL argument");
+    json_object *req = new_request("members"), *ans, *list;
+    json_object_object_add(req, "ticket", json_object_new_string(t->id));
+    int rc = call(req, &ans, 0);
+    if (rc != 0)
+        return rc;
+    int n = 0;
+    if ((rc = get_obj(ans, "members", json_type_array, &list)) == 0) {
+        n = (int)json_object_array_length(list);
+        for (int i = 0; i < n && i < max && rc == 0; i++) {
+            json_object *m = json_object_array_get_idx(list, (size_t)i), *st;
+            sfc_member r = {.status = -1};
+            if (!json_object_is_type(m, json_type_object))
+                rc = fail(SFC_EPROTO, "member %d is not an object", i);
+            else if ((rc = get_int(m, "id", &r.id)) == 0 &&
+                     (rc = get_str(m, "state", r.state, sizeof r.state, SFC_EPROTO)) == 0 &&
+                     (rc = get_str(m, "ip", r.ip, sizeof r.ip, SFC_EPROTO)) == 0 &&
+                     (rc = get_str(m, "hostname", r.hostname, sizeof r.hostname, SFC_EPROTO)) == 0) {
+                /* status is null unless the clone exited */
+                if (json_object_object_get_ex(m, "status", &st) && json_object_is_type(st, json_type_int))
+                    r.status = json_object_get_int(st);
+                members[i] = r;
+            }
+        }
+    }
+    if (rc == 0)
+        *count = n;
+    json_object_put(ans);
+    return rc;
+}
+
 int sfc_kill(const sfc_ticket *t)
 {
     if (t == NULL)

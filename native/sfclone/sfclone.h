@@ -47,6 +47,15 @@ typedef struct {
     double timeout;  /* seconds clones may live after the clone; 0: none */
 } sfc_ticket;
 
+/* One clone of a used ticket, as sfc_members reports it. */
+typedef struct {
+    int id;
+    char state[16];     /* "running", "exited" or "failed" */
+    char ip[64];        /* "" once the clone has ended */
+    char hostname[64];  /* "" once the clone has ended */
+    int status;         /* its exit status when "exited", else -1 */
+} sfc_member;
+
 /* A saved parent state that sfc_create_clones can start clones from. */
 typedef struct {
     char id[64];
@@ -80,6 +89,10 @@ int sfc_exit(int status);
  * sfc_last_error() as "k: reason" parts joined by "; ".  *count is the number
  * of clones reported. */
 int sfc_join(const sfc_ticket *t, int *statuses, int max, int *count);
+
+/* The ticket's clones (parent only): the first min(*count, max) go into
+ * members, in clone ID order; *count is the number of clones. */
+int sfc_members(const sfc_ticket *t, sfc_member *members, int max, int *count);
 
 /* Destroy the ticket's clones at once. */
 int sfc_kill(const sfc_ticket *t);

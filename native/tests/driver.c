@@ -7,6 +7,7 @@
  *   driver checkpoint              driver create_clones CKPT TICKET MAX
  *   driver exit STATUS             driver join TICKET MAX
  *   driver kill TICKET             driver whoami [RLEN IPLEN HLEN]
+ *   driver members TICKET MAX
  *   driver strerror CODE
  *
  * SIGUSR1 is caught without SA_RESTART, so it interrupts the library's
@@ -95,6 +96,15 @@ int main(int argc, char **argv)
         if ((rc = sfc_join(&t, st, max, &count)) == 0) {
             printf("count=%d\n", count);
             print_ints("statuses", st, max);
+        }
+    } else if (strcmp(op, "members") == 0 && argc == 4) {
+        sfc_ticket t = ticket_named(argv[2]);
+        sfc_member m[16];
+        int max = atoi(argv[3]), count = UNTOUCHED;
+        if ((rc = sfc_members(&t, m, max, &count)) == 0) {
+            printf("count=%d\n", count);
+            for (int i = 0; i < count && i < max; i++)
+                printf("member%d=%d %s %s %s %d\n", i, m[i].id, m[i].state, m[i].ip, m[i].hostname, m[i].status);
         }
     } else if (strcmp(op, "kill") == 0 && argc == 3) {
         sfc_ticket t = ticket_named(argv[2]);

@@ -209,6 +209,25 @@ def test_join_without_failures(sockdir):
     assert out == {"count": "1", "statuses": "-99,7,-99", "rc": 0, "error": ""}
 
 
+def test_members_of_a_ticket(sockdir):
+    ans = answer(members=[
+        {"id": 1, "vm": "p-1", "state": "running", "ip": "10.100.5.3", "hostname": "p-1", "status": None,
+         "failure": None},
+        {"id": 2, "vm": "p-2", "state": "exited", "ip": None, "hostname": None, "status": 3, "failure": None},
+        {"id": 3, "vm": "p-3", "state": "failed", "ip": None, "hostname": None, "status": None,
+         "failure": "crashed"}])
+    out, reqs = call(sockdir, [ans], "members", "T", 2)
+    assert reqs == [{"v": 1, "op": "members", "ticket": "T"}]
+    # three clones, two fit in max = 2
+    assert out == {"count": "3", "member0": "1 running 10.100.5.3 p-1 -1", "member1": "2 exited   3",
+                   "rc": 0, "error": ""}
+
+
+def test_members_answer_without_a_list_is_a_protocol_error(sockdir):
+    out, _ = call(sockdir, [answer(members={"1": "x"})], "members", "T", 4)
+    assert out["rc"] == EPROTO and "members" in out["error"]
+
+
 def test_kill(sockdir):
     out, reqs = call(sockdir, [answer(killed=[1, 2])], "kill", "T")
     assert reqs == [{"v": 1, "op": "kill", "ticket": "T"}]
