@@ -18,7 +18,7 @@ from sfmpi.errors import (CapacityError, CloneError, RoleError, SfmpiError, Tick
 
 from .agent_channel import AgentChannel
 from .store import VmRole
-from .tickets import CloneSlot, Ticket, TicketBook, TicketState
+from .tickets import Ticket, TicketBook, TicketState
 
 if TYPE_CHECKING:
     from .manager import HostManager, Vm
@@ -173,7 +173,7 @@ class CloneApi:
         t_request = t0 if t_request is None else t_request
         def register(names: list[str]) -> None:
             # Before any clone runs: one may call exit the moment it resumes.
-            self.tickets.slots[t.id] = [CloneSlot(index=i + 1, vm=name) for i, name in enumerate(names)]
+            self.tickets.register_slots(t, names)
         try:
             res = await self.manager.start_family_clones(
                 ckpt, count=t.granted, ticket=t.id, on_reserved=register,
@@ -191,7 +191,7 @@ class CloneApi:
         slots = self.tickets.slots[t.id]
         self.tickets.cloned(t, slots)
         if t.timeout:
-            self._timeouts[t.id] = asyncio.ensure_future(self._expire(t))
+            self._timeouts[t.id] = asyncio.ensure_future(self._expire(t, t.timeout))
         log.info("VM %s: ticket %s cloned %d in %.0f ms", parent.rec.name, t.id, len(slots),
                  (time.monotonic() - t0) * 1000.0)
         me = self.manager.identity_of(parent.rec.name)
@@ -211,9 +211,14 @@ class CloneApi:
             found[1].finish(failure=reason)
         for t in self.tickets.owned_by(name):
             if t.state in (TicketState.CLONED, TicketState.CLONING):
-                asyncio.ensure_future(self.kill_ticket(t, f"parent {name} is gone"))
+                asyncio.ensure_future(self._kill_and_forget(t, f"parent {name} is gone"))
             else:
                 self.tickets.forget(t)
+
+    async def _kill_and_forget(self, t: Ticket, reason: str) -> None:
+        """No one is left to join these clones: end them and drop the ticket."""
+        await self.kill_ticket(t, reason)
+        self.tickets.forget(t)
 
     async def kill_ticket(self, t: Ticket, reason: str) -> list[int]:
         slots = self.tickets.slots.get(t.id, [])
@@ -226,8 +231,18 @@ class CloneApi:
         self._cancel_timeout(t)
         return [s.index for s in live]
 
-    async def _expire(self, t: Ticket) -> None:
-        await asyncio.sleep(t.timeout or 0)
+    def restored(self, orphans: list[Ticket]) -> None:
+        """After hostd restarted (TicketBook.restore): clones of a parent that is
+        gone go too, and the timeouts of running tickets run on from where they were."""
+        for t in orphans:
+            asyncio.ensure_future(self._kill_and_forget(t, f"parent {t.owner} is gone"))
+        for t in self.tickets.tickets.values():
+            if t.state == TicketState.CLONED and t.timeout and t not in orphans:
+                left = max(0.0, t.timeout - (time.time() - (t.cloned_at or t.created)))
+                self._timeouts[t.id] = asyncio.ensure_future(self._expire(t, left))
+
+    async def _expire(self, t: Ticket, after: float) -> None:
+        await asyncio.sleep(after)
         slots = self.tickets.slots.get(t.id, [])
         late = [s for s in slots if not s.ended.is_set()]
         for s in late:

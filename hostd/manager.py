@@ -77,7 +77,7 @@ class HostManager:
         self.admission = asyncio.Lock()
         self._watchers: set[asyncio.Task] = set()
         self.families = Families(paths.home / "net", remembered=self.remembered_options)
-        self.tickets = TicketBook(FAMILY_LIMIT)
+        self.tickets = TicketBook(FAMILY_LIMIT, store)
         self.clone_api = CloneApi(self, self.tickets)
         self.cloner = Cloner(self)
 
@@ -546,6 +546,8 @@ class HostManager:
         for partial in self.paths.checkpoints.glob(".*.partial"):
             shutil.rmtree(partial, ignore_errors=True)
         await self.families.sweep(seen_families)
+        # Tickets after VMs: a ticket's clones are known to be alive or gone now.
+        self.clone_api.restored(self.tickets.restore(alive=set(self.vms)))
         return {"attached": attached, "reaped": reaped}
 
     async def down(self) -> dict:

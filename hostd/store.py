@@ -1,6 +1,8 @@
 """hostd's state in SQLite, so a restarted hostd finds its VMs again or reaps them.
 
-One row per VM that hostd started and has not yet cleaned up. Checkpoints live
+One row per VM that hostd started and has not yet cleaned up, and one per
+clone API ticket still in play (granted, or used and not yet joined), so that
+a restarted hostd can still join the clones of a ticket. Checkpoints live
 on disk as directories with a manifest (they outlive hostd and `sfmpi down`);
 the table only indexes them. A family's network options (hostd/families.py)
 outlive the family, like its checkpoints: a clone of one re-makes the family
@@ -78,6 +80,10 @@ CREATE TABLE IF NOT EXISTS families (
     name TEXT PRIMARY KEY,
     options TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tickets (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
 """
 
 
@@ -132,6 +138,16 @@ class Store:
     def family_options(self, family: str) -> dict | None:
         row = self.db.execute("SELECT options FROM families WHERE name = ?", (family,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    # -- clone API tickets (hostd/tickets.py) ----------------------------
+    def put_ticket(self, ticket_id: str, body: dict) -> None:
+        self.db.execute("INSERT OR REPLACE INTO tickets (id, body) VALUES (?, ?)", (ticket_id, json.dumps(body)))
+
+    def tickets(self) -> list[dict]:
+        return [json.loads(r[0]) for r in self.db.execute("SELECT body FROM tickets").fetchall()]
+
+    def delete_ticket(self, ticket_id: str) -> None:
+        self.db.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
 
     # -- counters --------------------------------------------------------
     def next(self, name: str, count: int = 1) -> int:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
+from typing import Callable
 
 from sfmpi.errors import CapacityError, RoleError, TicketError, UsageError
 
@@ -41,6 +42,7 @@ class Ticket:
     timeout: float | None = None
     state: TicketState = TicketState.GRANTED
     created: float = field(default_factory=time.time)
+    cloned_at: float | None = None   # when its clones were up: the timeout runs from here
 
     def with_(self, **changes) -> "Ticket":
         return replace(self, **changes)
@@ -58,22 +60,78 @@ class CloneSlot:
     status: int | None = None      # exit status, once it called exit
     failure: str | None = None     # why it ended without exit
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    on_end: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def finish(self, status: int | None = None, failure: str | None = None) -> None:
         if self.ended.is_set():
             return
         self.status, self.failure = status, failure
         self.ended.set()
+        if self.on_end is not None:
+            self.on_end()
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "vm": self.vm, "status": self.status, "failure": self.failure,
+                "ended": self.ended.is_set()}
 
 
 class TicketBook:
-    """All tickets of this hostd, in memory (they end with their clones)."""
+    """All tickets of this hostd; with a store, each change is written through."""
 
-    def __init__(self, family_limit: int = DEFAULT_FAMILY_LIMIT):
+    def __init__(self, family_limit: int = DEFAULT_FAMILY_LIMIT, store=None):
         self.family_limit = family_limit
+        self.store = store
         self.tickets: dict[str, Ticket] = {}
         self.slots: dict[str, list[CloneSlot]] = {}
         self._seq = 0
+
+    # -- persistence -------------------------------------------------------
+    def _save(self, ticket_id: str) -> None:
+        t = self.tickets.get(ticket_id)
+        if self.store is None or t is None:
+            return
+        if t.state == TicketState.JOINED:   # nothing left to answer for
+            self.store.delete_ticket(t.id)
+            return
+        body = {**asdict(t), "state": t.state.value, "seq": self._seq,
+                "slots": [s.to_json() for s in self.slots.get(t.id, [])]}
+        self.store.put_ticket(t.id, body)
+
+    def restore(self, alive: set[str], now: float | None = None) -> list[Ticket]:
+        """After a restart, from the store. `alive`: the VMs re-attached. A clone
+        that did not survive ends as failed; a ticket caught mid-clone is spent
+        (its half-started clones were reaped). Returns the used tickets whose
+        owner is gone: their clones must go too."""
+        now = time.time() if now is None else now
+        orphans = []
+        for body in self.store.tickets() if self.store is not None else []:
+            slots_json = body.pop("slots", [])
+            self._seq = max(self._seq, int(body.pop("seq", 0)))
+            t = Ticket(**{**body, "state": TicketState(body["state"])})
+            if t.state == TicketState.CLONING:
+                t = t.with_(state=TicketState.KILLED)
+            slots = []
+            for sj in slots_json:
+                slot = CloneSlot(index=sj["index"], vm=sj["vm"], on_end=self._saver(t.id))
+                if sj["ended"]:
+                    slot.status, slot.failure = sj["status"], sj["failure"]
+                    slot.ended.set()
+                slots.append(slot)
+            self.tickets[t.id] = t
+            self.slots[t.id] = slots
+            for slot in slots:
+                if not slot.ended.is_set() and slot.vm not in alive:
+                    slot.finish(failure="lost while hostd was down")
+            if t.owner not in alive and (t.state == TicketState.CLONED or t.state == TicketState.KILLED):
+                orphans.append(t)
+            elif t.owner not in alive:
+                self.forget(t)
+                continue
+            self._save(t.id)
+        return orphans
+
+    def _saver(self, ticket_id: str) -> Callable[[], None]:
+        return lambda: self._save(ticket_id)
 
     # -- reservations ----------------------------------------------------
     def reserved(self) -> tuple[int, int]:
@@ -117,6 +175,7 @@ class TicketBook:
                         granted=granted, mem_mb=mem_mb, cpus=cpus,
                         timeout=float(timeout) if timeout else None)
         self.tickets[ticket.id] = ticket
+        self._save(ticket.id)
         return ticket
 
     # -- use -------------------------------------------------------------
@@ -140,14 +199,22 @@ class TicketBook:
         t = self.set_state(t, TicketState.CLONING)
         return t
 
-    def set_state(self, t: Ticket, state: TicketState) -> Ticket:
-        t = t.with_(state=state)
+    def set_state(self, t: Ticket, state: TicketState, **changes) -> Ticket:
+        t = t.with_(state=state, **changes)
         self.tickets[t.id] = t
+        self._save(t.id)
         return t
+
+    def register_slots(self, t: Ticket, vms: list[str]) -> list[CloneSlot]:
+        """The clones a ticket is about to start, by clone ID (1..m)."""
+        slots = [CloneSlot(index=i + 1, vm=name, on_end=self._saver(t.id)) for i, name in enumerate(vms)]
+        self.slots[t.id] = slots
+        self._save(t.id)
+        return slots
 
     def cloned(self, t: Ticket, slots: list[CloneSlot]) -> Ticket:
         self.slots[t.id] = slots
-        return self.set_state(t, TicketState.CLONED)
+        return self.set_state(t, TicketState.CLONED, cloned_at=time.time())
 
     def give_back(self, t: Ticket) -> None:
         """A clone attempt failed before any clone ran: the ticket is spent."""
@@ -168,3 +235,5 @@ class TicketBook:
     def forget(self, t: Ticket) -> None:
         self.tickets.pop(t.id, None)
         self.slots.pop(t.id, None)
+        if self.store is not None:
+            self.store.delete_ticket(t.id)

@@ -154,3 +154,48 @@ def test_killed_hostd_reattaches_live_vms_and_reaps_dead_ones(cli, ck):
     assert not (cli.paths.shm / f"{b}.qmp").exists()
     assert cli.exec(a, "echo alive").stdout == "alive\n"
     cli("vm", "stop", a)
+
+
+JOIN_ACROSS_RESTART = r'''
+import json, os, sfmpi, time
+t = sfmpi.request_ticket(2)
+i = sfmpi.clone(t)
+if i:
+    time.sleep(45)           # hostd is killed and restarted meanwhile
+    sfmpi.exit(10 + i)
+open("/tmp/cloned", "w").write(json.dumps({m.id: m.hostname for m in sfmpi.members(t)}))
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.5)
+st = sfmpi.join(t)
+print(json.dumps({"statuses": st, "failures": st.failures}))
+'''
+
+
+def test_a_ticket_outlives_a_killed_hostd(cli, parent):
+    from sfmpi.client import HostdClient, wait_gone
+    cli.exec(parent, "rm -f /tmp/cloned /tmp/go /tmp/join.out; cat > /root/restart.py <<'SFMPI_EOF'\n"
+                     f"{JOIN_ACROSS_RESTART}\nSFMPI_EOF")
+    cli.exec(parent, "(setsid python3 /root/restart.py > /tmp/join.out 2> /tmp/join.err &) ; true")
+    deadline = time.monotonic() + 180
+    while cli.exec(parent, "cat /tmp/cloned 2>/dev/null; true").stdout == "" and time.monotonic() < deadline:
+        time.sleep(1)
+    by_id = json.loads(cli.exec(parent, "cat /tmp/cloned").stdout)   # clone ID -> VM (hostname)
+    pids = {r["name"]: r["pid"] for r in cli.json("vm", "list")}
+    assert set(by_id.values()) <= set(pids), (by_id, pids)
+    hostd_pid = HostdClient(cli.paths).call("ping")["pid"]
+    os.kill(hostd_pid, signal.SIGKILL)
+    assert wait_gone(hostd_pid)
+    os.kill(pids[by_id["2"]], signal.SIGKILL)         # one clone dies while no hostd runs
+    assert wait_gone(pids[by_id["2"]])
+    cli("vm", "list")                                  # a new hostd
+    cli.exec(parent, "touch /tmp/go")
+    deadline = time.monotonic() + 180
+    out = ""
+    while not out and time.monotonic() < deadline:
+        out = cli.exec(parent, "cat /tmp/join.out").stdout.strip()
+        time.sleep(1)
+    assert out, cli.exec(parent, "cat /tmp/join.err").stdout
+    res = json.loads(out)
+    assert res["statuses"] == {"1": 11}, res
+    assert res["failures"] == {"2": "lost while hostd was down"}
+    assert [r for r in cli.json("vm", "list") if r["role"] == "clone"] == []

@@ -110,3 +110,65 @@ def test_slot_of_finds_the_live_slot_when_a_name_comes_back():
     assert book.slot_of("p-1") == (book.tickets[t2.id], new)
     new.finish(status=1)
     assert book.slot_of("p-1") is None
+
+
+# -- kept in the store across a hostd restart ---------------------------------
+
+def _used(book, owner="p", vms=("p-1", "p-2", "p-3"), timeout=None):
+    t = book.start_use(grant(book, n=len(vms), owner=owner, family=owner, timeout=timeout).id, owner)
+    slots = book.register_slots(t, list(vms))
+    return book.cloned(t, slots), slots
+
+
+def test_a_restarted_book_knows_its_tickets_and_what_became_of_each_clone(tmp_path):
+    from sfmpi.hostd.store import Store
+    store = Store(tmp_path / "state.db")
+    book = TicketBook(store=store)
+    t, slots = _used(book, timeout=30)
+    slots[0].finish(status=7)                       # exited before the restart
+    spare = grant(book, n=1)                        # granted, not used yet
+    # hostd restarts; p-2 survived, p-3 did not.
+    again = TicketBook(store=Store(tmp_path / "state.db"))
+    assert again.restore(alive={"p", "p-2"}) == []
+    t2 = again.get(t.id, "p")
+    assert t2.state == TicketState.CLONED and t2.timeout == 30 and t2.cloned_at == t.cloned_at
+    s1, s2, s3 = again.slots[t.id]
+    assert (s1.ended.is_set(), s1.status) == (True, 7)
+    assert not s2.ended.is_set() and again.slot_of("p-2") == (t2, s2)
+    assert s3.failure == "lost while hostd was down"
+    assert again.get(spare.id, "p").state == TicketState.GRANTED
+    # ... and ticket numbers go on from where they were.
+    assert grant(again, n=1).id not in (t.id, spare.id)
+    # What the restarted hostd learns is written through too.
+    s2.finish(status=0)
+    third = TicketBook(store=Store(tmp_path / "state.db"))
+    third.restore(alive={"p"})
+    assert [s.status for s in third.slots[t.id]] == [7, 0, None]
+
+
+def test_a_joined_ticket_leaves_the_store_and_one_caught_mid_clone_is_spent(tmp_path):
+    from sfmpi.hostd.store import Store
+    store = Store(tmp_path / "state.db")
+    book = TicketBook(store=store)
+    t, slots = _used(book, vms=("p-1",))
+    slots[0].finish(status=0)
+    book.set_state(t, TicketState.JOINED)
+    mid = book.start_use(grant(book, n=1).id, "p")   # hostd dies while cloning
+    again = TicketBook(store=store)
+    again.restore(alive={"p"})
+    with pytest.raises(TicketError):
+        again.get(t.id, "p")
+    assert again.get(mid.id, "p").state == TicketState.KILLED
+
+
+def test_clones_of_a_parent_that_did_not_survive_are_orphans(tmp_path):
+    from sfmpi.hostd.store import Store
+    store = Store(tmp_path / "state.db")
+    book = TicketBook(store=store)
+    t, _ = _used(book, vms=("p-1",))
+    spare = grant(book, n=1)
+    again = TicketBook(store=store)
+    orphans = again.restore(alive={"p-1"})           # the parent is gone, its clone runs
+    assert [o.id for o in orphans] == [t.id]
+    with pytest.raises(TicketError):
+        again.get(spare.id, "p")                     # an unused ticket of a gone parent is dropped
