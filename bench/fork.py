@@ -240,13 +240,18 @@ def main() -> int:
         left = bench.down()
     result = {"mem_mb": args.mem, "repeats": args.repeats, "accel": accel, "cpus": os.cpu_count(),
               "clone_vs_cold": clone_rows, "guest_clone": guest_rows, "pauses": pause_rows, "leaks": left}
-    if args.json:
+    return emit(result, args.json, print_tables)
+
+
+def emit(result: dict, as_json: bool, tables) -> int:
+    """One JSON document, or the tables and any leak; non-zero if something leaked."""
+    if as_json:
         print(json.dumps(result, indent=2))
     else:
-        print_tables(result)
-        if left:
-            print(f"LEAKS: {left}")
-    return 1 if left else 0
+        tables(result)
+        if result["leaks"]:
+            print(f"LEAKS: {result['leaks']}")
+    return 1 if result["leaks"] else 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fork import COLD_TIMEOUT, Bench, ints  # noqa: E402
+from fork import COLD_TIMEOUT, Bench, emit, ints  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "mpi"
 SHORT_INTERVALS = 100000
@@ -175,13 +175,7 @@ def main() -> int:
         left = bench.down()
     result = {"mpi": args.mpi, "mem_mb": args.mem, "repeats": args.repeats, "long_s": args.long,
               "accel": accel, "cpus": os.cpu_count(), "rows": rows, "leaks": left}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_tables(result)
-        if left:
-            print(f"LEAKS: {left}")
-    return 1 if left else 0
+    return emit(result, args.json, print_tables)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,21 @@ class Cli:
 
     def exec(self, vm: str, script: str, check: bool = True) -> subprocess.CompletedProcess:
         return self("vm", "exec", vm, "--", "sh", "-c", script, check=check)
+
+    def put(self, vm: str, path: str, text: str) -> None:
+        """Write a file in the guest (`vm exec` passes no stdin: a here-document)."""
+        self.exec(vm, f"cat > {path} <<'SFMPI_EOF'\n{text}\nSFMPI_EOF")
+
+    def clones_of(self, vm: str) -> list[str]:
+        """VMs forked from `vm` that still exist (their names extend its name)."""
+        return [r["name"] for r in self.json("vm", "list") if r["name"].startswith(vm + "-")]
+
+    def assert_no_clones_left(self, vm: str, within: float = 30.0) -> None:
+        """Clones are destroyed when they exit: give hostd a moment, then none may be left."""
+        deadline = time.monotonic() + within
+        while self.clones_of(vm) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert self.clones_of(vm) == []
 
     @property
     def paths(self) -> Paths:

@@ -58,13 +58,10 @@ else:
 '''
 
 
-def put(cli, vm: str, path: str, text: str) -> None:
-    cli.exec(vm, f"cat > {path} <<'SFMPI_EOF'\n{text}\nSFMPI_EOF")
-
 
 @pytest.fixture(scope="module")
 def python_run(cli, parent) -> dict:
-    put(cli, parent, "/root/report.py", REPORT_PROGRAM)
+    cli.put(parent, "/root/report.py", REPORT_PROGRAM)
     t0 = time.time()
     p = cli.exec(parent, "cd /root && python3 report.py", check=False)
     assert p.returncode == 0, p.stderr
@@ -125,7 +122,7 @@ fi
 
 
 def test_sfclone_from_a_shell_script(cli, parent):
-    put(cli, parent, "/root/fork.sh", SHELL_PROGRAM)
+    cli.put(parent, "/root/fork.sh", SHELL_PROGRAM)
     p = cli.exec(parent, "sh /root/fork.sh", check=False)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split("\n")[:2] == ["1 11", "2 12"]
@@ -147,7 +144,7 @@ int main(void) {
 
 
 def test_libsfclone_from_c(cli, parent):
-    put(cli, parent, "/root/fork.c", C_PROGRAM)
+    cli.put(parent, "/root/fork.c", C_PROGRAM)
     cli.exec(parent, "cd /root && cc -O2 -o fork fork.c $(pkg-config --cflags --libs sfclone)")
     p = cli.exec(parent, "/root/fork", check=False)
     assert p.returncode == 0, p.stderr

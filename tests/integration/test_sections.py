@@ -86,27 +86,13 @@ with sfmpi.parallel(3) as s:
 '''
 
 
-def put(cli, vm: str, path: str, text: str) -> None:
-    cli.exec(vm, f"cat > {path} <<'SFMPI_EOF'\n{text}\nSFMPI_EOF")
-
 
 def run_py(cli, vm: str, name: str, program: str, check: bool = True):
-    put(cli, vm, f"/root/{name}", program)
+    cli.put(vm, f"/root/{name}", program)
     p = cli.exec(vm, f"cd /root && python3 {name}", check=False)
     if check:
         assert p.returncode == 0, p.stderr
     return p
-
-
-def clones_of(cli, vm: str) -> list[str]:
-    return [r["name"] for r in cli.json("vm", "list") if r["name"].startswith(vm + "-")]
-
-
-def no_clones_left(cli, vm: str) -> None:
-    deadline = time.monotonic() + 30
-    while clones_of(cli, vm) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert clones_of(cli, vm) == []
 
 
 def test_partial_sums_gather_to_the_serial_sum(cli, parent):
@@ -116,7 +102,7 @@ def test_partial_sums_gather_to_the_serial_sum(cli, parent):
     assert sum(p for _, p, _ in out["parts"]) == out["serial"]
     assert len({h for _, _, h in out["parts"]}) == 4              # four VMs
     assert out["echoed"] == ["from the parent"] * 4
-    no_clones_left(cli, parent)
+    cli.assert_no_clones_left(parent)
 
 
 def test_an_exception_in_a_clone_is_raised_in_the_parent(cli, parent):
@@ -124,7 +110,7 @@ def test_an_exception_in_a_clone_is_raised_in_the_parent(cli, parent):
     assert out["raised"] == "Odd" and out["rank"] == 2
     assert out["message"] == "rank 2 does not like this"
     assert "raised in clone 2" in out["notes"][0] and "in check" in out["notes"][0]   # the clone's traceback
-    no_clones_left(cli, parent)
+    cli.assert_no_clones_left(parent)
 
 
 def test_an_exception_in_the_parent_destroys_the_clones(cli, parent):
@@ -132,14 +118,14 @@ def test_an_exception_in_the_parent_destroys_the_clones(cli, parent):
     p = run_py(cli, parent, "parent_raises.py", PARENT_RAISES, check=False)
     assert p.returncode == 1 and "RuntimeError: the parent gives up" in p.stderr
     assert time.monotonic() - t0 < 120
-    no_clones_left(cli, parent)
+    cli.assert_no_clones_left(parent)
 
 
 def test_sections_do_not_nest(cli, parent):
     out = json.loads(run_py(cli, parent, "nested.py", NESTED).stdout.strip().splitlines()[-1])
     assert len(out["errors"]) == 2
     assert all(e and "do not nest" in e for e in out["errors"])
-    no_clones_left(cli, parent)
+    cli.assert_no_clones_left(parent)
 
 
 def test_bad_n_is_a_usage_error(cli, parent):
@@ -152,7 +138,7 @@ def test_fork_pool_maps_100_items_on_3_workers(cli, parent):
     assert out["values"] == [i * i for i in range(100)]
     assert len(out["hosts"]) == 3 and "parent" not in out["hosts"]
     assert out["error"][0] == "KeyError" and out["error"][2] in (1, 2, 3)
-    no_clones_left(cli, parent)
+    cli.assert_no_clones_left(parent)
 
 
 def test_a_section_in_a_vm_restored_from_a_checkpoint(cli, parent):
@@ -162,6 +148,6 @@ def test_a_section_in_a_vm_restored_from_a_checkpoint(cli, parent):
         out = json.loads(run_py(cli, restored, "sums.py", PARTIAL_SUMS).stdout.strip().splitlines()[-1])
         assert sum(p for _, p, _ in out["parts"]) == out["serial"]
         assert len({h for _, _, h in out["parts"]}) == 4
-        no_clones_left(cli, restored)
+        cli.assert_no_clones_left(restored)
     finally:
         cli("vm", "stop", restored)

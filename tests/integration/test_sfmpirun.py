@@ -15,20 +15,9 @@ MPI_PROCESSES = ("mpiexec", "mpiexec.hydra", "hydra_pmi_proxy", "orted", "prteru
 PI_LINE = re.compile(r"^pi is approximately (\S+)", re.M)
 
 
-def put(cli, vm: str, path: str, text: str) -> None:
-    cli.exec(vm, f"cat > {path} <<'SFMPI_EOF'\n{text}\nSFMPI_EOF")
-
-
-def clones_of(cli, parent: str) -> list[str]:
-    return [r["name"] for r in cli.json("vm", "list") if r["name"].startswith(parent + "-")]
-
-
 def no_job_left(cli, parent: str) -> None:
     """Nothing of a finished job anywhere: no clone VM, no MPI process in the parent."""
-    deadline = time.monotonic() + 30
-    while clones_of(cli, parent) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert clones_of(cli, parent) == []
+    cli.assert_no_clones_left(parent)
     ps = cli.exec(parent, "ps -eo comm=").stdout.split()
     assert not [p for p in ps if p in MPI_PROCESSES], ps
     assert "sfmpirun-" not in cli.exec(parent, "cat /root/.ssh/authorized_keys 2>/dev/null; true").stdout
@@ -37,9 +26,9 @@ def no_job_left(cli, parent: str) -> None:
 
 @pytest.fixture(scope="module")
 def programs(cli, parent) -> str:
-    put(cli, parent, "/root/cpi.c", (EXAMPLES / "cpi.c").read_text())
-    put(cli, parent, "/root/sum_input.c", (EXAMPLES / "sum_input.c").read_text())
-    put(cli, parent, "/root/pi_mpi4py.py", (EXAMPLES / "pi_mpi4py.py").read_text())
+    cli.put(parent, "/root/cpi.c", (EXAMPLES / "cpi.c").read_text())
+    cli.put(parent, "/root/sum_input.c", (EXAMPLES / "sum_input.c").read_text())
+    cli.put(parent, "/root/pi_mpi4py.py", (EXAMPLES / "pi_mpi4py.py").read_text())
     cli.exec(parent, "cd /root && mpicc.mpich -O2 -o cpi_mpich cpi.c -lm && "
                      "mpicc.openmpi -O2 -o cpi_openmpi cpi.c -lm && mpicc.mpich -O2 -o sum_input sum_input.c")
     return "/root"
@@ -80,7 +69,7 @@ def test_clones_read_what_the_parent_wrote_just_before(cli, parent, programs):
 
 
 def test_exit_status_is_the_jobs_and_a_dead_rank_ends_it(cli, parent, programs):
-    put(cli, parent, "/root/die.py", "from mpi4py import MPI\nimport os, time\n"
+    cli.put(parent, "/root/die.py", "from mpi4py import MPI\nimport os, time\n"
                                      "if MPI.COMM_WORLD.Get_rank() == 1: os._exit(7)\ntime.sleep(600)\n")
     t0 = time.monotonic()
     p = sfmpirun(cli, parent, "-n 3 python3 die.py")
@@ -132,7 +121,7 @@ time.sleep(3600)'
 
 
 def test_a_launch_that_never_reaches_a_clone_times_out(cli, parent, programs):
-    put(cli, parent, "/etc/sfmpi/clone.d/20-silent", SILENT_PORT_22)
+    cli.put(parent, "/etc/sfmpi/clone.d/20-silent", SILENT_PORT_22)
     cli.exec(parent, "chmod +x /etc/sfmpi/clone.d/20-silent")
     try:
         t0 = time.monotonic()
@@ -155,7 +144,7 @@ def _start_in_background(cli, parent: str, args: str) -> None:
 def _wait_for_clones(cli, parent: str, n: int) -> list[str]:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        names = clones_of(cli, parent)
+        names = cli.clones_of(parent)
         if len(names) >= n and "rank" in cli.exec(parent, "cat /tmp/bg.out").stdout:
             return names
         time.sleep(1)
@@ -175,10 +164,19 @@ def _background_result(cli, parent: str) -> tuple[int, str]:
 LONG_JOB = "-n 3 python3 -c 'from mpi4py import MPI; import time; print(\"rank\", flush=True); time.sleep(900)'"
 
 
-def test_a_dead_clone_ends_the_job(cli, parent, programs):
+def _long_job_running(cli, parent: str) -> list[str]:
+    """sfmpirun of LONG_JOB in the background, its ranks up; its clones."""
     cli.exec(parent, "rm -f /tmp/bg.rc /tmp/bg.out")
     _start_in_background(cli, parent, LONG_JOB)
-    names = _wait_for_clones(cli, parent, 2)
+    return _wait_for_clones(cli, parent, 2)
+
+
+def _signal_sfmpirun(cli, parent: str, sig: str) -> None:
+    cli.exec(parent, f"kill -{sig} $(ps -eo pid=,args= | awk '$3 ~ /sfmpirun$/ {{print $1}}')")
+
+
+def test_a_dead_clone_ends_the_job(cli, parent, programs):
+    names = _long_job_running(cli, parent)
     cli("vm", "stop", names[0])
     rc, err = _background_result(cli, parent)
     assert rc == 1 and "died" in err, err
@@ -186,10 +184,8 @@ def test_a_dead_clone_ends_the_job(cli, parent, programs):
 
 
 def test_sigterm_ends_the_job_and_destroys_the_clones(cli, parent, programs):
-    cli.exec(parent, "rm -f /tmp/bg.rc /tmp/bg.out")
-    _start_in_background(cli, parent, LONG_JOB)
-    _wait_for_clones(cli, parent, 2)
-    cli.exec(parent, "kill -TERM $(ps -eo pid=,args= | awk '$3 ~ /sfmpirun$/ {print $1}')")
+    _long_job_running(cli, parent)
+    _signal_sfmpirun(cli, parent, "TERM")
     rc, err = _background_result(cli, parent)
     assert rc == 143 and "SIGTERM" in err, err
     no_job_left(cli, parent)
@@ -199,12 +195,10 @@ def test_sfmpirun_killed_outright_takes_its_job_along(cli, parent, programs):
     # SIGKILL: no clean-up of sfmpirun's own runs. mpiexec dies with it
     # (parent-death signal), the clones see their control line close and exit,
     # and the next sfmpirun removes the dead job's key and directory.
-    cli.exec(parent, "rm -f /tmp/bg.rc /tmp/bg.out")
-    _start_in_background(cli, parent, LONG_JOB)
-    _wait_for_clones(cli, parent, 2)
-    cli.exec(parent, "kill -KILL $(ps -eo pid=,args= | awk '$3 ~ /sfmpirun$/ {print $1}')")
+    _long_job_running(cli, parent)
+    _signal_sfmpirun(cli, parent, "KILL")
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and (clones_of(cli, parent) or [
+    while time.monotonic() < deadline and (cli.clones_of(parent) or [
             p for p in cli.exec(parent, "ps -eo comm=").stdout.split() if p in MPI_PROCESSES]):
         time.sleep(1)
     assert "sfmpirun-" in cli.exec(parent, "cat /root/.ssh/authorized_keys").stdout  # left by the killed job
