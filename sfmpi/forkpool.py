@@ -105,10 +105,10 @@ class ForkPoolExecutor(Executor):
                     f.set_exception(BrokenForkPool(f"worker {rank} is gone"))
                     raise section_wire.PeerGone() from None
                 try:
-                    kind, _step, payload = section_wire.recv(conn)
-                except section_wire.PeerGone:
+                    kind, _step, payload = section_wire.recv(conn, lambda: self._check_worker(rank))
+                except (section_wire.PeerGone, BrokenForkPool):
                     f.set_exception(BrokenForkPool(f"worker {rank} died while running a task"))
-                    raise
+                    raise section_wire.PeerGone() from None
                 if kind == "result":
                     f.set_result(payload)
                 else:
@@ -117,6 +117,12 @@ class ForkPoolExecutor(Executor):
             self._break(f"worker {rank} of the fork pool died")
         finally:
             conn.close()
+
+    def _check_worker(self, rank: int) -> None:
+        # A worker's VM that is destroyed does not close its connection.
+        if self._ticket is not None and any(m.id == rank and m.state != "running"
+                                            for m in api.members(self._ticket)):
+            raise BrokenForkPool(f"worker {rank} of the fork pool died")
 
     def _break(self, why: str) -> None:
         with self._lock:

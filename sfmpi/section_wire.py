@@ -12,8 +12,12 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
+from typing import Callable
 
 HEADER = struct.Struct("!Q")
+# How often a waiting copy asks whether its peer still lives: a clone's VM that
+# is destroyed sends no FIN, so its connection would otherwise wait forever.
+LIVENESS_EVERY = 1.0
 
 
 class PeerGone(Exception):
@@ -25,19 +29,43 @@ def send(sock: socket.socket, obj) -> None:
     sock.sendall(HEADER.pack(len(data)) + data)
 
 
-def recv(sock: socket.socket):
-    (size,) = HEADER.unpack(_exactly(sock, HEADER.size))
-    return pickle.loads(_exactly(sock, size))
+def recv(sock: socket.socket, check_peer: Callable[[], None] | None = None):
+    """The next message. With check_peer, it is called every LIVENESS_EVERY
+    seconds of waiting and raises if the peer is known to be gone."""
+    (size,) = HEADER.unpack(_exactly(sock, HEADER.size, check_peer))
+    return pickle.loads(_exactly(sock, size, check_peer))
 
 
-def _exactly(sock: socket.socket, n: int) -> bytes:
+def _exactly(sock: socket.socket, n: int, check_peer) -> bytes:
     buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise PeerGone()
-        buf += chunk
+    sock.settimeout(LIVENESS_EVERY if check_peer else None)
+    try:
+        while len(buf) < n:
+            try:
+                chunk = sock.recv(min(n - len(buf), 1 << 20))
+            except socket.timeout:
+                check_peer()
+                continue
+            if not chunk:
+                raise PeerGone()
+            buf += chunk
+    finally:
+        sock.settimeout(None)
     return bytes(buf)
+
+
+def send_last(sock: socket.socket, obj, wait: float = 30.0) -> None:
+    """Send a copy's last message, then wait until the other end has read it
+    and closed: the sender's VM is destroyed right after, and whatever still
+    sits in its socket buffer then never leaves it."""
+    send(sock, obj)
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(wait)
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
 
 
 def listen(ip: str) -> socket.socket:

@@ -91,9 +91,23 @@ class Section:
         self._step += 1
         return self._step
 
+    def _check_peer(self, rank: int):
+        """In the parent: raise if clone `rank` has ended (its VM takes its
+        connection along without closing it). Clones need no check: hostd ends
+        them with their parent."""
+        if not self.is_parent or self.ticket is None:
+            return None
+
+        def check() -> None:
+            for m in api.members(self.ticket):
+                if m.id == rank and m.state != "running":
+                    raise SectionError(f"clone {rank} of the parallel section ended "
+                                       f"({m.failure or f'exit status {m.status}'}) before it left the section")
+        return check
+
     def _expect(self, rank: int, op: str, step: int):
         try:
-            kind, their_step, payload = section_wire.recv(self._conns[rank])
+            kind, their_step, payload = section_wire.recv(self._conns[rank], self._check_peer(rank))
         except section_wire.PeerGone:
             who = "the parent" if rank == 0 else f"clone {rank}"
             raise SectionError(f"{who} of the parallel section is gone (during {op} #{step})") from None
@@ -110,10 +124,10 @@ class Section:
         status = 0
         try:
             if exc is None:
-                section_wire.send(self._conns[0], ("done", self._step, None))
+                section_wire.send_last(self._conns[0], ("done", self._step, None))
             else:
                 status = 1
-                section_wire.send(self._conns[0], ("error", self._step, describe(exc)))
+                section_wire.send_last(self._conns[0], ("error", self._step, describe(exc)))
         except OSError:
             status = 1
         finally:
@@ -147,10 +161,12 @@ class Section:
         errors = []
         for r in range(1, self.size):
             try:
-                kind, step, payload = section_wire.recv(self._conns[r])
-            except section_wire.PeerGone:
+                kind, step, payload = section_wire.recv(self._conns[r], self._check_peer(r))
+            except (section_wire.PeerGone, SectionError):
                 errors.append((r, None))
                 continue
+            finally:
+                self._conns[r].close()   # the clone waits for this before it ends
             if kind == "error":
                 errors.append((r, payload))
             elif kind != "done":
