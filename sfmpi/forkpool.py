@@ -39,7 +39,7 @@ class ForkPoolExecutor(Executor):
     def __init__(self, max_workers: int, *, allow_fewer: bool = False, ticket_timeout: float | None = None):
         if not isinstance(max_workers, int) or max_workers < 1:
             raise UsageError(f"max_workers must be at least 1 (got {max_workers!r})")
-        rank, size, ticket, conns = fork_connected(max_workers, allow_fewer, ticket_timeout,
+        rank, size, ticket, conns, _ip = fork_connected(max_workers, allow_fewer, ticket_timeout,
                                                    f"ForkPoolExecutor({max_workers})")
         if rank:
             _serve(conns[0])   # a worker: never returns

@@ -52,7 +52,8 @@ PACKAGE_DIR = Path(__file__).parent
 # The part of the sfmpi package a guest runs: the agent and the clone API
 # (host-only modules such as hostd stay out of the image).
 GUEST_MODULES = (
-    "__init__.py", "errors.py", "api.py", "sfclone.py", "sections.py", "section_wire.py", "forkpool.py",
+    "__init__.py", "errors.py", "api.py", "sfclone.py", "sections.py", "section_wire.py", "section_mpi.py",
+    "forkpool.py",
     "guest/__init__.py", "guest/agent.py", "guest/api_server.py", "guest/identity.py",
 )
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"
@@ -63,7 +64,8 @@ LAUNCHER_MODULES = ("__init__.py", "control.py", "detect.py", "options.py", "pla
 # libsfclone, the clone API for C and C++, and sfmpirun's MPICH finalize fix
 # (built on the host, Debian bookworm too).
 NATIVE_DIR = PACKAGE_DIR.parent / "native"
-NATIVE_SOURCES = ("Makefile", "sfclone/sfclone.c", "sfclone/sfclone.h", "mpich-finalize/sfmpirun_finalize.c")
+NATIVE_SOURCES = ("Makefile", "sfclone/sfclone.c", "sfclone/sfclone.h", "mpich-finalize/sfmpirun_finalize.c",
+                  "pmi1/sfmpi_pmi1.c")
 SFCLONE_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.sfclone import run\nrun()\n"
 SFMPIRUN_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.run import main\nmain()\n"
 SFMPIRUN_AGENT_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.rsh_agent import run\nrun()\n"

@@ -31,6 +31,7 @@ from .errors import SectionError, UsageError
 
 CONNECT_TIMEOUT = 120.0   # for every clone to reach the parent after the fork
 _active = False           # sections do not nest: one per program at a time
+_mpi_started = False      # section.comm: MPI starts once per process
 
 
 class CloneFailed(SectionError):
@@ -46,13 +47,16 @@ class CloneFailed(SectionError):
 class Section:
     """One copy's view of a parallel section."""
 
-    def __init__(self, rank: int, size: int, ticket: api.Ticket | None, conns: dict[int, socket.socket]):
+    def __init__(self, rank: int, size: int, ticket: api.Ticket | None, conns: dict[int, socket.socket],
+                 parent_ip: str | None = None):
         self.rank = rank
         self.size = size
         self.ticket = ticket
         self._conns = conns          # parent: rank -> socket; clone: {0: socket to the parent}
         self._step = 0               # collectives called so far: every copy must call the same ones
         self._comm = None
+        self._kvs = None             # parent, once comm is used: the MPI key-value space
+        self.parent_ip = parent_ip
 
     @property
     def is_parent(self) -> bool:
@@ -83,9 +87,27 @@ class Section:
 
     @property
     def comm(self):
-        """An MPI communicator over the section's copies (mpi4py)."""
-        raise SectionError("section.comm is not available yet: run MPI code in a section with sfmpirun, "
-                           "or use gather/bcast/barrier")
+        """An mpi4py communicator over the section's copies, in rank order.
+        Collective: every copy must use it (the first use starts MPI)."""
+        if self._comm is None:
+            self._comm = self._start_mpi()
+        return self._comm
+
+    def _start_mpi(self):
+        from . import section_mpi
+        global _mpi_started
+        if _mpi_started or section_mpi.mpi_initialized():
+            raise SectionError("section.comm: MPI was already started in this program (before the section, "
+                               "or by an earlier one); MPI starts once per process, so import mpi4py.MPI "
+                               "only inside the one section that uses it")
+        _mpi_started = True
+        if self.parent_ip is None:
+            self.parent_ip = api.whoami()["ip"]
+        if self.is_parent:
+            self._kvs = section_mpi.KeyValueSpace(self.parent_ip, self.size)
+        port = self.bcast(self._kvs.port if self._kvs else None)
+        subnet = ".".join(self.parent_ip.split(".")[:3]) + ".0/24"   # a family is one /24
+        return section_mpi.join_world(self.parent_ip, port, self.rank, self.size, subnet)
 
     def _next(self) -> int:
         self._step += 1
@@ -141,6 +163,8 @@ class Section:
     def _leave_parent(self, exc: BaseException | None) -> None:
         """In the parent: wait for every clone to leave, then join them. An
         exception here (the block's or a clone's) ends the clones at once."""
+        if self._kvs is not None:
+            self._kvs.close()
         if self.ticket is None:
             return
         try:
@@ -209,14 +233,15 @@ def rebuild(rank: int, payload: dict) -> BaseException:
 def _fork(n: int, allow_fewer: bool, ticket_timeout: float | None) -> Section:
     if n == 1:
         return Section(0, 1, None, {})
-    rank, size, ticket, conns = fork_connected(n - 1, allow_fewer, ticket_timeout, f"parallel({n})")
-    return Section(rank, size, ticket if rank == 0 else None, conns)
+    rank, size, ticket, conns, parent_ip = fork_connected(n - 1, allow_fewer, ticket_timeout, f"parallel({n})")
+    return Section(rank, size, ticket if rank == 0 else None, conns, parent_ip)
 
 
 def fork_connected(clones: int, allow_fewer: bool, ticket_timeout: float | None, what: str):
     """Fork this VM into `clones` clones, each connected to the parent over the
-    family network. (rank, copies, ticket, connections): in the parent the
-    connections by clone rank, in a clone {0: the connection to the parent}."""
+    family network. (rank, copies, ticket, connections, the parent's address):
+    in the parent the connections by clone rank, in a clone {0: the
+    connection to the parent}."""
     me = api.whoami()
     listener = section_wire.listen(me["ip"])
     try:
@@ -232,8 +257,8 @@ def fork_connected(clones: int, allow_fewer: bool, ticket_timeout: float | None,
             listener.close()
             conn = _connect(me["ip"], port)
             section_wire.send(conn, ("hello", 0, rank))
-            return rank, size, ticket, {0: conn}
-        return 0, size, ticket, _accept(listener, ticket, size - 1)
+            return rank, size, ticket, {0: conn}, me["ip"]
+        return 0, size, ticket, _accept(listener, ticket, size - 1), me["ip"]
     finally:
         listener.close()
 

@@ -70,3 +70,46 @@ def test_sections_do_not_nest_and_n_is_checked():
             sfmpi.parallel(bad)
     with pytest.raises(UsageError, match="at least 1"):
         sfmpi.ForkPoolExecutor(0)
+
+
+# section.comm's key-value space and the PMI-1 library Open MPI loads (no MPI here:
+# two processes play two copies of a section).
+COPY = r"""
+import ctypes, os, socket, sys
+rank, size, port, lib = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+conn = socket.create_connection(("127.0.0.1", port))
+os.environ.update(SFMPI_PMI_FD=str(conn.detach()), SFMPI_PMI_RANK=str(rank), SFMPI_PMI_SIZE=str(size))
+pmi = ctypes.CDLL(lib)
+spawned, r, s, clique = ctypes.c_int(9), ctypes.c_int(), ctypes.c_int(), (ctypes.c_int * 4)()
+assert pmi.PMI_Init(ctypes.byref(spawned)) == 0 and spawned.value == 0
+assert pmi.PMI_Get_rank(ctypes.byref(r)) == 0 and pmi.PMI_Get_size(ctypes.byref(s)) == 0
+assert pmi.PMI_Get_clique_ranks(clique, 4) == 0 and clique[0] == rank
+name = ctypes.create_string_buffer(64)
+assert pmi.PMI_KVS_Get_my_name(name, 64) == 0
+assert pmi.PMI_KVS_Put(name, f"card-{rank}".encode(), f"addr{rank}".encode()) == 0
+assert pmi.PMI_KVS_Put(name, b"with space", b"x") != 0
+assert pmi.PMI_KVS_Commit(name) == 0 and pmi.PMI_Barrier() == 0
+value = ctypes.create_string_buffer(1024)
+other = (rank + 1) % size
+assert pmi.PMI_KVS_Get(name, f"card-{other}".encode(), value, 1024) == 0
+missing = pmi.PMI_KVS_Get(name, b"never-put", value, 1024)
+print(r.value, s.value, value.value.decode(), missing)
+"""
+
+
+def test_copies_exchange_keys_through_the_parent_and_meet_at_barriers():
+    import subprocess
+    import sys
+    from pathlib import Path
+    from sfmpi import section_mpi
+    lib = Path(__file__).resolve().parents[2] / "native" / "build" / "libsfmpi-pmi1.so"
+    subprocess.run(["make", "-s", "-C", str(lib.parent.parent), "build/libsfmpi-pmi1.so"], check=True)
+    kvs = section_mpi.KeyValueSpace("127.0.0.1", 2)
+    try:
+        copies = [subprocess.Popen([sys.executable, "-c", COPY, str(r), "2", str(kvs.port), str(lib)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        outs = [c.communicate(timeout=30) for c in copies]
+    finally:
+        kvs.close()
+    assert [c.returncode for c in copies] == [0, 0], outs
+    assert [o.split() for o, _ in outs] == [["0", "2", "addr1", "-1"], ["1", "2", "addr0", "-1"]]

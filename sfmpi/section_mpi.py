@@ -1,0 +1,105 @@
+"""`section.comm`: one MPI_COMM_WORLD over the copies of a parallel section.
+
+The copies were not started by mpiexec, so nothing tells MPI who its peers
+are. Debian's mpi4py runs on Open MPI 4.1, which takes that from a PMI-1
+library when FLUX_JOB_ID is set (its `flux` component): sfmpi ships one
+(native/pmi1, libsfmpi-pmi1.so) that asks the section's parent, which keeps
+the key-value space and the barrier here (KeyValueSpace). Each copy connects
+to it, sets the environment Open MPI reads at MPI_Init, and imports mpi4py.MPI.
+
+MPI can be initialized once per process: a program gets one section with MPI.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+
+from . import section_wire
+from .errors import SectionError
+
+PMI_LIBRARY = "/usr/local/lib/sfmpi/libsfmpi-pmi1.so"
+
+
+class KeyValueSpace:
+    """The parent's side of libsfmpi-pmi1: put/get/barrier for `size` copies,
+    one line per request (the protocol is in native/pmi1/sfmpi_pmi1.c)."""
+
+    def __init__(self, ip: str, size: int):
+        self.size = size
+        self.values: dict[str, str] = {}
+        self.listener = section_wire.listen(ip)
+        self.port = self.listener.getsockname()[1]
+        self._barrier = threading.Barrier(size)
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name="sfmpi-pmi").start()
+
+    def _accept(self) -> None:
+        for _ in range(self.size):
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="sfmpi-pmi-copy").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb", buffering=0) as f:
+            for raw in f:
+                words = raw.decode().split()
+                if words[:1] == ["put"] and len(words) == 3:
+                    self.values[words[1]] = words[2]
+                    answer = "ok"
+                elif words[:1] == ["get"] and len(words) == 2:
+                    answer = f"ok {self.values[words[1]]}" if words[1] in self.values else "missing"
+                elif words == ["barrier"]:
+                    try:
+                        self._barrier.wait()
+                        answer = "ok"
+                    except threading.BrokenBarrierError:
+                        answer = "broken"
+                else:
+                    answer = "bad"
+                f.write(answer.encode() + b"\n")
+
+    def close(self) -> None:
+        self._barrier.abort()   # a copy still waiting gets an answer instead of a hang
+        self.listener.close()
+        for conn in self._conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def mpi_initialized() -> bool:
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is not None and mpi.Is_initialized()
+
+
+def join_world(parent_ip: str, port: int, rank: int, size: int, subnet: str):
+    """In every copy: connect to the parent's key-value space, then MPI_Init."""
+    if not os.path.exists(PMI_LIBRARY):
+        raise SectionError(f"section.comm needs {PMI_LIBRARY} (it comes with the sfmpi guest image)")
+    try:
+        import mpi4py
+    except ImportError:
+        raise SectionError("section.comm needs mpi4py (python3-mpi4py) in this VM") from None
+    conn = socket.create_connection((parent_ip, port), timeout=60)
+    conn.settimeout(None)
+    os.environ.update({
+        "SFMPI_PMI_FD": str(conn.detach()),   # stays open for MPI's lifetime in this process
+        "SFMPI_PMI_RANK": str(rank), "SFMPI_PMI_SIZE": str(size),
+        "FLUX_JOB_ID": str(port), "FLUX_PMI_LIBRARY_PATH": PMI_LIBRARY,
+        "OMPI_MCA_pmix": "flux",
+        # Only the family network between the copies.
+        "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": subnet,
+        "OMPI_MCA_pml": "ob1",
+    })
+    mpi4py.rc.initialize = True
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.Get_size() != size or MPI.COMM_WORLD.Get_rank() != rank:
+        raise SectionError(f"MPI_Init in the section gave rank {MPI.COMM_WORLD.Get_rank()} of "
+                           f"{MPI.COMM_WORLD.Get_size()}, not {rank} of {size}")
+    return MPI.COMM_WORLD
