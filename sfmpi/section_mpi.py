@@ -24,14 +24,17 @@ PMI_LIBRARY = "/usr/local/lib/sfmpi/libsfmpi-pmi1.so"
 
 class KeyValueSpace:
     """The parent's side of libsfmpi-pmi1: put/get/barrier for `size` copies,
-    one line per request (the protocol is in native/pmi1/sfmpi_pmi1.c)."""
+    one line per request (the protocol is in native/pmi1/sfmpi_pmi1.c). It
+    serves until the program ends: Open MPI asks it again at MPI_Finalize."""
 
     def __init__(self, ip: str, size: int):
         self.size = size
         self.values: dict[str, str] = {}
         self.listener = section_wire.listen(ip)
         self.port = self.listener.getsockname()[1]
-        self._barrier = threading.Barrier(size)
+        self._cond = threading.Condition()
+        self._waiting = 0
+        self._round = 0
         self._conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True, name="sfmpi-pmi").start()
 
@@ -43,6 +46,7 @@ class KeyValueSpace:
                 return
             self._conns.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True, name="sfmpi-pmi-copy").start()
+        self.listener.close()   # every copy has come
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb", buffering=0) as f:
@@ -54,23 +58,34 @@ class KeyValueSpace:
                 elif words[:1] == ["get"] and len(words) == 2:
                     answer = f"ok {self.values[words[1]]}" if words[1] in self.values else "missing"
                 elif words == ["barrier"]:
-                    try:
-                        self._barrier.wait()
-                        answer = "ok"
-                    except threading.BrokenBarrierError:
-                        answer = "broken"
+                    self._meet()
+                    answer = "ok"
                 else:
                     answer = "bad"
                 f.write(answer.encode() + b"\n")
 
-    def close(self) -> None:
-        self._barrier.abort()   # a copy still waiting gets an answer instead of a hang
-        self.listener.close()
-        for conn in self._conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def _meet(self) -> None:
+        with self._cond:
+            my_round = self._round
+            self._waiting += 1
+            if self._waiting >= self.size:
+                self._release()
+            while self._round == my_round:
+                self._cond.wait()
+
+    def _release(self) -> None:
+        self._waiting = 0
+        self._round += 1
+        self._cond.notify_all()
+
+    def parent_only(self) -> None:
+        """The section is over: the clones are gone, the parent's MPI lives on
+        until the program ends. Its MPI_Finalize then meets no one at its
+        barrier, so barriers from now on are the parent's alone."""
+        with self._cond:
+            self.size = 1
+            if self._waiting:
+                self._release()
 
 
 def mpi_initialized() -> bool:

@@ -164,7 +164,7 @@ class Section:
         """In the parent: wait for every clone to leave, then join them. An
         exception here (the block's or a clone's) ends the clones at once."""
         if self._kvs is not None:
-            self._kvs.close()
+            self._kvs.parent_only()
         if self.ticket is None:
             return
         try:

@@ -110,6 +110,19 @@ def test_copies_exchange_keys_through_the_parent_and_meet_at_barriers():
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
         outs = [c.communicate(timeout=30) for c in copies]
     finally:
-        kvs.close()
+        kvs.parent_only()
     assert [c.returncode for c in copies] == [0, 0], outs
     assert [o.split() for o, _ in outs] == [["0", "2", "addr1", "-1"], ["1", "2", "addr0", "-1"]]
+
+
+def test_after_the_section_the_parent_meets_its_barriers_alone():
+    import threading
+    from sfmpi import section_mpi
+    kvs = section_mpi.KeyValueSpace("127.0.0.1", 3)
+    met = threading.Event()
+    t = threading.Thread(target=lambda: (kvs._meet(), met.set()))
+    t.start()
+    assert not met.wait(0.3)          # 1 of 3 at the barrier: it waits
+    kvs.parent_only()                 # the clones are gone
+    assert met.wait(5)
+    kvs._meet()                       # MPI_Finalize's barrier, the parent alone
