@@ -230,28 +230,35 @@ def main() -> int:
 
     from sfmpi.cli import _default_image
     bench = Bench(args.image or _default_image())
-    left: list[str] = []
+    result = {"mem_mb": args.mem, "repeats": args.repeats, "cpus": os.cpu_count(),
+              "clone_vs_cold": [], "guest_clone": [], "pauses": []}
     try:
-        clone_rows = bench.clone_vs_cold(ints(args.ns), ints(args.cold_ns), args.repeats, args.mem)
-        guest_rows = bench.guest_clone(ints(args.ms), args.repeats, args.mem) if args.ms else []
-        pause_rows = bench.pauses(ints(args.sizes), args.repeats)
-        accel = json.loads(bench.paths.accel_cache.read_text())["accel"]
+        # Each part lands in the result as it ends: a later failure keeps what was measured.
+        result["clone_vs_cold"] = bench.clone_vs_cold(ints(args.ns), ints(args.cold_ns), args.repeats, args.mem)
+        if args.ms:
+            result["guest_clone"] = bench.guest_clone(ints(args.ms), args.repeats, args.mem)
+        result["pauses"] = bench.pauses(ints(args.sizes), args.repeats)
+    except Exception as exc:  # noqa: BLE001 - reported with the partial result
+        result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        left = bench.down()
-    result = {"mem_mb": args.mem, "repeats": args.repeats, "accel": accel, "cpus": os.cpu_count(),
-              "clone_vs_cold": clone_rows, "guest_clone": guest_rows, "pauses": pause_rows, "leaks": left}
+        result["accel"] = json.loads(bench.paths.accel_cache.read_text())["accel"] \
+            if bench.paths.accel_cache.exists() else "unknown"
+        result["leaks"] = bench.down()
     return emit(result, args.json, print_tables)
 
 
 def emit(result: dict, as_json: bool, tables) -> int:
-    """One JSON document, or the tables and any leak; non-zero if something leaked."""
+    """One JSON document, or the tables, any leak and any failure; non-zero if
+    something leaked or failed."""
     if as_json:
         print(json.dumps(result, indent=2))
     else:
         tables(result)
         if result["leaks"]:
             print(f"LEAKS: {result['leaks']}")
-    return 1 if result["leaks"] else 0
+        if result.get("error"):
+            print(f"FAILED: {result['error']}")
+    return 1 if result["leaks"] or result.get("error") else 0
 
 
 if __name__ == "__main__":
