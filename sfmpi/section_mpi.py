@@ -7,12 +7,17 @@ library when FLUX_JOB_ID is set (its `flux` component): sfmpi ships one
 the key-value space and the barrier here (KeyValueSpace). Each copy connects
 to it, sets the environment Open MPI reads at MPI_Init, and imports mpi4py.MPI.
 
+The key-value space runs in a process of its own (KeyValueServer): MPI_Init
+holds Python's GIL while it waits for the barrier, so a server thread in the
+parent's own process could never answer it.
+
 MPI can be initialized once per process: a program gets one section with MPI.
 """
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import threading
 
@@ -27,10 +32,10 @@ class KeyValueSpace:
     one line per request (the protocol is in native/pmi1/sfmpi_pmi1.c). It
     serves until the program ends: Open MPI asks it again at MPI_Finalize."""
 
-    def __init__(self, ip: str, size: int):
+    def __init__(self, listener: socket.socket, size: int):
         self.size = size
         self.values: dict[str, str] = {}
-        self.listener = section_wire.listen(ip)
+        self.listener = listener
         self.port = self.listener.getsockname()[1]
         self._cond = threading.Condition()
         self._waiting = 0
@@ -88,6 +93,32 @@ class KeyValueSpace:
                 self._release()
 
 
+class KeyValueServer:
+    """The parent's KeyValueSpace in a child process, for as long as the
+    program runs (it ends when its stdin closes, that is with the parent)."""
+
+    def __init__(self, ip: str, size: int):
+        listener = section_wire.listen(ip)
+        self.port = listener.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "sfmpi.section_mpi", str(listener.fileno()), str(size)],
+                                     stdin=subprocess.PIPE, pass_fds=(listener.fileno(),))
+        listener.close()
+
+    def parent_only(self) -> None:
+        try:
+            self.proc.stdin.write(b"parent-only\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass
+
+
+def _serve_main(listen_fd: int, size: int) -> None:
+    kvs = KeyValueSpace(socket.socket(fileno=listen_fd), size)
+    for line in sys.stdin.buffer:
+        if line.strip() == b"parent-only":
+            kvs.parent_only()
+
+
 def mpi_initialized() -> bool:
     mpi = sys.modules.get("mpi4py.MPI")
     return mpi is not None and mpi.Is_initialized()
@@ -118,3 +149,7 @@ def join_world(parent_ip: str, port: int, rank: int, size: int, subnet: str):
         raise SectionError(f"MPI_Init in the section gave rank {MPI.COMM_WORLD.Get_rank()} of "
                            f"{MPI.COMM_WORLD.Get_size()}, not {rank} of {size}")
     return MPI.COMM_WORLD
+
+
+if __name__ == "__main__":
+    _serve_main(int(sys.argv[1]), int(sys.argv[2]))

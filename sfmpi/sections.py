@@ -104,7 +104,7 @@ class Section:
         if self.parent_ip is None:
             self.parent_ip = api.whoami()["ip"]
         if self.is_parent:
-            self._kvs = section_mpi.KeyValueSpace(self.parent_ip, self.size)
+            self._kvs = section_mpi.KeyValueServer(self.parent_ip, self.size)
         port = self.bcast(self._kvs.port if self._kvs else None)
         subnet = ".".join(self.parent_ip.split(".")[:3]) + ".0/24"   # a family is one /24
         return section_mpi.join_world(self.parent_ip, port, self.rank, self.size, subnet)

@@ -104,7 +104,7 @@ def test_copies_exchange_keys_through_the_parent_and_meet_at_barriers():
     from sfmpi import section_mpi
     lib = Path(__file__).resolve().parents[2] / "native" / "build" / "libsfmpi-pmi1.so"
     subprocess.run(["make", "-s", "-C", str(lib.parent.parent), "build/libsfmpi-pmi1.so"], check=True)
-    kvs = section_mpi.KeyValueSpace("127.0.0.1", 2)
+    kvs = section_mpi.KeyValueServer("127.0.0.1", 2)
     try:
         copies = [subprocess.Popen([sys.executable, "-c", COPY, str(r), "2", str(kvs.port), str(lib)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -118,7 +118,8 @@ def test_copies_exchange_keys_through_the_parent_and_meet_at_barriers():
 def test_after_the_section_the_parent_meets_its_barriers_alone():
     import threading
     from sfmpi import section_mpi
-    kvs = section_mpi.KeyValueSpace("127.0.0.1", 3)
+    from sfmpi import section_wire
+    kvs = section_mpi.KeyValueSpace(section_wire.listen("127.0.0.1"), 3)
     met = threading.Event()
     t = threading.Thread(target=lambda: (kvs._meet(), met.set()))
     t.start()
