@@ -100,14 +100,19 @@ class KeyValueServer:
     def __init__(self, ip: str, size: int):
         listener = section_wire.listen(ip)
         self.port = listener.getsockname()[1]
+        # A bare descriptor, not a file object: mpi4py finalizes MPI after
+        # Python has torn its objects down, and a file object's close at that
+        # point would end the server before MPI_Finalize's barrier reaches it.
+        # The kernel closes it when this process ends.
+        read_end, self._control = os.pipe()
         self.proc = subprocess.Popen([sys.executable, "-m", "sfmpi.section_mpi", str(listener.fileno()), str(size)],
-                                     stdin=subprocess.PIPE, pass_fds=(listener.fileno(),))
+                                     stdin=read_end, pass_fds=(listener.fileno(),))
+        os.close(read_end)
         listener.close()
 
     def parent_only(self) -> None:
         try:
-            self.proc.stdin.write(b"parent-only\n")
-            self.proc.stdin.flush()
+            os.write(self._control, b"parent-only\n")
         except OSError:
             pass
 
