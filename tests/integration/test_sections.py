@@ -77,16 +77,6 @@ print(json.dumps({"values": [v for v, _ in results], "hosts": sorted({h for _, h
                   "error": [type(err).__name__, str(err), getattr(err, "sfmpi_rank", None)]}))
 '''
 
-MPI_SECTION = r'''
-import json, socket, sfmpi
-with sfmpi.parallel(3) as s:
-    comm = s.comm                                   # every copy: MPI starts here
-    total = comm.allreduce(s.rank + 1)              # 1 + 2 + 3
-    ring = comm.sendrecv(socket.gethostname(), dest=(s.rank + 1) % 3, source=(s.rank - 1) % 3)
-    got = s.gather({"rank": comm.Get_rank(), "size": comm.Get_size(), "total": total, "left": ring})
-print(json.dumps(got))
-'''
-
 PARENT_RAISES = r'''
 import sfmpi, time
 with sfmpi.parallel(3) as s:
@@ -128,15 +118,6 @@ def test_an_exception_in_the_parent_destroys_the_clones(cli, parent):
     p = run_py(cli, parent, "parent_raises.py", PARENT_RAISES, check=False)
     assert p.returncode == 1 and "RuntimeError: the parent gives up" in p.stderr
     assert time.monotonic() - t0 < 120
-    cli.assert_no_clones_left(parent)
-
-
-def test_mpi4py_allreduce_in_a_section(cli, parent):
-    got = json.loads(run_py(cli, parent, "mpi_section.py", MPI_SECTION).stdout.strip().splitlines()[-1])
-    assert [g["rank"] for g in got] == [0, 1, 2] and {g["size"] for g in got} == {3}
-    assert {g["total"] for g in got} == {6}
-    hosts = [g["left"] for g in got]                # each got its left neighbour's hostname
-    assert len(set(hosts)) == 3 and "parent" in hosts
     cli.assert_no_clones_left(parent)
 
 

@@ -56,6 +56,8 @@ def test_a_one_copy_section_needs_no_fork():
         assert (s.rank, s.size, s.is_parent) == (0, 1, True)
         assert s.gather("x") == ["x"] and s.bcast(5) == 5
         s.barrier()
+        with pytest.raises(sfmpi.errors.SectionError, match="not available yet"):
+            s.comm
 
 
 def test_sections_do_not_nest_and_n_is_checked():
