@@ -97,12 +97,11 @@ class TicketBook:
                 "slots": [s.to_json() for s in self.slots.get(t.id, [])]}
         self.store.put_ticket(t.id, body)
 
-    def restore(self, alive: set[str], now: float | None = None) -> list[Ticket]:
+    def restore(self, alive: set[str]) -> list[Ticket]:
         """After a restart, from the store. `alive`: the VMs re-attached. A clone
         that did not survive ends as failed; a ticket caught mid-clone is spent
         (its half-started clones were reaped). Returns the used tickets whose
         owner is gone: their clones must go too."""
-        now = time.time() if now is None else now
         orphans = []
         for body in self.store.tickets() if self.store is not None else []:
             slots_json = body.pop("slots", [])
@@ -122,7 +121,7 @@ class TicketBook:
             for slot in slots:
                 if not slot.ended.is_set() and slot.vm not in alive:
                     slot.finish(failure="lost while hostd was down")
-            if t.owner not in alive and (t.state == TicketState.CLONED or t.state == TicketState.KILLED):
+            if t.owner not in alive and t.state in (TicketState.CLONED, TicketState.KILLED):
                 orphans.append(t)
             elif t.owner not in alive:
                 self.forget(t)

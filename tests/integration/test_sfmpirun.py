@@ -92,16 +92,23 @@ def test_bad_input_is_a_clear_usage_error(cli, parent, programs):
     assert p.returncode == 2 and "not linked against MPICH or Open MPI" in p.stderr
 
 
-def test_agent_that_cannot_connect_ends_the_job(cli, parent, programs):
-    # sshd stops in every clone as it is re-identified: the agent cannot log in.
-    cli.exec(parent, "printf '#!/bin/sh\\nsystemctl stop ssh.service ssh.socket\\n' > /etc/sfmpi/clone.d/20-nossh; "
-                     "chmod +x /etc/sfmpi/clone.d/20-nossh")
+def sfmpirun_with_clone_hook(cli, parent: str, hook: str, script: str, args: str):
+    """sfmpirun while every clone runs `script` as it is re-identified; its result and how long it took."""
+    path = f"/etc/sfmpi/clone.d/{hook}"
+    cli.put(parent, path, script)
+    cli.exec(parent, f"chmod +x {path}")
     try:
         t0 = time.monotonic()
-        p = sfmpirun(cli, parent, "-n 2 ./cpi_mpich")
-        took = time.monotonic() - t0
+        p = sfmpirun(cli, parent, args)
+        return p, time.monotonic() - t0
     finally:
-        cli.exec(parent, "rm -f /etc/sfmpi/clone.d/20-nossh")
+        cli.exec(parent, f"rm -f {path}")
+
+
+def test_agent_that_cannot_connect_ends_the_job(cli, parent, programs):
+    # sshd stops in every clone as it is re-identified: the agent cannot log in.
+    p, took = sfmpirun_with_clone_hook(cli, parent, "20-nossh", "#!/bin/sh\nsystemctl stop ssh.service ssh.socket\n",
+                                       "-n 2 ./cpi_mpich")
     assert p.returncode == 1, p.stderr
     assert "cannot connect over SSH" in p.stderr
     assert took < 120
@@ -121,14 +128,7 @@ time.sleep(3600)'
 
 
 def test_a_launch_that_never_reaches_a_clone_times_out(cli, parent, programs):
-    cli.put(parent, "/etc/sfmpi/clone.d/20-silent", SILENT_PORT_22)
-    cli.exec(parent, "chmod +x /etc/sfmpi/clone.d/20-silent")
-    try:
-        t0 = time.monotonic()
-        p = sfmpirun(cli, parent, "--launch-timeout 5 -n 2 ./cpi_mpich")
-        took = time.monotonic() - t0
-    finally:
-        cli.exec(parent, "rm -f /etc/sfmpi/clone.d/20-silent")
+    p, took = sfmpirun_with_clone_hook(cli, parent, "20-silent", SILENT_PORT_22, "--launch-timeout 5 -n 2 ./cpi_mpich")
     assert p.returncode == 1, p.stderr
     assert "did not reach 10." in p.stderr and "--launch-timeout" in p.stderr
     assert "cannot connect" not in p.stderr       # the watchdog, not the agent's own timeout
