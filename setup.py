@@ -14,6 +14,5 @@ setup(
                       "paramiko>=2.12"],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2"]},
     entry_points={"console_scripts": ["sfmpi = sfmpi.cli:main", "sfclone = sfmpi.sfclone:run",
-                                        "sfmpirun = sfmpi.launcher.run:main",
-                                        "sfmpirun-agent = sfmpi.launcher.rsh_agent:run"]},
+                                        "sfmpirun = sfmpi.launcher.run:main"]},
 )

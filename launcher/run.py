@@ -7,13 +7,13 @@ authorized_keys and its directory is removed.
 """
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,9 +22,11 @@ from sfmpi import api
 from sfmpi.errors import LaunchError, SfmpiError
 
 from . import control, detect, options, plan, trust
-from .rsh_agent import FAILURES, JOB_ENV, REACHED, reached_hosts
+from .hub import SshHub
 
-AGENT = "sfmpirun-agent"
+# native/sfmpirun-agent: the launcher's ssh, a client of the job's SshHub.
+AGENT = "/usr/local/lib/sfmpi/sfmpirun-agent"
+JOB_ENV = "SFMPIRUN_JOB"
 # native/mpich-finalize: MPICH 4.0 over UCX can hang in MPI_Finalize across hosts.
 MPICH_FINALIZE_FIX = "/usr/local/lib/sfmpi/libsfmpirun-finalize.so"
 RUN_DIR = Path(os.environ.get("SFMPIRUN_DIR", "/run/sfmpirun"))
@@ -54,6 +56,7 @@ class Job:
         self.trust: trust.JobTrust | None = None
         self.lines = control.CloneLines()
         self.mpiexec: subprocess.Popen | None = None
+        self.hub: SshHub | None = None
         self.rank_clones: set[str] = set()  # clones with ranks: the launcher's agent must log in to each
         self.must_reach: set[str] = set()   # of those, the ones not yet seen in this launch
         self.argv: list[str] = []
@@ -86,6 +89,7 @@ class Job:
         me = api.whoami()
         wanted = plan.clones_wanted(self.spec)
         self.say(f"{flavour}, {self.spec.ranks} rank(s), {wanted} clone(s) wanted, parent {me['ip']}")
+        _import_paramiko_meanwhile()
         sweep_stale_jobs()
         self.dir.mkdir(parents=True, mode=0o700)
         (self.dir / OWNER).write_text(_process_id(os.getpid()) + "\n")
@@ -152,9 +156,13 @@ class Job:
         hostfile.write_text(plan.hostfile(flavour, hosts, per_host))
         self.rank_clones = set(plan.hosts_with_ranks(hosts, self.spec.ranks, per_host)) - {me["ip"]}
         # Installed, not written to the job directory: /run is mounted noexec.
-        agent = shutil.which(AGENT)
-        if agent is None:
-            raise LaunchError(f"{AGENT} is not installed in this VM (it comes with sfmpirun)")
+        agent = AGENT
+        if not os.access(agent, os.X_OK):
+            raise LaunchError(f"{agent} is not installed in this VM (it comes with the guest image: native/)")
+        if self.trust is not None:
+            # Logging in to the clones starts now, while mpiexec starts.
+            self.hub = SshHub(self.dir, self.trust.key, self.trust.host_key, say=self.say)
+            self.hub.start(self.rank_clones)
         subnet = _subnet_of(me["ip"])
         if flavour == "mpich" and os.path.exists(MPICH_FINALIZE_FIX):
             env = plan.with_preload(env, self.environ, MPICH_FINALIZE_FIX)
@@ -167,9 +175,8 @@ class Job:
         """The real mpiexec, once, on the cluster; its exit status. A job that
         has to be stopped is killed here with its clones (LaunchError, or
         128 + signal when sfmpirun was signalled)."""
-        for name in (FAILURES, REACHED):
-            with contextlib.suppress(FileNotFoundError):
-                (self.dir / name).unlink()
+        if self.hub is not None:
+            self.hub.forget_launch()
         self.must_reach = set(self.rank_clones)
         self.mpiexec = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent,
                                         env={**self.environ, JOB_ENV: str(self.dir)})
@@ -197,14 +204,14 @@ class Job:
 
     def _supervise(self) -> str | None:
         """Wait for mpiexec; the reason to stop it early, or None if it ended by itself."""
-        failures = self.dir / FAILURES
         next_check = time.monotonic() + MEMBER_CHECK
         launch_deadline = time.monotonic() + self.spec.launch_timeout
         while self.mpiexec.poll() is None:
             if self.stop_signal is not None:
                 return f"stopped by {signal.Signals(self.stop_signal).name}; job killed"
-            if failures.exists() and failures.stat().st_size:
-                return "an agent failed, job killed: " + failures.read_text().strip().replace("\n", "; ")
+            failures = self.hub.failures() if self.hub is not None else []
+            if failures:
+                return "an agent failed, job killed: " + "; ".join(failures)
             if self.ticket is not None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + MEMBER_CHECK
                 for m in api.members(self.ticket):
@@ -212,7 +219,7 @@ class Job:
                         return f"clone {m.id} died ({m.failure or f'exited {m.status}'}); job killed"
             if self.must_reach and time.monotonic() >= launch_deadline:
                 # Hydra waits forever for a proxy its launcher never started.
-                missing = self.must_reach - reached_hosts(self.dir)
+                missing = self.must_reach - (self.hub.reached() if self.hub is not None else set())
                 if missing:
                     return (f"the launcher did not reach {', '.join(sorted(missing))} within "
                             f"{self.spec.launch_timeout} s (--launch-timeout); job killed")
@@ -260,6 +267,8 @@ class Job:
         if self.mpiexec is not None and self.mpiexec.poll() is None:
             self._kill_local()
         self.lines.close()
+        if self.hub is not None:
+            self.hub.close()
         if self.trust is not None:
             trust.remove(self.trust)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -294,6 +303,13 @@ def _process_id(pid: int) -> str:
             return f"{pid} {f.read().rsplit(')', 1)[1].split()[19]}"
     except OSError:
         return f"{pid} gone"
+
+
+def _import_paramiko_meanwhile() -> None:
+    """The hub needs paramiko after the fork; importing it takes ~2 s on a TCG
+    guest, so it is imported while the ticket and the fork are under way (a VM
+    fork keeps threads: the import simply goes on in every copy)."""
+    threading.Thread(target=__import__, args=("paramiko",), daemon=True).start()
 
 
 def _subnet_of(ip: str) -> str:

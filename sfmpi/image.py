@@ -59,16 +59,15 @@ GUEST_MODULES = (
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"
 # sfmpirun (launcher/ in the repository, sfmpi.launcher installed): it runs in the guest.
 LAUNCHER_DIR = PACKAGE_DIR.parent / "launcher"
-LAUNCHER_MODULES = ("__init__.py", "control.py", "detect.py", "options.py", "plan.py", "rsh_agent.py",
+LAUNCHER_MODULES = ("__init__.py", "control.py", "detect.py", "options.py", "plan.py", "hub.py",
                     "run.py", "trust.py")
 # libsfclone, the clone API for C and C++, and sfmpirun's MPICH finalize fix
 # (built on the host, Debian bookworm too).
 NATIVE_DIR = PACKAGE_DIR.parent / "native"
 NATIVE_SOURCES = ("Makefile", "sfclone/sfclone.c", "sfclone/sfclone.h", "mpich-finalize/sfmpirun_finalize.c",
-                  "pmi1/sfmpi_pmi1.c")
+                  "pmi1/sfmpi_pmi1.c", "sfmpirun-agent/sfmpirun_agent.c")
 SFCLONE_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.sfclone import run\nrun()\n"
 SFMPIRUN_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.run import main\nmain()\n"
-SFMPIRUN_AGENT_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.rsh_agent import run\nrun()\n"
 
 AGENT_UNIT = """\
 [Unit]
@@ -324,8 +323,7 @@ def _configure(rootfs: Path) -> None:
     for module in LAUNCHER_MODULES:
         (pkg / "launcher").mkdir(parents=True, exist_ok=True)
         shutil.copy2(LAUNCHER_DIR / module, pkg / "launcher" / module)
-    for name, text in (("sfclone", SFCLONE_WRAPPER), ("sfmpirun", SFMPIRUN_WRAPPER),
-                       ("sfmpirun-agent", SFMPIRUN_AGENT_WRAPPER)):
+    for name, text in (("sfclone", SFCLONE_WRAPPER), ("sfmpirun", SFMPIRUN_WRAPPER)):
         (rootfs / "usr/bin" / name).write_text(text)
         (rootfs / "usr/bin" / name).chmod(0o755)
     proc.run(["make", "-s", "-C", NATIVE_DIR, "install", f"DESTDIR={rootfs}", "PREFIX=/usr/local"])

@@ -124,6 +124,9 @@ systemd-run --unit sfmpi-silent-22 python3 -c 'import socket, time
 s = socket.create_server(("0.0.0.0", 22))
 held = [s.accept() for _ in range(64)]
 time.sleep(3600)'
+# Listening before the clone is handed back: sfmpirun logs in at once.
+for i in $(seq 100); do ss -ltn 'sport = :22' | grep -q LISTEN && exit 0; sleep 0.1; done
+exit 1
 """
 
 

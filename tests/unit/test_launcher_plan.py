@@ -6,7 +6,7 @@ import os
 import pytest
 
 from sfmpi.errors import UsageError
-from sfmpi.launcher import detect, options, plan, rsh_agent, trust
+from sfmpi.launcher import detect, options, plan, trust
 
 
 def spec(*argv: str) -> plan.JobSpec:
@@ -87,13 +87,6 @@ def test_launch_timeout_option():
         spec("-n", "2", "--launch-timeout", "0", "./a")
 
 
-def test_agents_record_the_hosts_they_reached(tmp_path):
-    assert rsh_agent.reached_hosts(tmp_path) == set()
-    rsh_agent.record_reached(tmp_path, "10.100.1.3")
-    rsh_agent.record_reached(tmp_path, "10.100.1.4")
-    assert rsh_agent.reached_hosts(tmp_path) == {"10.100.1.3", "10.100.1.4"}
-
-
 def test_hostfiles():
     assert plan.hostfile("mpich", ["10.100.1.2", "10.100.1.3"], 2) == "10.100.1.2:2\n10.100.1.3:2\n"
     assert plan.hostfile("openmpi", ["10.100.1.2"], 1) == "10.100.1.2 slots=1\n"
@@ -150,17 +143,6 @@ def test_detect_refuses_a_program_without_mpi(tmp_path):
         detect.detect(("/bin/true",))
     with pytest.raises(UsageError, match="no executable program"):
         detect.detect(("-l", str(tmp_path / "nothing")))
-
-
-def test_agent_argv_like_ssh():
-    assert rsh_agent.split_argv(["-x", "10.0.0.3", '"/usr/bin/p"', "--a"]) == ("10.0.0.3", ['"/usr/bin/p"', "--a"], None)
-    assert rsh_agent.split_argv(["-l", "bob", "-o", "X=1", "h", "orted"]) == ("h", ["orted"], "bob")
-    assert rsh_agent.split_argv(["alice@h", "ls"]) == ("h", ["ls"], "alice")
-
-
-def test_agent_without_a_job_fails(monkeypatch):
-    monkeypatch.delenv(rsh_agent.JOB_ENV, raising=False)
-    assert rsh_agent.main(["h", "true"]) == 255
 
 
 def test_authorized_keys_line_added_and_removed_by_marker():
