@@ -16,6 +16,7 @@ MPI can be initialized once per process: a program gets one section with MPI.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from . import section_wire
 from .errors import SectionError
 
 PMI_LIBRARY = "/usr/local/lib/sfmpi/libsfmpi-pmi1.so"
+ACK_TIMEOUT = 10.0   # for the key-value server to take in the end of the section
 
 
 class KeyValueSpace:
@@ -40,6 +42,7 @@ class KeyValueSpace:
         self._cond = threading.Condition()
         self._waiting = 0
         self._round = 0
+        self._gone = 0               # copies whose connection ended
         self._conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True, name="sfmpi-pmi").start()
 
@@ -56,27 +59,39 @@ class KeyValueSpace:
     def _serve(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb", buffering=0) as f:
             for raw in f:
-                words = raw.decode().split()
-                if words[:1] == ["put"] and len(words) == 3:
-                    self.values[words[1]] = words[2]
-                    answer = "ok"
-                elif words[:1] == ["get"] and len(words) == 2:
-                    answer = f"ok {self.values[words[1]]}" if words[1] in self.values else "missing"
-                elif words == ["barrier"]:
-                    self._meet()
-                    answer = "ok"
-                else:
-                    answer = "bad"
+                answer = self._answer(raw.decode().rstrip("\n"))
                 f.write(answer.encode() + b"\n")
+        # The copy's process ended (its MPI keeps this connection while it
+        # lives): whoever waits at a barrier for it would wait forever.
+        with self._cond:
+            self._gone += 1
+            self._cond.notify_all()
 
-    def _meet(self) -> None:
+    def _answer(self, line: str) -> str:
+        # A value is the rest of the line after its key, spaces and all: Open
+        # MPI pads its base64 with spaces (Cray PMI forbids '=').
+        op, _, rest = line.partition(" ")
+        key, sep, value = rest.partition(" ")
+        if op == "put" and key and sep:
+            self.values[key] = value
+            return "ok"
+        if op == "get" and key and not sep:
+            return f"ok {self.values[key]}" if key in self.values else "missing"
+        if line == "barrier":
+            return "ok" if self._meet() else "gone"
+        return "bad"
+
+    def _meet(self) -> bool:
+        """True once every copy has come to this barrier; False if a copy's
+        process ended first."""
         with self._cond:
             my_round = self._round
             self._waiting += 1
             if self._waiting >= self.size:
                 self._release()
-            while self._round == my_round:
+            while self._round == my_round and not self._gone:
                 self._cond.wait()
+            return self._round != my_round
 
     def _release(self) -> None:
         self._waiting = 0
@@ -105,14 +120,20 @@ class KeyValueServer:
         # point would end the server before MPI_Finalize's barrier reaches it.
         # The kernel closes it when this process ends.
         read_end, self._control = os.pipe()
+        self._acks, ack_end = os.pipe()
         self.proc = subprocess.Popen([sys.executable, "-m", "sfmpi.section_mpi", str(listener.fileno()), str(size)],
-                                     stdin=read_end, pass_fds=(listener.fileno(),))
+                                     stdin=read_end, stdout=ack_end, pass_fds=(listener.fileno(),))
         os.close(read_end)
+        os.close(ack_end)
         listener.close()
 
     def parent_only(self) -> None:
+        """Returns once the server has taken it in: the parent's MPI_Finalize
+        may follow at once, and its barrier must not find the section's size."""
         try:
             os.write(self._control, b"parent-only\n")
+            if select.select([self._acks], [], [], ACK_TIMEOUT)[0]:
+                os.read(self._acks, 64)
         except OSError:
             pass
 
@@ -122,11 +143,27 @@ def _serve_main(listen_fd: int, size: int) -> None:
     for line in sys.stdin.buffer:
         if line.strip() == b"parent-only":
             kvs.parent_only()
+            sys.stdout.buffer.write(b"ok\n")
+            sys.stdout.buffer.flush()
 
 
 def mpi_initialized() -> bool:
     mpi = sys.modules.get("mpi4py.MPI")
     return mpi is not None and mpi.Is_initialized()
+
+
+def mpi_jobid(port: int) -> int:
+    """The Open MPI job ID of a section whose key-value space listens on `port`
+    (FLUX_JOB_ID, read as a 32-bit jobid: job family in the high 16 bits, local
+    job in the low 16), the same in every copy. Open MPI keeps a peer it has
+    not yet talked to as a "sentinel" with room for only 15 bits of local job:
+    a local job of 32768 or more (any ephemeral port) comes back without its
+    top bit, the peer's modex is then looked up under the wrong job, and the
+    copy finds no way to reach it ("host: unknown!") while the others wait for
+    it. So: the port as the family, local job 1, as mpirun's first job."""
+    if not 0 < port < 1 << 16:
+        raise ValueError(f"not a TCP port: {port}")
+    return port << 16 | 1
 
 
 def join_world(parent_ip: str, port: int, rank: int, size: int, subnet: str):
@@ -142,7 +179,7 @@ def join_world(parent_ip: str, port: int, rank: int, size: int, subnet: str):
     os.environ.update({
         "SFMPI_PMI_FD": str(conn.detach()),   # stays open for MPI's lifetime in this process
         "SFMPI_PMI_RANK": str(rank), "SFMPI_PMI_SIZE": str(size),
-        "FLUX_JOB_ID": str(port), "FLUX_PMI_LIBRARY_PATH": PMI_LIBRARY,
+        "FLUX_JOB_ID": str(mpi_jobid(port)), "FLUX_PMI_LIBRARY_PATH": PMI_LIBRARY,
         "OMPI_MCA_pmix": "flux",
         # Only the family network between the copies.
         "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": subnet,

@@ -31,6 +31,7 @@ from .errors import SectionError, UsageError
 
 CONNECT_TIMEOUT = 120.0   # for every clone to reach the parent after the fork
 _active = False           # sections do not nest: one per program at a time
+_mpi_started = False      # section.comm: MPI starts once per process
 
 
 class CloneFailed(SectionError):
@@ -53,6 +54,8 @@ class Section:
         self.ticket = ticket
         self._conns = conns          # parent: rank -> socket; clone: {0: socket to the parent}
         self._step = 0               # collectives called so far: every copy must call the same ones
+        self._comm = None
+        self._kvs = None             # parent, once comm is used: the MPI key-value space
         self.parent_ip = parent_ip
 
     @property
@@ -84,14 +87,27 @@ class Section:
 
     @property
     def comm(self):
-        """An mpi4py communicator over the section's copies (not offered yet).
-        The pieces to build it are sfmpi/section_mpi.py and native/pmi1; the
-        wiring that used them is in git history ("section.comm: an mpi4py
-        communicator over the section's copies")."""
-        # Not offered yet: with those pieces MPI_Init formed the world and 2
-        # copies communicated, but 3 copies hung in testing (not yet understood).
-        # A clear error is better than a hang.
-        raise SectionError("section.comm is not available yet: run MPI code with sfmpirun")
+        """An mpi4py communicator over the section's copies, in rank order.
+        Collective: every copy must use it (the first use starts MPI)."""
+        if self._comm is None:
+            self._comm = self._start_mpi()
+        return self._comm
+
+    def _start_mpi(self):
+        from . import section_mpi
+        global _mpi_started
+        if _mpi_started or section_mpi.mpi_initialized():
+            raise SectionError("section.comm: MPI was already started in this program (before the section, "
+                               "or by an earlier one); MPI starts once per process, so import mpi4py.MPI "
+                               "only inside the one section that uses it")
+        _mpi_started = True
+        if self.parent_ip is None:
+            self.parent_ip = api.whoami()["ip"]
+        if self.is_parent:
+            self._kvs = section_mpi.KeyValueServer(self.parent_ip, self.size)
+        port = self.bcast(self._kvs.port if self._kvs else None)
+        subnet = ".".join(self.parent_ip.split(".")[:3]) + ".0/24"   # a family is one /24
+        return section_mpi.join_world(self.parent_ip, port, self.rank, self.size, subnet)
 
     def _next(self) -> int:
         self._step += 1
@@ -147,6 +163,8 @@ class Section:
     def _leave_parent(self, exc: BaseException | None) -> None:
         """In the parent: wait for every clone to leave, then join them. An
         exception here (the block's or a clone's) ends the clones at once."""
+        if self._kvs is not None:
+            self._kvs.parent_only()
         if self.ticket is None:
             return
         try:

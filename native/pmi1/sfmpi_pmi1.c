@@ -14,8 +14,11 @@
  *   SFMPI_PMI_RANK  this copy's rank, SFMPI_PMI_SIZE the number of copies
  * One request line, one answer line:
  *   put KEY VALUE -> ok          get KEY -> ok VALUE | missing
- *   barrier       -> ok (once every copy has asked)
- * Keys and values never hold spaces or newlines (Open MPI encodes its values).
+ *   barrier       -> ok (once every copy has asked) | gone (a copy ended first)
+ * A key holds no space or newline. A value is everything after the space that
+ * follows the key (or "ok"), to the end of the line: it may be empty and may
+ * hold spaces. Open MPI base64-encodes its values but pads them with spaces,
+ * not '=' (Cray PMI forbids '='), so a value with spaces is ordinary.
  * Every copy runs alone on its own VM, so a node's "clique" is the copy itself.
  */
 #define _GNU_SOURCE
@@ -31,6 +34,7 @@
 #define PMI_ERR_NOMEM 2
 #define PMI_ERR_INVALID_ARG 3
 #define PMI_ERR_INVALID_KEY 4
+#define PMI_ERR_INVALID_VAL 6
 
 #define KVS_NAME "sfmpi-section"
 #define NAME_MAX_LEN 64
@@ -157,10 +161,11 @@ int PMI_KVS_Put(const char *kvsname, const char *key, const char *value)
 {
     char line[LINE_MAX_LEN], answer[16];
     (void)kvsname;
-    if (key == NULL || value == NULL || !plain(key, KEY_MAX_LEN) || strlen(value) >= VALUE_MAX_LEN ||
-        strpbrk(value, " \n") != NULL)
+    if (key == NULL || value == NULL || !plain(key, KEY_MAX_LEN))
         return PMI_ERR_INVALID_KEY;
-    snprintf(line, sizeof line, "put %s %s\n", key, *value ? value : "-");
+    if (strlen(value) >= VALUE_MAX_LEN || strchr(value, '\n') != NULL)
+        return PMI_ERR_INVALID_VAL;
+    snprintf(line, sizeof line, "put %s %s\n", key, value);
     int rc = request(line, answer, sizeof answer);
     return rc != PMI_SUCCESS ? rc : strcmp(answer, "ok") == 0 ? PMI_SUCCESS : PMI_FAIL;
 }
@@ -183,7 +188,7 @@ int PMI_KVS_Get(const char *kvsname, const char *key, char *value, int length)
         return rc;
     if (strncmp(answer, "ok ", 3) != 0)
         return PMI_FAIL; /* missing: Open MPI expects a quiet failure */
-    const char *v = strcmp(answer + 3, "-") == 0 ? "" : answer + 3;
+    const char *v = answer + 3;
     if ((int)strlen(v) >= length)
         return PMI_ERR_NOMEM;
     strcpy(value, v);

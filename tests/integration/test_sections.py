@@ -77,6 +77,25 @@ print(json.dumps({"values": [v for v, _ in results], "hosts": sorted({h for _, h
                   "error": [type(err).__name__, str(err), getattr(err, "sfmpi_rank", None)]}))
 '''
 
+MPI_SECTION = r'''
+import json, socket, sys
+import numpy as np
+import sfmpi
+
+n = int(sys.argv[1])
+data = np.arange(300_000, dtype=np.int64) * 7 % 1013       # made before the fork
+with sfmpi.parallel(n) as s:
+    comm = s.comm                                         # every copy: MPI starts here
+    part = np.array([data[s.rank::s.size].sum()], dtype=np.int64)
+    total = np.zeros(1, dtype=np.int64)
+    comm.Allreduce(part, total)                           # buffers, over TCP between the VMs
+    ranks = comm.allreduce(s.rank + 1)                    # pickled objects
+    left = comm.sendrecv(socket.gethostname(), dest=(s.rank + 1) % n, source=(s.rank - 1) % n)
+    got = s.gather({"rank": comm.Get_rank(), "size": comm.Get_size(), "host": socket.gethostname(),
+                    "total": int(total[0]), "ranks": ranks, "left": left})
+print(json.dumps({"got": got, "serial": int(data.sum())}))
+'''
+
 PARENT_RAISES = r'''
 import sfmpi, time
 with sfmpi.parallel(3) as s:
@@ -118,6 +137,20 @@ def test_an_exception_in_the_parent_destroys_the_clones(cli, parent):
     p = run_py(cli, parent, "parent_raises.py", PARENT_RAISES, check=False)
     assert p.returncode == 1 and "RuntimeError: the parent gives up" in p.stderr
     assert time.monotonic() - t0 < 120
+    cli.assert_no_clones_left(parent)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_mpi4py_allreduce_and_a_ring_in_a_section(cli, parent, n):
+    p = run_py(cli, parent, "mpi_section.py", MPI_SECTION.replace("sys.argv[1]", str(n)))
+    out = json.loads(p.stdout.strip().splitlines()[-1])   # the parent's MPI_Finalize came after it: exit 0
+    got = out["got"]
+    assert [g["rank"] for g in got] == list(range(n)) and {g["size"] for g in got} == {n}
+    assert {g["total"] for g in got} == {out["serial"]}
+    assert {g["ranks"] for g in got} == {n * (n + 1) // 2}
+    hosts = [g["host"] for g in got]
+    assert len(set(hosts)) == n and hosts[0] == parent                  # n VMs
+    assert [g["left"] for g in got] == [hosts[(r - 1) % n] for r in range(n)]   # each heard its left neighbour
     cli.assert_no_clones_left(parent)
 
 
