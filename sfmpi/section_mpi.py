@@ -15,8 +15,10 @@ MPI can be initialized once per process: a program gets one section with MPI.
 """
 from __future__ import annotations
 
+import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +29,20 @@ from .errors import SectionError
 
 PMI_LIBRARY = "/usr/local/lib/sfmpi/libsfmpi-pmi1.so"
 ACK_TIMEOUT = 10.0   # for the key-value server to take in the end of the section
+FAILED_GRACE = 15.0  # for the parent to hear of a clone's exception itself
+END_GRACE = 5.0      # for the parent to leave the section once its clones are ended
+
+
+def report_failure(rank: int, exc_text: str) -> None:
+    """In a copy leaving the section with an exception after MPI started: tell
+    the key-value server (SectionWatch) before this VM ends."""
+    fd = os.environ.get("SFMPI_PMI_FD")
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), f"failed {rank} {json.dumps(exc_text)}\n".encode())
+    except OSError:
+        pass
 
 
 class KeyValueSpace:
@@ -34,8 +50,9 @@ class KeyValueSpace:
     one line per request (the protocol is in native/pmi1/sfmpi_pmi1.c). It
     serves until the program ends: Open MPI asks it again at MPI_Finalize."""
 
-    def __init__(self, listener: socket.socket, size: int):
+    def __init__(self, listener: socket.socket, size: int, watch: SectionWatch | None = None):
         self.size = size
+        self.watch = watch
         self.values: dict[str, str] = {}
         self.listener = listener
         self.port = self.listener.getsockname()[1]
@@ -59,19 +76,24 @@ class KeyValueSpace:
     def _serve(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb", buffering=0) as f:
             for raw in f:
-                answer = self._answer(raw.decode().rstrip("\n"))
-                f.write(answer.encode() + b"\n")
+                answer = self._answer(raw.decode(errors="replace").rstrip("\n"))
+                if answer is not None:
+                    f.write(answer.encode() + b"\n")
         # The copy's process ended (its MPI keeps this connection while it
         # lives): whoever waits at a barrier for it would wait forever.
         with self._cond:
             self._gone += 1
             self._cond.notify_all()
 
-    def _answer(self, line: str) -> str:
+    def _answer(self, line: str) -> str | None:
         # A value is the rest of the line after its key, spaces and all: Open
         # MPI pads its base64 with spaces (Cray PMI forbids '=').
         op, _, rest = line.partition(" ")
         key, sep, value = rest.partition(" ")
+        if op in ("abort", "failed") and key.isdigit():   # no answer: the copy is on its way out
+            if self.watch is not None:
+                self.watch.copy_failed(int(key), value, at_once=op == "abort")
+            return None
         if op == "put" and key and sep:
             self.values[key] = value
             return "ok"
@@ -108,11 +130,76 @@ class KeyValueSpace:
                 self._release()
 
 
+class SectionWatch:
+    """In the key-value server: ends a section whose copies can no longer all
+    meet, where the program itself would wait forever. A copy blocked in an
+    MPI call for a peer whose VM is gone never returns (the gone VM sends no
+    reset), and a copy that MPI aborted leaves its VM running without its
+    program, so the section's own checks do not see it end either."""
+
+    def __init__(self, kill_clones, end_parent, grace: float = FAILED_GRACE, end_grace: float = END_GRACE,
+                 log=None):
+        self._kill_clones = kill_clones      # () -> None
+        self._end_parent = end_parent        # () -> None
+        self.grace = grace
+        self.end_grace = end_grace
+        self._log = log or (lambda text: print(f"sfmpi: {text}", file=sys.stderr, flush=True))
+        self._over = threading.Event()       # the parent left the section
+        self._acting = threading.Lock()
+        self._clones_ended = False
+
+    def copy_failed(self, rank: int, text: str, at_once: bool) -> None:
+        """Copy `rank` is ending with an error. An MPI abort ends the section
+        at once (MPI_Abort's meaning); an exception in a clone first leaves
+        the parent `grace` seconds to hear of it through the section and raise
+        it as itself, which it does unless it is waiting in MPI."""
+        threading.Thread(target=self._end_section, args=(rank, _readable(text), at_once), daemon=True).start()
+
+    def _end_section(self, rank: int, text: str, at_once: bool) -> None:
+        if not at_once and self._over.wait(self.grace):
+            return                           # the parent heard of it and left the section
+        with self._acting:
+            if self._over.is_set():
+                return
+            who = "the parent" if rank == 0 else f"clone {rank}"
+            self._log(f"{who} of the parallel section failed: {text}\n"
+                      + ("the section ends" if at_once else
+                         f"the parent did not leave the section within {self.grace:.0f} s (waiting in MPI, "
+                         "it cannot hear of it): the section ends"))
+            self._kill_clones()
+            self._clones_ended = True
+        # An aborting parent is on its way out already; a parent not in MPI
+        # now raises the clones' end as a SectionError and leaves.
+        if rank != 0 and not self._over.wait(self.end_grace):
+            self._log("ending the program: it still waits in MPI for the copies that are gone")
+            self._end_parent()
+
+    def parent_only(self) -> None:
+        self._over.set()
+
+    def parent_gone(self) -> None:
+        """The program ended without leaving the section (killed, or aborted in
+        MPI): nothing else will end its clones now."""
+        with self._acting:
+            if not self._over.is_set() and not self._clones_ended:
+                self._kill_clones()
+                self._clones_ended = True
+            self._over.set()
+
+
+def _readable(text: str) -> str:
+    # A clone sends its exception as JSON (one line), Open MPI's abort as text.
+    try:
+        return str(json.loads(text))
+    except ValueError:
+        return text
+
+
 class KeyValueServer:
     """The parent's KeyValueSpace in a child process, for as long as the
     program runs (it ends when its stdin closes, that is with the parent)."""
 
-    def __init__(self, ip: str, size: int):
+    def __init__(self, ip: str, size: int, ticket: str):
         listener = section_wire.listen(ip)
         self.port = listener.getsockname()[1]
         # A bare descriptor, not a file object: mpi4py finalizes MPI after
@@ -121,8 +208,9 @@ class KeyValueServer:
         # The kernel closes it when this process ends.
         read_end, self._control = os.pipe()
         self._acks, ack_end = os.pipe()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sfmpi.section_mpi", str(listener.fileno()), str(size)],
-                                     stdin=read_end, stdout=ack_end, pass_fds=(listener.fileno(),))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sfmpi.section_mpi", str(listener.fileno()), str(size), ticket],
+            stdin=read_end, stdout=ack_end, pass_fds=(listener.fileno(),))
         os.close(read_end)
         os.close(ack_end)
         listener.close()
@@ -138,13 +226,27 @@ class KeyValueServer:
             pass
 
 
-def _serve_main(listen_fd: int, size: int) -> None:
-    kvs = KeyValueSpace(socket.socket(fileno=listen_fd), size)
+def _serve_main(listen_fd: int, size: int, ticket: str) -> None:
+    from . import api
+    parent = os.getppid()
+
+    def kill_clones() -> None:
+        if not ticket:   # a section of one copy
+            return
+        try:
+            api.kill(ticket)
+        except Exception as exc:  # noqa: BLE001 - the clones may be gone already
+            print(f"sfmpi: ending the section's clones: {exc}", file=sys.stderr, flush=True)
+
+    watch = SectionWatch(kill_clones, lambda: os.kill(parent, signal.SIGTERM))
+    kvs = KeyValueSpace(socket.socket(fileno=listen_fd), size, watch)
     for line in sys.stdin.buffer:
         if line.strip() == b"parent-only":
+            watch.parent_only()
             kvs.parent_only()
             sys.stdout.buffer.write(b"ok\n")
             sys.stdout.buffer.flush()
+    watch.parent_gone()
 
 
 def mpi_initialized() -> bool:
@@ -194,4 +296,4 @@ def join_world(parent_ip: str, port: int, rank: int, size: int, subnet: str):
 
 
 if __name__ == "__main__":
-    _serve_main(int(sys.argv[1]), int(sys.argv[2]))
+    _serve_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

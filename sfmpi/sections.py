@@ -104,7 +104,8 @@ class Section:
         if self.parent_ip is None:
             self.parent_ip = api.whoami()["ip"]
         if self.is_parent:
-            self._kvs = section_mpi.KeyValueServer(self.parent_ip, self.size)
+            self._kvs = section_mpi.KeyValueServer(self.parent_ip, self.size,
+                                                   self.ticket.id if self.ticket else "")
         port = self.bcast(self._kvs.port if self._kvs else None)
         subnet = ".".join(self.parent_ip.split(".")[:3]) + ".0/24"   # a family is one /24
         return section_mpi.join_world(self.parent_ip, port, self.rank, self.size, subnet)
@@ -149,7 +150,11 @@ class Section:
                 section_wire.send_last(self._conns[0], ("done", self._step, None))
             else:
                 status = 1
-                section_wire.send_last(self._conns[0], ("error", self._step, describe(exc)))
+                err = describe(exc)
+                if _mpi_started:   # the parent may be waiting in MPI, deaf to the section
+                    from . import section_mpi
+                    section_mpi.report_failure(self.rank, err["traceback"].rstrip())
+                section_wire.send_last(self._conns[0], ("error", self._step, err))
         except OSError:
             status = 1
         finally:

@@ -15,6 +15,7 @@
  * One request line, one answer line:
  *   put KEY VALUE -> ok          get KEY -> ok VALUE | missing
  *   barrier       -> ok (once every copy has asked) | gone (a copy ended first)
+ *   abort RANK TEXT  (no answer: this copy ends; the parent ends the section)
  * A key holds no space or newline. A value is everything after the space that
  * follows the key (or "ok"), to the end of the line: it may be empty and may
  * hold spaces. Open MPI base64-encodes its values but pads them with spaces,
@@ -204,6 +205,17 @@ int PMI_Barrier(void)
 
 int PMI_Abort(int exit_code, const char *msg)
 {
+    char line[LINE_MAX_LEN];
     fprintf(stderr, "sfmpi section: MPI abort (%d): %s\n", exit_code, msg ? msg : "");
+    if (fd >= 0) {
+        /* MPI_Abort ends the whole job: the parent's key-value server ends
+         * the section, else the other copies would wait for this one forever. */
+        snprintf(line, sizeof line - 1, "abort %d MPI abort (code %d): %s", rank, exit_code, msg ? msg : "");
+        for (char *p = line; *p; p++)
+            if (*p == '\n')
+                *p = ' ';
+        strcat(line, "\n");
+        (void)write_all(line, strlen(line));
+    }
     _exit(exit_code ? exit_code : 1);
 }

@@ -96,6 +96,19 @@ with sfmpi.parallel(n) as s:
 print(json.dumps({"got": got, "serial": int(data.sum())}))
 '''
 
+MPI_CLONE_FAILS = r'''
+import sys, sfmpi
+how = sys.argv[1]
+with sfmpi.parallel(3) as s:
+    comm = s.comm
+    if s.rank == 2:
+        if how == "raise":
+            raise ValueError("rank 2 gives up before the allreduce")
+        comm.Abort(5)
+    comm.allreduce(1)          # the parent and clone 1 wait here for rank 2, deaf to the section
+print("never here")
+'''
+
 PARENT_RAISES = r'''
 import sfmpi, time
 with sfmpi.parallel(3) as s:
@@ -151,6 +164,21 @@ def test_mpi4py_allreduce_and_a_ring_in_a_section(cli, parent, n):
     hosts = [g["host"] for g in got]
     assert len(set(hosts)) == n and hosts[0] == parent                  # n VMs
     assert [g["left"] for g in got] == [hosts[(r - 1) % n] for r in range(n)]   # each heard its left neighbour
+    cli.assert_no_clones_left(parent)
+
+
+@pytest.mark.parametrize("how", ["raise", "abort"])
+def test_a_clone_failing_while_the_others_wait_in_mpi_ends_the_section(cli, parent, how):
+    t0 = time.monotonic()
+    p = run_py(cli, parent, "mpi_fails.py", MPI_CLONE_FAILS.replace("sys.argv[1]", repr(how)), check=False)
+    assert p.returncode != 0 and "never here" not in p.stdout
+    assert time.monotonic() - t0 < 240                                  # not a hang
+    assert "clone 2 of the parallel section failed" in p.stderr
+    if how == "raise":                                                  # the clone's traceback, for the user
+        assert "ValueError: rank 2 gives up before the allreduce" in p.stderr
+        assert "waiting in MPI" in p.stderr
+    else:
+        assert "MPI abort (code 5)" in p.stderr
     cli.assert_no_clones_left(parent)
 
 

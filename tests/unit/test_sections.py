@@ -109,7 +109,7 @@ def test_copies_exchange_keys_through_the_parent_and_meet_at_barriers():
     from sfmpi import section_mpi
     lib = Path(__file__).resolve().parents[2] / "native" / "build" / "libsfmpi-pmi1.so"
     subprocess.run(["make", "-s", "-C", str(lib.parent.parent), "build/libsfmpi-pmi1.so"], check=True)
-    kvs = section_mpi.KeyValueServer("127.0.0.1", 2)
+    kvs = section_mpi.KeyValueServer("127.0.0.1", 2, "")
     try:
         copies = [subprocess.Popen([sys.executable, "-c", COPY, str(r), "2", str(kvs.port), str(lib)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -161,7 +161,7 @@ def test_the_mpi_job_id_survives_open_mpis_15_bit_local_job():
 def test_once_parent_only_returns_the_parents_barrier_passes_though_clones_are_gone():
     import socket
     from sfmpi import section_mpi
-    kvs = section_mpi.KeyValueServer("127.0.0.1", 3)
+    kvs = section_mpi.KeyValueServer("127.0.0.1", 3, "")
     parent, *clones = (socket.create_connection(("127.0.0.1", kvs.port), timeout=5) for _ in range(3))
     for c in clones:
         c.close()                     # the clones left the section and ended
@@ -169,3 +169,122 @@ def test_once_parent_only_returns_the_parents_barrier_passes_though_clones_are_g
     with parent, parent.makefile("rwb", buffering=0) as f:
         f.write(b"barrier\n")
         assert f.readline() == b"ok\n"
+
+
+class Recorder:
+    """SectionWatch's two actions, noted with the time they happened."""
+
+    def __init__(self):
+        import threading
+        self.events: list[str] = []
+        self.done = threading.Event()
+        self.log: list[str] = []
+
+    def kill_clones(self):
+        self.events.append("kill clones")
+
+    def end_parent(self):
+        self.events.append("end parent")
+        self.done.set()
+
+    def watch(self, grace=0.3, end_grace=0.3):
+        from sfmpi import section_mpi
+        return section_mpi.SectionWatch(self.kill_clones, self.end_parent, grace=grace, end_grace=end_grace,
+                                        log=self.log.append)
+
+
+def test_an_mpi_abort_in_a_clone_ends_the_section_through_the_key_value_space():
+    import socket
+    from sfmpi import section_mpi
+    from sfmpi import section_wire
+    rec = Recorder()
+    kvs = section_mpi.KeyValueSpace(section_wire.listen("127.0.0.1"), 3, rec.watch())
+    with socket.create_connection(("127.0.0.1", kvs.port), timeout=5) as clone:
+        clone.sendall(b"abort 2 MPI abort (code 3): it went wrong\n")
+        assert rec.done.wait(5)                  # the parent waits in MPI: nothing else would end it
+    assert rec.events == ["kill clones", "end parent"]
+    assert "clone 2 of the parallel section failed: MPI abort (code 3): it went wrong" in rec.log[0]
+
+
+def test_a_clones_exception_leaves_the_parent_time_to_raise_it_itself():
+    import json
+    import time
+    rec = Recorder()
+    watch = rec.watch(grace=0.5)
+    watch.copy_failed(1, json.dumps("Traceback ...\nValueError: no"), at_once=False)
+    time.sleep(0.2)
+    watch.parent_only()                          # the parent heard of it through the section
+    time.sleep(0.8)
+    assert rec.events == [] and rec.log == []
+
+
+def test_a_clones_exception_ends_a_parent_that_waits_in_mpi():
+    import json
+    rec = Recorder()
+    rec.watch(grace=0.3).copy_failed(1, json.dumps("Traceback ...\nValueError: no"), at_once=False)
+    assert rec.done.wait(5)
+    assert rec.events == ["kill clones", "end parent"]
+    assert "ValueError: no" in rec.log[0] and "waiting in MPI" in rec.log[0]
+
+
+def test_a_parent_that_leaves_after_its_clones_are_ended_is_not_ended():
+    import time
+    rec = Recorder()
+    watch = rec.watch(grace=0.1, end_grace=1.0)
+    watch.copy_failed(2, "MPI abort (code 1): N/A", at_once=True)
+    time.sleep(0.3)
+    assert rec.events == ["kill clones"]
+    watch.parent_only()                          # it raised the clones' end as a SectionError
+    time.sleep(1.0)
+    assert rec.events == ["kill clones"]
+
+
+def test_a_program_that_ends_inside_the_section_takes_its_clones_along():
+    """The real server process and the real library: the parent aborts in MPI,
+    then its program is gone; the server asks the agent to end the clones."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    from pathlib import Path
+    from sfmpi import api, section_mpi
+    lib = Path(__file__).resolve().parents[2] / "native" / "build" / "libsfmpi-pmi1.so"
+    subprocess.run(["make", "-s", "-C", str(lib.parent.parent), "build/libsfmpi-pmi1.so"], check=True)
+    ops = []
+    with tempfile.TemporaryDirectory() as tmp:
+        agent = socket.socket(socket.AF_UNIX)
+        agent.bind(f"{tmp}/api.sock")
+        agent.listen()
+
+        def answer():                            # the guest agent, as far as kill goes
+            while True:
+                conn, _ = agent.accept()
+                with conn:
+                    ops.append(json.loads(conn.makefile("rb").readline()))
+                    conn.sendall(json.dumps({"v": api.API_VERSION, "ok": True, "killed": [1, 2]}).encode() + b"\n")
+        threading.Thread(target=answer, daemon=True).start()
+        os.environ["SFMPI_API_SOCKET"] = f"{tmp}/api.sock"
+        try:
+            kvs = section_mpi.KeyValueServer("127.0.0.1", 3, "parent-t7")
+        finally:
+            del os.environ["SFMPI_API_SOCKET"]
+        aborting = subprocess.run([sys.executable, "-c", ABORTING_PARENT, str(kvs.port), str(lib)],
+                                  capture_output=True, text=True, timeout=30)
+        assert aborting.returncode == 3 and "MPI abort (3): it went" in aborting.stderr
+        os.close(kvs._control)                   # the program that ran the section is gone
+        kvs.proc.wait(timeout=15)
+        assert kvs.proc.returncode == 0
+    assert [(o["op"], o["ticket"]) for o in ops] == [("kill", "parent-t7")]   # once, not twice
+
+
+ABORTING_PARENT = r"""
+import ctypes, os, socket, sys
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+os.environ.update(SFMPI_PMI_FD=str(conn.detach()), SFMPI_PMI_RANK="0", SFMPI_PMI_SIZE="3")
+pmi = ctypes.CDLL(sys.argv[2])
+assert pmi.PMI_Init(ctypes.byref(ctypes.c_int())) == 0
+pmi.PMI_Abort(3, b"it went\nwrong")
+"""
