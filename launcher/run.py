@@ -163,7 +163,7 @@ class Job:
             # Logging in to the clones starts now, while mpiexec starts.
             self.hub = SshHub(self.dir, self.trust.key, self.trust.host_key, say=self.say)
             self.hub.start(self.rank_clones)
-        subnet = _subnet_of(me["ip"])
+        subnet = api.family_subnet(me["ip"])
         if flavour == "mpich" and os.path.exists(MPICH_FINALIZE_FIX):
             env = plan.with_preload(env, self.environ, MPICH_FINALIZE_FIX)
         self.argv = plan.mpiexec_argv(flavour, self.spec, str(hostfile), str(agent), subnet, env)
@@ -211,7 +211,7 @@ class Job:
                 return f"stopped by {signal.Signals(self.stop_signal).name}; job killed"
             failures = self.hub.failures() if self.hub is not None else []
             if failures:
-                return "an agent failed, job killed: " + "; ".join(failures)
+                return "SSH to a clone failed, job killed: " + "; ".join(failures)
             if self.ticket is not None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + MEMBER_CHECK
                 for m in api.members(self.ticket):
@@ -310,11 +310,6 @@ def _import_paramiko_meanwhile() -> None:
     guest, so it is imported while the ticket and the fork are under way (a VM
     fork keeps threads: the import simply goes on in every copy)."""
     threading.Thread(target=__import__, args=("paramiko",), daemon=True).start()
-
-
-def _subnet_of(ip: str) -> str:
-    """The family's /24 (docs/clone-api.md: every family is one /24)."""
-    return ".".join(ip.split(".")[:3]) + ".0/24"
 
 
 PR_SET_PDEATHSIG = 1

@@ -14,6 +14,7 @@ socket. Standard library only: it runs in the guest image.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -146,6 +147,12 @@ def members(ticket: Ticket | str) -> list[Member]:
     return [Member(id=int(m["id"]), state=m["state"], ip=m.get("ip"), hostname=m.get("hostname"),
                    status=m.get("status"), failure=m.get("failure"))
             for m in call("members", ticket=_ticket_id(ticket))["members"]]
+
+
+def family_subnet(ip: str) -> str:
+    """The family network an address is on, as CIDR (every family is one /24:
+    docs/clone-api.md). MPI libraries are told to use only this network."""
+    return str(ipaddress.IPv4Interface(f"{ip}/24").network)
 
 
 def whoami() -> dict:

@@ -107,7 +107,7 @@ class Section:
             self._kvs = section_mpi.KeyValueServer(self.parent_ip, self.size,
                                                    self.ticket.id if self.ticket else "")
         port = self.bcast(self._kvs.port if self._kvs else None)
-        subnet = ".".join(self.parent_ip.split(".")[:3]) + ".0/24"   # a family is one /24
+        subnet = api.family_subnet(self.parent_ip)
         return section_mpi.join_world(self.parent_ip, port, self.rank, self.size, subnet)
 
     def _next(self) -> int:
