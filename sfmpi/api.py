@@ -149,6 +149,13 @@ def members(ticket: Ticket | str) -> list[Member]:
             for m in call("members", ticket=_ticket_id(ticket))["members"]]
 
 
+def ended_clone(ticket: Ticket | str, clone_id: int) -> Member | None:
+    """Clone `clone_id`'s entry if it is no longer running, else None. A
+    destroyed VM takes its connections along without closing them, so a
+    parent waiting on a clone asks this now and then."""
+    return next((m for m in members(ticket) if m.id == clone_id and m.state != "running"), None)
+
+
 def family_subnet(ip: str) -> str:
     """The family network an address is on, as CIDR (every family is one /24:
     docs/clone-api.md). MPI libraries are told to use only this network."""

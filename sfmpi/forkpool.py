@@ -119,9 +119,7 @@ class ForkPoolExecutor(Executor):
             conn.close()
 
     def _check_worker(self, rank: int) -> None:
-        # A worker's VM that is destroyed does not close its connection.
-        if self._ticket is not None and any(m.id == rank and m.state != "running"
-                                            for m in api.members(self._ticket)):
+        if self._ticket is not None and api.ended_clone(self._ticket, rank) is not None:
             raise BrokenForkPool(f"worker {rank} of the fork pool died")
 
     def _break(self, why: str) -> None:

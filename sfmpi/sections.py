@@ -122,10 +122,10 @@ class Section:
             return None
 
         def check() -> None:
-            for m in api.members(self.ticket):
-                if m.id == rank and m.state != "running":
-                    raise SectionError(f"clone {rank} of the parallel section ended "
-                                       f"({m.failure or f'exit status {m.status}'}) before it left the section")
+            m = api.ended_clone(self.ticket, rank)
+            if m is not None:
+                raise SectionError(f"clone {rank} of the parallel section ended "
+                                   f"({m.failure or f'exit status {m.status}'}) before it left the section")
         return check
 
     def _expect(self, rank: int, op: str, step: int):

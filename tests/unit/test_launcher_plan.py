@@ -172,7 +172,7 @@ def test_a_killed_jobs_key_and_directory_are_swept(tmp_path, monkeypatch):
     assert "sfmpirun-dead1" not in text and "sfmpirun-live1" in text and "me@host" in text
 
 
-def test_family_subnet_is_the_address_s_24():
+def test_family_subnet_is_the_family_network():
     from sfmpi import api
     assert api.family_subnet("10.100.7.13") == "10.100.7.0/24"
     assert api.family_subnet("10.101.0.2") == "10.101.0.0/24"
