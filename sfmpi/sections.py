@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -55,6 +57,7 @@ class Section:
         self._conns = conns          # parent: rank -> socket; clone: {0: socket to the parent}
         self._step = 0               # collectives called so far: every copy must call the same ones
         self._comm = None
+        self._leaving = False        # clone: set when it reports to the parent at the end
         self._kvs = None             # parent, once comm is used: the MPI key-value space
         self.parent_ip = parent_ip
 
@@ -144,6 +147,7 @@ class Section:
     # -- the end of the section --------------------------------------------
     def _leave_clone(self, exc: BaseException | None) -> None:
         """In a clone: report to the parent and end this VM. Does not return."""
+        self._leaving = True
         status = 0
         try:
             if exc is None:
@@ -239,7 +243,39 @@ def _fork(n: int, allow_fewer: bool, ticket_timeout: float | None) -> Section:
     if n == 1:
         return Section(0, 1, None, {})
     rank, size, ticket, conns, parent_ip = fork_connected(n - 1, allow_fewer, ticket_timeout, f"parallel({n})")
-    return Section(rank, size, ticket if rank == 0 else None, conns, parent_ip)
+    section = Section(rank, size, ticket if rank == 0 else None, conns, parent_ip)
+    if rank:
+        _end_with_parent(section)
+    return section
+
+
+def _end_with_parent(section: Section) -> None:
+    """In a clone: end this VM as soon as the parent's program is gone. A
+    program killed outright closes its connections and nothing else tells the
+    clones; one that computes without talking to the parent would run on until
+    its next collective, however long that is."""
+    conn = section._conns[0]
+
+    def watch() -> None:
+        while not section._leaving:
+            try:
+                select.select([conn], [], [], 1.0)
+                if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    break            # end of stream: the parent's program ended
+            except BlockingIOError:
+                continue             # nothing yet
+            except OSError:
+                break                # reset by the parent's side
+            time.sleep(0.5)          # a message waits for the main thread to take it
+        if section._leaving:         # the clone's own end of the section, not the parent's
+            return
+        sys.stderr.write(f"sfmpi: clone {section.rank}: the parallel section's parent program is gone; "
+                         f"this clone ends\n")
+        try:
+            api.exit(1)
+        finally:
+            os._exit(1)
+    threading.Thread(target=watch, name="sfmpi-parent-watch", daemon=True).start()
 
 
 def fork_connected(clones: int, allow_fewer: bool, ticket_timeout: float | None, what: str):

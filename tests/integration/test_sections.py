@@ -212,3 +212,26 @@ def test_a_section_in_a_vm_restored_from_a_checkpoint(cli, parent):
         cli.assert_no_clones_left(restored)
     finally:
         cli("vm", "stop", restored)
+
+
+LONG_COMPUTE = r"""
+import time, sfmpi
+with sfmpi.parallel(3) as s:
+    print("in", s.rank, flush=True)
+    if s.rank:
+        time.sleep(3600)     # computes without talking to the parent
+    s.gather(s.rank)
+"""
+
+
+def test_a_program_killed_in_a_section_takes_its_clones_along(cli, parent):
+    cli.put(parent, "/root/long.py", LONG_COMPUTE)
+    cli.exec(parent, "cd /root && (setsid python3 long.py > /tmp/long.out 2>&1 &)")
+    # The parent prints once every clone has connected to it: all of them are in the section.
+    deadline = time.monotonic() + 300
+    while "in 0" not in cli.exec(parent, "cat /tmp/long.out", check=False).stdout and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(cli.clones_of(parent)) == 2
+    # SIGKILL: no handler, no clean-up in the parent's program; only its sockets close.
+    cli.exec(parent, "for p in $(pgrep -x python3); do grep -q long.py /proc/$p/cmdline && kill -9 $p; done")
+    cli.assert_no_clones_left(parent, within=60)
