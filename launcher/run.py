@@ -89,7 +89,6 @@ class Job:
         me = api.whoami()
         wanted = plan.clones_wanted(self.spec)
         self.say(f"{flavour}, {self.spec.ranks} rank(s), {wanted} clone(s) wanted, parent {me['ip']}")
-        _import_paramiko_meanwhile()
         sweep_stale_jobs()
         self.dir.mkdir(parents=True, mode=0o700)
         (self.dir / OWNER).write_text(_process_id(os.getpid()) + "\n")
@@ -100,6 +99,7 @@ class Job:
         self._prepare(flavour, env, me)
 
     def _fork(self, wanted: int) -> int:
+        _import_paramiko_meanwhile()
         self.ticket = api.request_ticket(wanted)
         self.state = JobState.TICKETED
         try:
@@ -156,9 +156,8 @@ class Job:
         hostfile.write_text(plan.hostfile(flavour, hosts, per_host))
         self.rank_clones = set(plan.hosts_with_ranks(hosts, self.spec.ranks, per_host)) - {me["ip"]}
         # Installed, not written to the job directory: /run is mounted noexec.
-        agent = AGENT
-        if not os.access(agent, os.X_OK):
-            raise LaunchError(f"{agent} is not installed in this VM (it comes with the guest image: native/)")
+        if not os.access(AGENT, os.X_OK):
+            raise LaunchError(f"{AGENT} is not installed in this VM (it comes with the guest image: native/)")
         if self.trust is not None:
             # Logging in to the clones starts now, while mpiexec starts.
             self.hub = SshHub(self.dir, self.trust.key, self.trust.host_key, say=self.say)
@@ -166,7 +165,7 @@ class Job:
         subnet = api.family_subnet(me["ip"])
         if flavour == "mpich" and os.path.exists(MPICH_FINALIZE_FIX):
             env = plan.with_preload(env, self.environ, MPICH_FINALIZE_FIX)
-        self.argv = plan.mpiexec_argv(flavour, self.spec, str(hostfile), str(agent), subnet, env)
+        self.argv = plan.mpiexec_argv(flavour, self.spec, str(hostfile), AGENT, subnet, env)
         self.say("hosts " + " ".join(hosts) + "; " + " ".join(self.argv))
         if shutil.which(self.argv[0]) is None:
             raise LaunchError(f"{self.argv[0]} is not installed in this VM")

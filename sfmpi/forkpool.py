@@ -40,7 +40,7 @@ class ForkPoolExecutor(Executor):
         if not isinstance(max_workers, int) or max_workers < 1:
             raise UsageError(f"max_workers must be at least 1 (got {max_workers!r})")
         rank, size, ticket, conns, _ip = fork_connected(max_workers, allow_fewer, ticket_timeout,
-                                                   f"ForkPoolExecutor({max_workers})")
+                                                        f"ForkPoolExecutor({max_workers})")
         if rank:
             _serve(conns[0])   # a worker: never returns
         self._ticket = ticket
