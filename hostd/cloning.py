@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import logging
 import secrets
 import shutil
 import time
@@ -31,6 +32,8 @@ from .store import VmRecord, VmRole, VmState
 
 if TYPE_CHECKING:
     from .manager import HostManager
+
+log = logging.getLogger("sfmpi.hostd.cloning")
 
 CLONE_READY_TIMEOUT = 120.0
 # greeting(identity, extras) -> the first message a resumed clone's agent gets.
@@ -127,6 +130,13 @@ class Cloner:
         resumed_ms = (max(r.pop("resumed_at") for r in results) - t0) * 1000.0
         for rec in recs:
             self.m.mark_running(rec.name)
+        log.info("%d clones of %s in %.0f ms, resumed at %.0f ms; per clone (QEMU start, state load, "
+                 "resume to answer, of it re-identification in the guest): %s", len(recs), ckpt.id, total_ms,
+                 resumed_ms, ", ".join(f"{r['qemu_start_ms']:.0f}/{r['state_load_ms']:.0f}/"
+                                       f"{r['resume_to_agent_ms']:.0f}/{r['guest_identity_ms'] or 0:.0f}"
+                                       for r in results))
+        log.info("re-identification steps in the guest (ms): %s", "; ".join(
+            " ".join(f"{k} {v:.0f}" for k, v in r["guest_ms"].items()) for r in results))
         return {"clones": [r.name for r in recs], "ids": [o.index for o in orders],
                 "total_ms": total_ms, "resumed_ms": resumed_ms, "per_clone": list(results)}
 
@@ -172,6 +182,7 @@ class Cloner:
                  "netid": order.netid, "ticket": rec.ticket or None}
         assert vm.agent is not None
         await vm.agent.send_op(greeting(ident, self.extras(fam, ckpt)))
+        t_greeted = time.monotonic()
         try:
             report = await vm.agent.wait_event(awaited, CLONE_READY_TIMEOUT)
         except AgentError:
@@ -184,6 +195,9 @@ class Cloner:
         return {"name": rec.name, "qemu_start_ms": (t_started - t0) * 1000.0,
                 "state_load_ms": (t_loaded - t_started) * 1000.0,
                 "resume_to_agent_ms": (t_ready - t_resumed) * 1000.0,
+                "greeting_ms": (t_greeted - t_resumed) * 1000.0,
+                "guest_identity_ms": (report.get("guest_ms") or {}).get("identity"),
+                "guest_ms": report.get("guest_ms") or {},
                 "resumed_at": t_resumed, "total_ms": (t_ready - t0) * 1000.0}
 
     @staticmethod

@@ -2,8 +2,8 @@
 
 One Job walks explicit states: PLANNED -> TICKETED -> CLONED -> RUNNING ->
 ENDED (or FAILED). Whatever ends it, the clones are destroyed (exit or kill),
-every process of the job in this VM is killed, the job's key leaves
-authorized_keys and its directory is removed.
+every process of the job in this VM is killed (its sshd too) and its
+directory is removed.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class Job:
         self._prepare(flavour, env, me)
 
     def _fork(self, wanted: int) -> int:
-        _import_paramiko_meanwhile()
+        importing = _import_paramiko_meanwhile()
         self.ticket = api.request_ticket(wanted)
         self.state = JobState.TICKETED
         try:
@@ -111,10 +111,10 @@ class Job:
             self.say("no clone granted: running here only")
             self._give_back_ticket()
             return 0
-        trust.ensure_sshd()
         self.trust = trust.create(self.dir, self.job_id)
         self.listener = control.listen()
         self.control_port = self.listener.getsockname()[1]
+        importing.join()
         self.say(f"ticket {self.ticket.id}: {self.ticket.granted} clone(s); forking")
         clone_id = api.clone(self.ticket)
         if clone_id:
@@ -137,31 +137,31 @@ class Job:
         finally:
             os._exit(status)
 
-    def _hosts(self, me: dict) -> list[str]:
+    def _members(self) -> list[api.Member]:
         if self.ticket is None:  # no clone: everything runs here
-            return [me["ip"]]
-        hosts = [me["ip"]] if self.spec.parent_ranks else []
-        port = self.control_port
-        for m in api.members(self.ticket):
+            return []
+        members = api.members(self.ticket)
+        for m in members:
             if m.state != "running":
                 raise LaunchError(f"clone {m.id} ended before the job started: {m.failure or m.status}")
-            self.lines.connect(m.id, m.ip, port)
-            hosts.append(m.ip)
-        return hosts
+        return members
 
     def _prepare(self, flavour: str, env: dict[str, str], me: dict) -> None:
-        hosts = self._hosts(me)
-        hostfile = self.dir / "hostfile"
+        members = self._members()
+        hosts = ([me["ip"]] if self.spec.parent_ranks or not members else []) + [m.ip for m in members]
         per_host = plan.slots(self.spec, len(hosts))
-        hostfile.write_text(plan.hostfile(flavour, hosts, per_host))
         self.rank_clones = set(plan.hosts_with_ranks(hosts, self.spec.ranks, per_host)) - {me["ip"]}
+        if self.trust is not None:
+            # Logging in to the clones starts first: it takes them longest.
+            self.hub = SshHub(self.dir, self.trust.key, self.trust.host_key, port=self.trust.port, say=self.say)
+            self.hub.start(self.rank_clones)
+        for m in members:
+            self.lines.connect(m.id, m.ip, self.control_port)
+        hostfile = self.dir / "hostfile"
+        hostfile.write_text(plan.hostfile(flavour, hosts, per_host))
         # Installed, not written to the job directory: /run is mounted noexec.
         if not os.access(AGENT, os.X_OK):
             raise LaunchError(f"{AGENT} is not installed in this VM (it comes with the guest image: native/)")
-        if self.trust is not None:
-            # Logging in to the clones starts now, while mpiexec starts.
-            self.hub = SshHub(self.dir, self.trust.key, self.trust.host_key, say=self.say)
-            self.hub.start(self.rank_clones)
         subnet = api.family_subnet(me["ip"])
         if flavour == "mpich" and os.path.exists(MPICH_FINALIZE_FIX):
             env = plan.with_preload(env, self.environ, MPICH_FINALIZE_FIX)
@@ -177,7 +177,9 @@ class Job:
         if self.hub is not None:
             self.hub.forget_launch()
         self.must_reach = set(self.rank_clones)
-        self.mpiexec = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent,
+        # Killed with sfmpirun, even by SIGKILL: Hydra and Open MPI then end their
+        # ranks and agents; the clones see the control line close and exit.
+        self.mpiexec = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=trust.die_with_parent,
                                         env={**self.environ, JOB_ENV: str(self.dir)})
         self.state = JobState.RUNNING
         reason = self._supervise()
@@ -269,7 +271,7 @@ class Job:
         if self.hub is not None:
             self.hub.close()
         if self.trust is not None:
-            trust.remove(self.trust)
+            trust.stop(self.trust)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -278,8 +280,8 @@ OWNER = "owner"   # "PID STARTTIME" of the job's sfmpirun, in its directory
 
 def sweep_stale_jobs() -> None:
     """Jobs whose sfmpirun was killed outright (SIGKILL: no clean-up ran) left
-    a directory and a key in authorized_keys: the next sfmpirun removes them.
-    Their clones are gone already (the control line closed with sfmpirun)."""
+    their directory: the next sfmpirun removes it. Their sshd and clones are
+    gone already (parent-death signal; the control line closed with sfmpirun)."""
     if not RUN_DIR.is_dir():
         return
     for job_dir in RUN_DIR.iterdir():
@@ -290,7 +292,6 @@ def sweep_stale_jobs() -> None:
             continue
         if alive:
             continue
-        trust.remove_marker(Path(os.path.expanduser("~")) / ".ssh" / "authorized_keys", f"sfmpirun-{job_dir.name}")
         shutil.rmtree(job_dir, ignore_errors=True)
 
 
@@ -304,22 +305,16 @@ def _process_id(pid: int) -> str:
         return f"{pid} gone"
 
 
-def _import_paramiko_meanwhile() -> None:
-    """The hub needs paramiko after the fork; importing it takes ~2 s on a TCG
-    guest, so it is imported while the ticket and the fork are under way (a VM
-    fork keeps threads: the import simply goes on in every copy)."""
-    threading.Thread(target=__import__, args=("paramiko",), daemon=True).start()
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In mpiexec, before exec: SIGTERM when sfmpirun dies, even by SIGKILL.
-    Hydra and Open MPI then end their ranks and agents; the clones see the
-    control line close and exit (control.NO_WORD)."""
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _import_paramiko_meanwhile() -> threading.Thread:
+    """The hub needs paramiko after the fork; importing it takes ~2 s of a TCG
+    guest's vCPU, so it is imported while the ticket is asked and the job's sshd
+    starts. It must be done before the fork (join the thread): an import still
+    running goes on in every clone, where it only costs CPU, and in the parent
+    it would compete with N-1 fresh clones for the host's cores (measured: the
+    logins waited for it 8-12 s at N = 8)."""
+    thread = threading.Thread(target=__import__, args=("paramiko",), daemon=True)
+    thread.start()
+    return thread
 
 
 def _session_members(sid: int) -> list[int]:

@@ -345,8 +345,10 @@ def _configure(rootfs: Path) -> None:
         if target.is_symlink() or target.exists():
             target.unlink()
         target.symlink_to("/dev/null")
-    # No password login: the agent is the way in.
-    proc.run(["chroot", rootfs, "passwd", "-l", "root"], check=False)
+    # No password login: the agent is the way in. '*' (no password) rather than
+    # `passwd -l` ('!'): sfmpirun's per-job sshd runs without PAM, and sshd
+    # without PAM refuses a locked account even a key login.
+    proc.run(["chroot", rootfs, "usermod", "-p", "*", "root"])
 
 
 def _kernel_files(rootfs: Path) -> tuple[Path, Path]:

@@ -73,8 +73,10 @@ class Pending:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.answer: dict | None = None
+        self.arrived = 0.0
 
     def resolve(self, answer: dict) -> None:
+        self.arrived = time.monotonic()
         self.answer = answer
         self.done.set()
 
@@ -122,17 +124,21 @@ class Agent:
                    "hostname": socket.gethostname(), "boot_id": boot_id, "uptime": uptime})
 
     # -- requests to hostd (the clone API) -------------------------------
-    def request(self, op: str, args: dict, timeout: float | None) -> dict:
-        """Send a clone-API call to hostd and wait for its answer."""
+    def request(self, op: str, args: dict, timeout: float | None, timing: dict | None = None) -> dict:
+        """Send a clone-API call to hostd and wait for its answer. `timing` gets
+        when it was sent and when the answer arrived (time.monotonic())."""
         req_id = next(self.req_ids)
         waiter = Pending()
         with self.pending_lock:
             self.pending[req_id] = waiter
         try:
+            t_sent = time.monotonic()
             if not self.send({"req": req_id, "op": op, **args}):
                 return _failure("HostdError", "the agent cannot reach hostd (virtio-serial port closed)")
             if not waiter.done.wait(timeout):
                 return _failure("HostdError", f"hostd did not answer {op} in {timeout:.0f} s")
+            if timing is not None:
+                timing.update(sent=t_sent, arrived=waiter.arrived)
             return waiter.answer or _failure("HostdError", "empty answer from hostd")
         finally:
             with self.pending_lock:

@@ -36,23 +36,41 @@ class IdentityError(Exception):
     pass
 
 
-def apply(msg: dict, run_hooks: bool) -> None:
+def apply(msg: dict, run_hooks: bool) -> dict:
+    """Returns how long each step took, in ms (hostd logs it; bench/fork.py shows it)."""
     received = time.monotonic()
+    steps: dict[str, float] = {}
+    mark = [received]
+
+    def done(step: str) -> None:
+        now = time.monotonic()
+        steps[step] = (now - mark[0]) * 1000.0
+        mark[0] = now
+
     ident = msg["identity"]
     if msg.get("time"):
         # The host's clock at sending, plus what passed since we got it.
         time.clock_settime(time.CLOCK_REALTIME, float(msg["time"]) + (time.monotonic() - received))
+        done("clock")
     if msg.get("entropy"):
         reseed(base64.b64decode(msg["entropy"]))
+        done("rng")
     if msg.get("machine_id"):
         write_machine_id(msg["machine_id"])
+        done("machine_id")
     if msg.get("boot_id"):
         set_boot_id(msg["boot_id"])
+        done("boot_id")
     configure_network(ident)
+    done("network")
     set_hostname(ident["hostname"])
+    done("hostname")
     write_hosts(msg.get("hosts") or [[ident["hostname"], ident["ip"]]])
+    done("hosts")
     if run_hooks:
         run_clone_hooks(ident)
+        done("hooks")
+    return steps
 
 
 def reseed(data: bytes) -> None:

@@ -20,7 +20,7 @@ def no_job_left(cli, parent: str) -> None:
     cli.assert_no_clones_left(parent)
     ps = cli.exec(parent, "ps -eo comm=").stdout.split()
     assert not [p for p in ps if p in MPI_PROCESSES], ps
-    assert "sfmpirun-" not in cli.exec(parent, "cat /root/.ssh/authorized_keys 2>/dev/null; true").stdout
+    assert "/run/sfmpirun/" not in cli.exec(parent, "ps -eo args=").stdout   # the job's sshd ended with it
     assert cli.exec(parent, "ls /run/sfmpirun 2>/dev/null | wc -l").stdout.strip() == "0"
 
 
@@ -196,15 +196,16 @@ def test_sigterm_ends_the_job_and_destroys_the_clones(cli, parent, programs):
 
 def test_sfmpirun_killed_outright_takes_its_job_along(cli, parent, programs):
     # SIGKILL: no clean-up of sfmpirun's own runs. mpiexec dies with it
-    # (parent-death signal), the clones see their control line close and exit,
-    # and the next sfmpirun removes the dead job's key and directory.
+    # (parent-death signal) and so does its sshd, the clones see their control
+    # line close and exit, and the next sfmpirun removes the dead job's directory.
     _long_job_running(cli, parent)
     _signal_sfmpirun(cli, parent, "KILL")
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and (cli.clones_of(parent) or [
             p for p in cli.exec(parent, "ps -eo comm=").stdout.split() if p in MPI_PROCESSES]):
         time.sleep(1)
-    assert "sfmpirun-" in cli.exec(parent, "cat /root/.ssh/authorized_keys").stdout  # left by the killed job
+    assert cli.exec(parent, "ls /run/sfmpirun | wc -l").stdout.strip() == "1"  # left by the killed job
+    assert "/run/sfmpirun/" not in cli.exec(parent, "ps -eo args=").stdout
     p = sfmpirun(cli, parent, "--clones 0 -n 1 ./cpi_mpich 1000")
     assert p.returncode == 0, p.stderr
     no_job_left(cli, parent)

@@ -145,22 +145,28 @@ def test_detect_refuses_a_program_without_mpi(tmp_path):
         detect.detect(("-l", str(tmp_path / "nothing")))
 
 
-def test_authorized_keys_line_added_and_removed_by_marker():
-    line = trust.authorized_line("ssh-ed25519 AAAAC3 sfmpirun-x\n", "sfmpirun-abc")
-    assert line == f"{trust.KEY_OPTIONS} ssh-ed25519 AAAAC3 sfmpirun-abc\n"
-    text = "ssh-rsa AAAB user@h\n" + line + "ssh-ed25519 CCC sfmpirun-abcd\n"
-    assert trust.without_marker(text, "sfmpirun-abc") == "ssh-rsa AAAB user@h\nssh-ed25519 CCC sfmpirun-abcd\n"
+def test_job_sshd_takes_only_the_jobs_keys_and_skips_pam_unless_needed(tmp_path):
+    conf = trust.sshd_config(tmp_path, 40123, "root", use_pam=False)
+    lines = dict(line.split(" ", 1) for line in conf.splitlines())
+    assert lines["Port"] == "40123" and lines["ListenAddress"] == "0.0.0.0"
+    assert lines["HostKey"] == str(tmp_path / "host_key")
+    assert lines["AuthorizedKeysFile"] == str(tmp_path / "authorized_keys")
+    assert lines["AllowUsers"] == "root" and lines["AuthenticationMethods"] == "publickey"
+    assert lines["UsePAM"] == "no" and lines["PasswordAuthentication"] == "no"
+    assert "UsePAM yes" in trust.sshd_config(tmp_path, 40123, "root", use_pam=True)
 
 
-def test_a_killed_jobs_key_and_directory_are_swept(tmp_path, monkeypatch):
+def test_a_locked_account_is_seen_as_sshd_sees_it():
+    shadow = "root:!*:20000:0:99999:7:::\nbob:*:20000::::::\nann:$y$j9T$abc:20000::::::\n"
+    assert trust.account_locked(shadow, "root")
+    assert not trust.account_locked(shadow, "bob")      # no password, not locked
+    assert not trust.account_locked(shadow, "ann")
+    assert not trust.account_locked(shadow, "nobody-here")
+
+
+def test_a_killed_jobs_directory_is_swept(tmp_path, monkeypatch):
     from sfmpi.launcher import run
     monkeypatch.setattr(run, "RUN_DIR", tmp_path / "run")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    (tmp_path / ".ssh").mkdir()
-    auth = tmp_path / ".ssh" / "authorized_keys"
-    auth.write_text("ssh-ed25519 AAAAmine me@host\n"
-                    + trust.authorized_line("ssh-ed25519 AAAAdead", "sfmpirun-dead1")
-                    + trust.authorized_line("ssh-ed25519 AAAAlive", "sfmpirun-live1"))
     dead, live = tmp_path / "run" / "dead1", tmp_path / "run" / "live1"
     dead.mkdir(parents=True)
     live.mkdir()
@@ -168,8 +174,6 @@ def test_a_killed_jobs_key_and_directory_are_swept(tmp_path, monkeypatch):
     (live / run.OWNER).write_text(run._process_id(os.getpid()) + "\n")  # this one lives
     run.sweep_stale_jobs()
     assert not dead.exists() and live.exists()
-    text = auth.read_text()
-    assert "sfmpirun-dead1" not in text and "sfmpirun-live1" in text and "me@host" in text
 
 
 def test_family_subnet_is_the_family_network():
