@@ -83,7 +83,8 @@ class SshHub:
         self.host_key = host_key
         self.port = port
         self._lock = threading.Lock()
-        self._failures: list[str] = []
+        self._failures: list[str] = []           # of this launch's sessions
+        self._connect_failures: list[str] = []   # logins, made once per job
         self._reached: set[str] = set()
         self._connections: dict[tuple[str, str], Future] = {}
         self._clients: set[socket.socket] = set()
@@ -94,7 +95,7 @@ class SshHub:
     # -- what sfmpirun asks -----------------------------------------------
     def failures(self) -> list[str]:
         with self._lock:
-            return list(self._failures)
+            return self._connect_failures + self._failures
 
     def reached(self) -> set[str]:
         """Hosts on which the launcher's command started."""
@@ -102,7 +103,8 @@ class SshHub:
             return set(self._reached)
 
     def forget_launch(self) -> None:
-        """A new launch on the same connections: nothing failed or was reached yet."""
+        """A new launch on the same connections: nothing failed or was reached yet
+        (a connection that failed stays failed: it is not tried again)."""
         with self._lock:
             self._failures.clear()
             self._reached.clear()
@@ -154,7 +156,8 @@ class SshHub:
     def _note_connect_failure(self, host: str, f: Future) -> None:
         if not f.cancelled() and f.exception() is not None:
             exc = f.exception()
-            self._fail(host, f"cannot connect over SSH: {type(exc).__name__}: {exc}")
+            with self._lock:
+                self._connect_failures.append(f"{host}: cannot connect over SSH: {type(exc).__name__}: {exc}")
 
     def _fail(self, host: str, reason: str) -> None:
         with self._lock:

@@ -84,22 +84,22 @@ class Job:
         """Fork the cluster and prepare the launch. In a clone this never returns."""
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        wanted = plan.clones_wanted(self.spec)
+        importing = _import_paramiko_meanwhile() if wanted else None
         flavour = self.spec.mpi if self.spec.mpi != "auto" else detect.detect(self.spec.launcher_args)
         env = plan.resolve_env(self.spec, self.environ)
         me = api.whoami()
-        wanted = plan.clones_wanted(self.spec)
         self.say(f"{flavour}, {self.spec.ranks} rank(s), {wanted} clone(s) wanted, parent {me['ip']}")
         sweep_stale_jobs()
         self.dir.mkdir(parents=True, mode=0o700)
         (self.dir / OWNER).write_text(_process_id(os.getpid()) + "\n")
-        if wanted:
-            clone_id = self._fork(wanted)
+        if importing is not None:
+            clone_id = self._fork(wanted, importing)
             if clone_id:
                 self._be_a_clone()  # never returns
         self._prepare(flavour, env, me)
 
-    def _fork(self, wanted: int) -> int:
-        importing = _import_paramiko_meanwhile()
+    def _fork(self, wanted: int, importing: threading.Thread) -> int:
         self.ticket = api.request_ticket(wanted)
         self.state = JobState.TICKETED
         try:
@@ -111,11 +111,13 @@ class Job:
             self.say("no clone granted: running here only")
             self._give_back_ticket()
             return 0
+        self.say(f"ticket {self.ticket.id}: {self.ticket.granted} clone(s)")
         self.trust = trust.create(self.dir, self.job_id)
         self.listener = control.listen()
         self.control_port = self.listener.getsockname()[1]
-        importing.join()
-        self.say(f"ticket {self.ticket.id}: {self.ticket.granted} clone(s); forking")
+        self.say(f"the job's sshd listens on port {self.trust.port}")
+        importing.join()  # before the fork: see _import_paramiko_meanwhile
+        self.say("paramiko imported; forking")
         clone_id = api.clone(self.ticket)
         if clone_id:
             return clone_id
@@ -307,8 +309,8 @@ def _process_id(pid: int) -> str:
 
 def _import_paramiko_meanwhile() -> threading.Thread:
     """The hub needs paramiko after the fork; importing it takes ~2 s of a TCG
-    guest's vCPU, so it is imported while the ticket is asked and the job's sshd
-    starts. It must be done before the fork (join the thread): an import still
+    guest's vCPU, so it is imported while the program is inspected, the ticket
+    asked and the job's sshd started. It must be done before the fork (join the thread): an import still
     running goes on in every clone, where it only costs CPU, and in the parent
     it would compete with N-1 fresh clones for the host's cores (measured: the
     logins waited for it 8-12 s at N = 8)."""

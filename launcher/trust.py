@@ -28,6 +28,7 @@ from pathlib import Path
 from sfmpi.errors import LaunchError
 
 SSHD = "/usr/sbin/sshd"
+PRIVSEP_DIR = "/run/sshd"
 KEY_OPTIONS = "no-agent-forwarding,no-X11-forwarding,no-port-forwarding"
 START_TIMEOUT = 30.0
 PR_SET_PDEATHSIG = 1
@@ -107,6 +108,10 @@ def create(job_dir: Path, job_id: str) -> JobTrust:
             raise LaunchError(f"ssh-keygen failed: {err.strip()}")
     public = key.with_suffix(".pub").read_text().split()
     (job_dir / "authorized_keys").write_text(f"{KEY_OPTIONS} {public[0]} {public[1]} sfmpirun-{job_id}\n")
+    if os.geteuid() == 0:
+        # sshd's privilege separation directory; the VM's ssh.service makes it
+        # and removes it when stopped, and sshd run as root refuses to start without.
+        os.makedirs(PRIVSEP_DIR, mode=0o755, exist_ok=True)
     port = _free_port()
     config = job_dir / "sshd_config"
     config.write_text(sshd_config(job_dir, port, user, needs_pam(user)))

@@ -105,9 +105,16 @@ def sfmpirun_with_clone_hook(cli, parent: str, hook: str, script: str, args: str
         cli.exec(parent, f"rm -f {path}")
 
 
+# The job's sshd, inherited by every clone: its port and PID, for the hooks below.
+JOB_SSHD = """port=$(awk '$1 == "Port" {print $2}' /run/sfmpirun/*/sshd_config)
+pid=$(ss -ltnpH "sport = :$port" | sed -n 's/.*pid=\\([0-9]*\\).*/\\1/p' | head -n 1)
+[ -n "$port" ] && [ -n "$pid" ] || exit 1
+"""
+
+
 def test_agent_that_cannot_connect_ends_the_job(cli, parent, programs):
-    # sshd stops in every clone as it is re-identified: the agent cannot log in.
-    p, took = sfmpirun_with_clone_hook(cli, parent, "20-nossh", "#!/bin/sh\nsystemctl stop ssh.service ssh.socket\n",
+    # The job's sshd ends in every clone as it is re-identified: no login.
+    p, took = sfmpirun_with_clone_hook(cli, parent, "20-nossh", f"#!/bin/sh\n{JOB_SSHD}kill $pid\n",
                                        "-n 2 ./cpi_mpich")
     assert p.returncode == 1, p.stderr
     assert "cannot connect over SSH" in p.stderr
@@ -115,23 +122,24 @@ def test_agent_that_cannot_connect_ends_the_job(cli, parent, programs):
     no_job_left(cli, parent)
 
 
-# In every clone sshd gives way to a listener that accepts and never speaks: the
-# agent hangs in the SSH banner exchange, the way a launch hangs that never
-# reaches a clone. --launch-timeout must end the job before the agent gives up.
-SILENT_PORT_22 = """#!/bin/sh
-systemctl stop ssh.service ssh.socket
-systemd-run --unit sfmpi-silent-22 python3 -c 'import socket, time
-s = socket.create_server(("0.0.0.0", 22))
+# In every clone the job's sshd gives way to a listener on its port that accepts
+# and never speaks: the hub hangs in the SSH banner exchange, the way a launch
+# hangs that never reaches a clone. --launch-timeout must end the job before the
+# login gives up.
+SILENT_SSHD = f"""#!/bin/sh
+{JOB_SSHD}kill $pid
+systemd-run --unit sfmpi-silent-sshd python3 -c "import socket, time
+s = socket.create_server(('0.0.0.0', $port))
 held = [s.accept() for _ in range(64)]
-time.sleep(3600)'
+time.sleep(3600)"
 # Listening before the clone is handed back: sfmpirun logs in at once.
-for i in $(seq 100); do ss -ltn 'sport = :22' | grep -q LISTEN && exit 0; sleep 0.1; done
+for i in $(seq 100); do ss -ltn "sport = :$port" | grep -q LISTEN && exit 0; sleep 0.1; done
 exit 1
 """
 
 
 def test_a_launch_that_never_reaches_a_clone_times_out(cli, parent, programs):
-    p, took = sfmpirun_with_clone_hook(cli, parent, "20-silent", SILENT_PORT_22, "--launch-timeout 5 -n 2 ./cpi_mpich")
+    p, took = sfmpirun_with_clone_hook(cli, parent, "20-silent", SILENT_SSHD, "--launch-timeout 5 -n 2 ./cpi_mpich")
     assert p.returncode == 1, p.stderr
     assert "did not reach 10." in p.stderr and "--launch-timeout" in p.stderr
     assert "cannot connect" not in p.stderr       # the watchdog, not the agent's own timeout

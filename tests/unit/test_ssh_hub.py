@@ -147,6 +147,8 @@ def test_a_clone_that_refuses_is_a_failure_before_any_agent_asks(tmp_path):
     try:
         h.connection("127.0.0.1").exception(timeout=30)
         assert h.failures() and "cannot connect over SSH" in h.failures()[0]
+        h.forget_launch()   # mpiexec starts after the login failed: it is still seen
+        assert h.failures() and "cannot connect over SSH" in h.failures()[0]
     finally:
         h.close()
 
