@@ -112,12 +112,12 @@ class Job:
             self._give_back_ticket()
             return 0
         self.say(f"ticket {self.ticket.id}: {self.ticket.granted} clone(s)")
+        importing.join()  # before the fork (see _import_paramiko_meanwhile); the keys need it too
+        self.say("paramiko imported")
         self.trust = trust.create(self.dir, self.job_id)
         self.listener = control.listen()
         self.control_port = self.listener.getsockname()[1]
-        self.say(f"the job's sshd listens on port {self.trust.port}")
-        importing.join()  # before the fork: see _import_paramiko_meanwhile
-        self.say("paramiko imported; forking")
+        self.say(f"the job's sshd listens on port {self.trust.port}; forking")
         clone_id = api.clone(self.ticket)
         if clone_id:
             return clone_id
@@ -309,8 +309,8 @@ def _process_id(pid: int) -> str:
 
 def _import_paramiko_meanwhile() -> threading.Thread:
     """The hub needs paramiko after the fork; importing it takes ~2 s of a TCG
-    guest's vCPU, so it is imported while the program is inspected, the ticket
-    asked and the job's sshd started. It must be done before the fork (join the thread): an import still
+    guest's vCPU, so it is imported while the program is inspected and the
+    ticket asked. It must be done before the fork (join the thread): an import still
     running goes on in every clone, where it only costs CPU, and in the parent
     it would compete with N-1 fresh clones for the host's cores (measured: the
     logins waited for it 8-12 s at N = 8)."""

@@ -98,16 +98,9 @@ def create(job_dir: Path, job_id: str) -> JobTrust:
         raise LaunchError(f"{SSHD} is not installed in this VM (openssh-server comes with the guest image)")
     user = pwd.getpwuid(os.geteuid()).pw_name
     key, host = job_dir / "id_ed25519", job_dir / "host_key"
-    # Both keys at once: each ssh-keygen is a process start, slow on a TCG guest.
-    gens = [subprocess.Popen(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"sfmpirun-{job_id}",
-                              "-f", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for path in (key, host)]
-    for gen in gens:
-        _, err = gen.communicate()
-        if gen.returncode != 0:
-            raise LaunchError(f"ssh-keygen failed: {err.strip()}")
-    public = key.with_suffix(".pub").read_text().split()
-    (job_dir / "authorized_keys").write_text(f"{KEY_OPTIONS} {public[0]} {public[1]} sfmpirun-{job_id}\n")
+    public = write_keypair(key, f"sfmpirun-{job_id}")
+    host_public = write_keypair(host, f"sfmpirun-{job_id}-host")
+    (job_dir / "authorized_keys").write_text(f"{KEY_OPTIONS} {public} sfmpirun-{job_id}\n")
     if os.geteuid() == 0:
         # sshd's privilege separation directory; the VM's ssh.service makes it
         # and removes it when stopped, and sshd run as root refuses to start without.
@@ -115,12 +108,30 @@ def create(job_dir: Path, job_id: str) -> JobTrust:
     port = _free_port()
     config = job_dir / "sshd_config"
     config.write_text(sshd_config(job_dir, port, user, needs_pam(user)))
-    trust = JobTrust(key=key, host_key=" ".join(host.with_suffix(".pub").read_text().split()[:2]), port=port)
+    trust = JobTrust(key=key, host_key=host_public, port=port)
     trust.sshd = subprocess.Popen([SSHD, "-D", "-r", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   preexec_fn=die_with_parent)
     _wait_listening(trust)
     return trust
+
+
+def write_keypair(path: Path, comment: str) -> str:
+    """An OpenSSH ed25519 key pair at `path` and `path`.pub; returns "ssh-ed25519 AAAA...".
+    Made in this process with cryptography (paramiko's own, imported before the
+    fork anyway) rather than by ssh-keygen: every process started costs a TCG
+    guest's one vCPU, and this runs on the way to the fork."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+        f.write(private)
+    path.with_suffix(".pub").write_text(f"{public} {comment}\n")
+    return public
 
 
 def stop(trust: JobTrust) -> None:

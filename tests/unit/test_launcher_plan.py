@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -154,6 +155,17 @@ def test_job_sshd_takes_only_the_jobs_keys_and_skips_pam_unless_needed(tmp_path)
     assert lines["AllowUsers"] == "root" and lines["AuthenticationMethods"] == "publickey"
     assert lines["UsePAM"] == "no" and lines["PasswordAuthentication"] == "no"
     assert "UsePAM yes" in trust.sshd_config(tmp_path, 40123, "root", use_pam=True)
+
+
+def test_job_keys_are_openssh_keys_paramiko_and_ssh_keygen_read(tmp_path):
+    import paramiko
+    public = trust.write_keypair(tmp_path / "k", "sfmpirun-x")
+    assert oct((tmp_path / "k").stat().st_mode & 0o777) == "0o600"
+    assert paramiko.Ed25519Key.from_private_key_file(str(tmp_path / "k")).get_base64() == public.split()[1]
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(tmp_path / "k")], capture_output=True, text=True)
+    assert derived.returncode == 0 and derived.stdout.split()[:2] == public.split()
+    assert (tmp_path / "k.pub").read_text() == f"{public} sfmpirun-x\n"
+    assert trust.write_keypair(tmp_path / "k2", "c") != public
 
 
 def test_a_locked_account_is_seen_as_sshd_sees_it():
