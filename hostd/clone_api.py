@@ -148,10 +148,14 @@ class CloneApi:
         t = self._owned_used_ticket(vm, msg.get("ticket"), "members")
         out = []
         for s in self.tickets.slots.get(t.id, []):
-            ident = self.manager.identity_of(s.vm) if not s.ended.is_set() else {}
-            state = ("running" if not s.ended.is_set() else "exited" if s.failure is None else "failed")
+            # A VM stopped a moment ago may be gone before its slot is finished.
+            gone = not s.ended.is_set() and s.vm not in self.manager.vms
+            ident = self.manager.identity_of(s.vm) if not (s.ended.is_set() or gone) else {}
+            state = ("failed" if gone else "running" if not s.ended.is_set()
+                     else "exited" if s.failure is None else "failed")
+            failure = f"its VM {s.vm} is gone" if gone else s.failure
             out.append({"id": s.index, "vm": s.vm, "state": state, "ip": ident.get("ip"),
-                        "hostname": ident.get("hostname"), "status": s.status, "failure": s.failure})
+                        "hostname": ident.get("hostname"), "status": s.status, "failure": failure})
         return {"members": out}
 
     async def op_kill(self, vm: "Vm", _req, msg: dict) -> dict:
