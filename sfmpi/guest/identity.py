@@ -37,7 +37,7 @@ class IdentityError(Exception):
 
 
 def apply(msg: dict, run_hooks: bool) -> dict:
-    """Returns how long each step took, in ms (hostd logs it; bench/fork.py shows it)."""
+    """Returns how long each step took, in ms (the clone reports it; hostd logs it)."""
     received = time.monotonic()
     steps: dict[str, float] = {}
     mark = [received]
