@@ -343,12 +343,18 @@ class HostManager:
             raise
 
     # -- checkpoint ------------------------------------------------------
-    async def checkpoint(self, name: str, mode: str = "background") -> dict:
-        if mode not in MODES:
+    async def checkpoint(self, name: str, mode: str | None = None) -> dict:
+        if mode is not None and mode not in MODES:
             raise UsageError(f"checkpoint mode must be one of {', '.join(MODES)} (got {mode!r})")
         vm = self._get(name)
         if vm.rec.role == VmRole.RECEIVER:
             raise UsageError(f"VM {name} is a checkpoint receiver")
+        # A clone's RAM is a private (copy-on-write) mapping of its checkpoint:
+        # QEMU's background snapshot can only write-protect shared memory.
+        if vm.rec.role == VmRole.CLONE and mode == "background":
+            raise UsageError(f"VM {name} is a clone: its RAM is a private copy-on-write mapping, which the "
+                             "background snapshot cannot track; use --mode paused (the default for clones)")
+        mode = mode or ("paused" if vm.rec.role == VmRole.CLONE else "background")
         if vm.lock.locked():
             raise UsageError(f"VM {name} is busy with another checkpoint or stop")
         async with vm.lock:

@@ -19,6 +19,8 @@ DISK_NODE = "disk0"
 DISK_DEVICE = "vblk0"
 NET_ID = "net0"
 NIC_DEVICE = "nic0"
+# The option ROM QEMU adds for -kernel on q35 (fw_cfg DMA): a RAM block of its own.
+LINUX_BOOT_ROM = "linuxboot_dma.bin"
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,21 @@ def ram_args(spec: MachineSpec, ram_path: str, share: bool, prealloc: bool = Fal
     ]
 
 
+def boot_args(spec: MachineSpec, incoming: str | None) -> list[str]:
+    """Direct kernel boot for a fresh VM; only the boot ROM for one that loads a stream.
+
+    A VM that waits for a migration stream never runs its firmware: the kernel
+    and initrd (30 MB read and parsed at every start, 10-20 ms of CPU per clone
+    measured) would only sit in fw_cfg. But the stream names the RAM blocks of
+    the source, and `-kernel` adds one, the option ROM that loads the kernel;
+    `-option-rom` adds the same block under the same name. (A clone's guest
+    never reboots through it: VMs run with -no-reboot.)
+    """
+    if incoming is not None:
+        return ["-option-rom", LINUX_BOOT_ROM]
+    return ["-kernel", spec.kernel, "-initrd", spec.initrd, "-append", spec.append]
+
+
 def disk_args(disk: Qcow2Disk | NullDisk) -> list[str]:
     if isinstance(disk, NullDisk):
         blockdev = f"driver=null-co,node-name={DISK_NODE},size={disk.size}"
@@ -142,7 +159,7 @@ def vm_argv(
         *cpu_args(spec.accel),
         "-smp", str(spec.cpus),
         *ram_args(spec, ram_path, share_ram, prealloc),
-        "-kernel", spec.kernel, "-initrd", spec.initrd, "-append", spec.append,
+        *boot_args(spec, incoming),
         *disk_args(disk),
         *nic_args(nic),
         # A new generation ID per clone tells the guest kernel to reseed its RNG.

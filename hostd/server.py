@@ -156,7 +156,7 @@ class Hostd:
             gone.cancel()
             return {"code": job.result()}
         if op == "checkpoint":
-            return await m.checkpoint(args["name"], args.get("mode", "background"))
+            return await m.checkpoint(args["name"], args.get("mode"))
         if op == "checkpoint.list":
             return [{"id": i, "vm": vm, "path": p} for i, vm, p in m.store.checkpoints()]
         if op == "clone":

@@ -165,15 +165,15 @@ def vm_stop(name, as_json) -> None:
 # -- checkpoint / clone -----------------------------------------------------
 @main.command("checkpoint")
 @click.argument("name")
-@click.option("--mode", type=click.Choice(["background", "precopy", "paused"]), default="background",
-              show_default=True,
-              help="background: short stop, RAM copied while the VM runs (write-protected); "
-                   "precopy: live pre-copy (relies on dirty tracking, unreliable under TCG); "
-                   "paused: everything copied while stopped.")
+@click.option("--mode", type=click.Choice(["background", "precopy", "paused"]), default=None,
+              help="background (default for a VM booted from an image): short stop, RAM copied while the "
+                   "VM runs (write-protected); precopy: live pre-copy (relies on dirty tracking, "
+                   "unreliable under TCG); paused (default for a clone, whose RAM is copy-on-write): "
+                   "everything copied while stopped.")
 @click.option("--json", "as_json", is_flag=True)
 def checkpoint(name, mode, as_json) -> None:
     """Checkpoint a running VM (it goes on running); print the checkpoint id."""
-    res = _client().call("checkpoint", name=name, mode=mode)
+    res = _client().call("checkpoint", name=name, **({"mode": mode} if mode else {}))
     _emit(res, as_json, lambda r: click.echo(r["id"]))
 
 

@@ -115,3 +115,23 @@ def test_other_checkpoint_modes_on_a_settled_guest(cli, parent, mode):
         cli("vm", "stop", res["clones"][0])
     # The parent runs on after any kind of checkpoint.
     assert cli.exec(parent, f"cat /dev/shm/{mode}").stdout == f"{mode}-mode\n"
+
+
+def test_a_clone_can_be_checkpointed_and_cloned_again(cli, clones):
+    """A clone's RAM is copy-on-write: the default mode for it is `paused`, and
+    its own clones (started with only the boot ROM, like every clone) carry its
+    state and the parent's."""
+    first = clones[0]
+    cli.exec(first, "echo of-the-clone > /dev/shm/gen2; echo on-disk > /root/gen2; sync")
+    refused = cli("checkpoint", first, "--mode", "background", check=False)
+    assert refused.returncode != 0
+    assert f"VM {first} is a clone" in refused.stderr and "--mode paused" in refused.stderr
+    ck = cli.json("checkpoint", first)
+    assert ck["mode"] == "paused"
+    res = cli.json("clone", ck["id"], "-n", "1")
+    (grandchild,) = res["clones"]
+    try:
+        p = cli.exec(grandchild, "cat /dev/shm/gen2 /root/gen2 /dev/shm/mark /root/mark")
+        assert p.stdout.split() == ["of-the-clone", "on-disk", MEMORY_MARK, DISK_MARK]
+    finally:
+        cli("vm", "stop", grandchild)

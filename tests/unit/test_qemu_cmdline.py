@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sfmpi.hostd.qemu_cmdline import (AGENT_PORT_NAME, MachineSpec, Nic, NullDisk, Qcow2Disk, Sockets,
+from sfmpi.hostd.qemu_cmdline import (AGENT_PORT_NAME, LINUX_BOOT_ROM, MachineSpec, Nic, NullDisk, Qcow2Disk, Sockets,
                                       cpu_args, nic_args, overlay_argv, probe_argv, vm_argv)
 
 SPEC = MachineSpec(mem_mb=512, cpus=2, accel="tcg", kernel="/img/vmlinuz", initrd="/img/initrd.img",
@@ -51,7 +51,6 @@ def machine_parts(argv):
     return {
         "machine": opt(argv, "-machine"), "m": opt(argv, "-m"), "smp": opt(argv, "-smp"),
         "accel": opt(argv, "-accel"), "cpu": opt(argv, "-cpu"), "ram": ram,
-        "kernel": opt(argv, "-kernel"), "initrd": opt(argv, "-initrd"), "append": opt(argv, "-append"),
         "devices": opt(argv, "-device"), "nodefaults": "-nodefaults" in argv,
     }
 
@@ -91,13 +90,21 @@ def test_machine_is_identical_for_parent_clone_and_receiver():
     assert p == c == r
     assert p["machine"] == ["q35,memory-backend=ram0"]
     assert p["m"] == ["512M"] and p["smp"] == ["2"]
-    assert p["kernel"] == ["/img/vmlinuz"] and p["initrd"] == ["/img/initrd.img"]
-    assert p["append"] == ["root=/dev/vda rw"]
     devices = p["devices"]
     assert "virtio-blk-pci,drive=disk0,id=vblk0" in devices
     assert "virtio-serial-pci,id=vser0" in devices
     assert f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME},id=agentport0" in devices
     assert AGENT_PORT_NAME == "org.sfmpi.0"
+
+
+def test_only_a_fresh_boot_loads_kernel_and_initrd():
+    p = parent()
+    assert opt(p, "-kernel") == ["/img/vmlinuz"] and opt(p, "-initrd") == ["/img/initrd.img"]
+    assert opt(p, "-append") == ["root=/dev/vda rw"] and "-option-rom" not in p
+    # A VM loading a stream gets only the RAM block -kernel would have added.
+    for a in (clone(), receiver()):
+        assert opt(a, "-option-rom") == [LINUX_BOOT_ROM]
+        assert not {"-kernel", "-initrd", "-append"} & set(a)
 
 
 def test_different_spec_changes_machine_parts():
