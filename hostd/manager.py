@@ -26,7 +26,7 @@ from sfmpi.image import Image
 from sfmpi.paths import Paths
 
 from . import accel as accel_mod
-from . import netplan
+from . import hugepages, netplan
 from .admission import Budget, Usage, admit
 from .agent_channel import AgentChannel, OutputSink
 from .checkpoint import (MODES, OVERLAY_TEMPLATE, Checkpoint, DiskFreeze, capture_background,
@@ -176,12 +176,14 @@ class HostManager:
     # -- start -----------------------------------------------------------
     async def start_vm(self, name: str, image: str, mem_mb: int = 512, cpus: int = 1,
                        accel: str | None = None, timeout: float = BOOT_TIMEOUT,
-                       nat: bool = False, open_ports: list[str] | tuple = ()) -> dict:
+                       nat: bool = False, open_ports: list[str] | tuple = (), ram_backing: str = "auto") -> dict:
         """Boot a parent VM; it starts family `name` with NAT and open ports as given
-        (its clones inherit them)."""
+        (its clones inherit them). Its RAM goes on huge pages when the host has
+        them (ram_backing auto), which keeps checkpoint pauses short at any size."""
         check_name(name)
         if cpus < 1 or mem_mb < 64:
             raise UsageError(f"VM {name}: need at least 1 vCPU and 64 MiB (got {cpus}, {mem_mb} MiB)")
+        ram_dir, backing = hugepages.ram_dir(ram_backing, mem_mb, self.paths.shm, hugepages.pool())
         options = NetOptions.parse(nat, open_ports)
         img = Image.load(image)
         chosen = await asyncio.to_thread(accel_mod.choose, str(img.kernel), str(img.initrd),
@@ -192,7 +194,7 @@ class HostManager:
             admit(self.budget, self.usage(), 1, mem_mb, cpus, what=f"start of VM {name}")
             rec = VmRecord(name=name, role=VmRole.PARENT, state=VmState.STARTING, spec=spec.to_json(),
                            overlay=self.new_layer(name), image=str(img.disk), family=name, netid=0,
-                           **self.files(name))
+                           **{**self.files(name), "ram_path": self._parent_ram_path(name, ram_dir)})
             self.reserve(rec)
         t0 = time.monotonic()
         try:
@@ -218,9 +220,14 @@ class HostManager:
             raise
         vm.rec = vm.rec.with_(state=VmState.RUNNING)
         self.store.put_vm(vm.rec)
-        return {**self.describe(vm.rec), "boot_ms": (time.monotonic() - t0) * 1000.0,
+        return {**self.describe(vm.rec), "ram_backing": backing, "boot_ms": (time.monotonic() - t0) * 1000.0,
                 "agent_ms": (t_agent - t0) * 1000.0, "system": system,
                 "guest_uptime_s": info.get("uptime")}
+
+    def _parent_ram_path(self, name: str, ram_dir: Path) -> str:
+        if ram_dir == self.paths.shm:
+            return str(ram_dir / f"{name}.ram")
+        return str(ram_dir / hugepages.ram_file_name(self.paths.shm.name, name))
 
     def identity_of(self, name: str) -> dict:
         rec = self._get(name).rec
@@ -569,6 +576,8 @@ class HostManager:
             task.cancel()
         await self.families.down()
         shutil.rmtree(self.paths.shm, ignore_errors=True)
+        for ram in hugepages.leftover_files(self.paths.shm.name):  # a parent whose stop failed
+            ram.unlink(missing_ok=True)
         for leftover in self.paths.vms.glob("*"):  # logs of VMs that failed to start
             shutil.rmtree(leftover, ignore_errors=True)
         return {"stopped": stopped}

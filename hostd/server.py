@@ -134,7 +134,7 @@ class Hostd:
             return await m.start_vm(args["name"], args["image"], int(args.get("mem_mb", 512)),
                                     int(args.get("cpus", 1)), args.get("accel"),
                                     float(args.get("timeout", 300)), args.get("nat", False),
-                                    args.get("open_ports", []))
+                                    args.get("open_ports", []), args.get("ram_backing", "auto"))
         if op == "vm.stop":
             return await m.stop_vm(args["name"])
         if op == "vm.list":

@@ -102,8 +102,12 @@ def vm() -> None:
 @click.option("--open-port", "open_ports", multiple=True, metavar="PORT[/tcp|/udp]",
               help="Accept routed traffic from outside the family to this port of its VMs "
                    "(repeatable; default tcp). Clones inherit it.")
+@click.option("--ram-backing", type=click.Choice(["auto", "hugepages", "tmpfs"]), default="auto",
+              show_default=True,
+              help="Where guest RAM lives: 2 MiB huge pages (a hugetlbfs mount with free pages) keep "
+                   "checkpoint pauses short at any RAM size; auto uses them when the host has room.")
 @click.option("--json", "as_json", is_flag=True)
-def vm_start(name, image_path, mem, cpus, accel, timeout, nat, open_ports, as_json) -> None:
+def vm_start(name, image_path, mem, cpus, accel, timeout, nat, open_ports, ram_backing, as_json) -> None:
     """Boot a VM from an image and wait until its agent answers."""
     from .hostd.admission import parse_size_mb
     from .hostd.nft import parse_open_ports
@@ -111,10 +115,11 @@ def vm_start(name, image_path, mem, cpus, accel, timeout, nat, open_ports, as_js
     ports = [str(p) for p in parse_open_ports(open_ports)]
     image_path = os.path.abspath(image_path) if image_path else _default_image()
     res = _client().call("vm.start", name=name, image=image_path, mem_mb=parse_size_mb(mem), cpus=cpus,
-                         accel=accel, timeout=timeout, nat=nat, open_ports=ports)
+                         accel=accel, timeout=timeout, nat=nat, open_ports=ports, ram_backing=ram_backing)
 
     def human(r):
         net = (["NAT"] if r.get("nat") else []) + [f"open {p}" for p in r.get("open_ports", [])]
+        net += ["RAM on huge pages"] if r.get("ram_backing") == "hugepages" else []
         click.echo(f"{r['name']} running ({r['accel']}, {r['mem_mb']} MiB, {r['cpus']} vCPU"
                    f"{''.join(', ' + n for n in net)}) in {r['boot_ms'] / 1000:.1f} s")
     _emit(res, as_json, human)

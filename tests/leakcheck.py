@@ -10,6 +10,8 @@ from pathlib import Path
 
 import psutil
 
+from sfmpi.hostd.hugepages import leftover_files
+
 OUR_LINK = re.compile(r"^(sfbr\d+|sft\d+x\d+|sfrx\d+)$")
 
 
@@ -44,6 +46,9 @@ def leaks(home: Path, shm: Path, whole_host_network: bool = False) -> list[str]:
             found.append(f"dnsmasq process {p.info['pid']}")
     if shm.exists() and any(shm.iterdir()):
         found.append(f"tmpfs files left: {sorted(x.name for x in shm.iterdir())}")
+    huge = leftover_files(shm.name)
+    if huge:
+        found.append(f"huge page RAM files left: {sorted(map(str, huge))}")
     for line in Path("/proc/mounts").read_text().splitlines():
         if str(home) in line or str(shm) in line:
             found.append(f"mount left: {line}")

@@ -1,0 +1,72 @@
+"""A parent whose RAM is on 2 MiB huge pages: checkpoint, clone, nothing left.
+
+The host here has no huge pages of its own: the fixture reserves some
+(vm.nr_hugepages) and mounts a hugetlbfs for the test, and gives both back.
+"""
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sfmpi.hostd.hugepages import SYSFS_2M
+
+pytestmark = pytest.mark.timeout(600)
+
+MEM_MB = 256
+NR = Path("/proc/sys/vm/nr_hugepages")
+
+
+def free_pages() -> int:
+    return int((SYSFS_2M / "free_hugepages").read_text()) - int((SYSFS_2M / "resv_hugepages").read_text())
+
+
+@pytest.fixture(scope="module")
+def hugetlbfs():
+    before = int(NR.read_text())
+    want = before + MEM_MB // 2 + 16
+    NR.write_text(f"{want}\n")
+    mount = Path(tempfile.mkdtemp(prefix="sfmpi-huge-", dir="/tmp"))
+    try:
+        assert int(NR.read_text()) == want, "the kernel could not reserve the huge pages for this test"
+        subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(mount)], check=True)
+        try:
+            yield mount
+        finally:
+            subprocess.run(["umount", str(mount)], check=True)
+    finally:
+        mount.rmdir()
+        NR.write_text(f"{before}\n")
+
+
+def test_a_parent_on_huge_pages_checkpoints_and_clones(cli, hugetlbfs):
+    free = free_pages()
+    started = cli.json("vm", "start", "hp", "--mem", f"{MEM_MB}M", "--ram-backing", "hugepages")
+    try:
+        assert started["ram_backing"] == "hugepages"
+        assert [f.name for f in hugetlbfs.iterdir()] == [f"{cli.paths.shm.name}-hp.ram"]
+        assert free - free_pages() == MEM_MB // 2
+        cli.exec("hp", "echo on-huge-pages > /dev/shm/mark")
+        for mode in ("background", "paused"):
+            ck = cli.json("checkpoint", "hp", "--mode", mode)
+            assert ck["mode"] == mode and ck["pause_ms"] > 0
+            (clone,) = cli.json("clone", ck["id"], "-n", "1")["clones"]
+            try:
+                assert cli.exec(clone, "cat /dev/shm/mark").stdout == "on-huge-pages\n"
+            finally:
+                cli("vm", "stop", clone)
+        assert cli.exec("hp", "cat /dev/shm/mark").stdout == "on-huge-pages\n"
+    finally:
+        cli("vm", "stop", "hp", check=False)
+    assert list(hugetlbfs.iterdir()) == []
+    assert free_pages() == free
+
+
+def test_huge_pages_asked_for_but_too_few_is_a_clear_error(cli, hugetlbfs):
+    p = cli("vm", "start", "hp2", "--mem", "4096M", "--ram-backing", "hugepages", check=False)
+    assert p.returncode != 0
+    assert "free 2 MiB huge pages needed for 4096 MiB" in p.stderr
+    assert "hp2" not in {r["name"] for r in cli.json("vm", "list")}
+    assert list(hugetlbfs.iterdir()) == []
