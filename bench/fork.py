@@ -6,7 +6,8 @@
 1. For each N: time from the clone request to all N clones running guest code
    (their agent answered), median of --repeats, vs cold-booting N VMs from the
    image in parallel to the same point (agent answered).
-2. For guests of 256 MiB, 512 MiB and 1 GiB: the parent's pause per checkpoint
+2. For guests of 256 MiB, 512 MiB and 1 GiB, RAM on tmpfs and on 2 MiB huge
+   pages: the parent's pause per checkpoint
    (from QEMU's STOP/RESUME event timestamps) for the background snapshot
    (default), the live pre-copy and the copy-while-paused fallback, with the
    guest idle and with a guest process dirtying 64 MiB of memory in a loop.
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sfmpi.client import HostdClient, wait_gone  # noqa: E402
 from sfmpi.paths import Paths  # noqa: E402
+from tests import hugetlb  # noqa: E402
 from tests.leakcheck import leaks  # noqa: E402
 
 COLD_TIMEOUT = 1200.0
@@ -69,9 +71,9 @@ class Bench:
         self.client = HostdClient(self.paths)
         self.image = image
 
-    def start(self, name: str, mem_mb: int, timeout: float = 300) -> dict:
+    def start(self, name: str, mem_mb: int, timeout: float = 300, ram_backing: str = "tmpfs") -> dict:
         return self.client.call("vm.start", name=name, image=self.image, mem_mb=mem_mb, cpus=1,
-                                timeout=timeout)
+                                timeout=timeout, ram_backing=ram_backing)
 
     def stop_all(self, names: list[str]) -> None:
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -160,11 +162,22 @@ class Bench:
         return out.decode()
 
     # -- 2. parent pause ----------------------------------------------------
-    def pauses(self, sizes: list[int], repeats: int) -> list[dict]:
+    def pauses(self, sizes: list[int], repeats: int, backings: list[str]) -> list[dict]:
+        rows = []
+        for backing in backings:
+            if backing == "hugepages":
+                # One parent at a time: room for the largest.
+                with hugetlb.hugetlbfs(max(sizes) // 2 + 16):
+                    rows += self._pauses(sizes, repeats, backing)
+            else:
+                rows += self._pauses(sizes, repeats, backing)
+        return rows
+
+    def _pauses(self, sizes: list[int], repeats: int, backing: str) -> list[dict]:
         rows = []
         for mem in sizes:
             name = f"pause{mem}"
-            self.start(name, mem)
+            self.start(name, mem, ram_backing=backing)
             for load in ("idle", "dirty 64M"):
                 if load != "idle":
                     self.run_in(name, f"printf '%s' '{DIRTY}' > /tmp/dirty.py; "
@@ -173,7 +186,7 @@ class Bench:
                 for mode in ("background", "precopy", "paused"):
                     runs = [self.client.call("checkpoint", name=name, mode=mode) for _ in range(repeats)]
                     rows.append({
-                        "mem_mb": mem, "load": load, "mode": mode,
+                        "mem_mb": mem, "ram_backing": backing, "load": load, "mode": mode,
                         "pause_ms": statistics.median(r["pause_ms"] for r in runs),
                         "pause_runs_ms": [round(r["pause_ms"], 1) for r in runs],
                         "checkpoint_s": statistics.median(r["timings"]["total_ms"] for r in runs) / 1000,
@@ -207,10 +220,10 @@ def print_tables(result: dict) -> None:
                       f"{r['all_returned_s']:.3f}", f"{r['guest_call_s']:.3f}")
         console.print(t)
     t = Table(title="Parent pause per checkpoint (QEMU STOP->RESUME)")
-    for col in ("RAM", "guest", "mode", "pause ms", "min-max", "ckpt s", "file MiB"):
+    for col in ("RAM", "RAM on", "guest", "mode", "pause ms", "min-max", "ckpt s", "file MiB"):
         t.add_column(col, justify="right")
     for r in result["pauses"]:
-        t.add_row(f"{r['mem_mb']} MiB", r["load"], r["mode"], f"{r['pause_ms']:.1f}",
+        t.add_row(f"{r['mem_mb']} MiB", r["ram_backing"], r["load"], r["mode"], f"{r['pause_ms']:.1f}",
                   f"{min(r['pause_runs_ms']):.0f}-{max(r['pause_runs_ms']):.0f}", f"{r['checkpoint_s']:.2f}",
                   f"{r['ram_allocated_mb']:.0f}")
     console.print(t)
@@ -225,6 +238,9 @@ def main() -> int:
     ap.add_argument("--sizes", default="256,512,1024")
     ap.add_argument("--mem", type=int, default=512, help="MiB per guest for the clone benchmark")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ram-backings", default="tmpfs,hugepages",
+                    help="parent RAM for the pause table: tmpfs and/or hugepages (a hugetlbfs the "
+                         "benchmark reserves and mounts, and gives back)")
     ap.add_argument("--image", default=None)
     args = ap.parse_args()
 
@@ -237,7 +253,8 @@ def main() -> int:
         result["clone_vs_cold"] = bench.clone_vs_cold(ints(args.ns), ints(args.cold_ns), args.repeats, args.mem)
         if args.ms:
             result["guest_clone"] = bench.guest_clone(ints(args.ms), args.repeats, args.mem)
-        result["pauses"] = bench.pauses(ints(args.sizes), args.repeats)
+        result["pauses"] = bench.pauses(ints(args.sizes), args.repeats,
+                                        [b for b in args.ram_backings.split(",") if b])
     except Exception as exc:  # noqa: BLE001 - reported with the partial result
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:

@@ -5,40 +5,20 @@ The host here has no huge pages of its own: the fixture reserves some
 """
 from __future__ import annotations
 
-import subprocess
-import tempfile
-from pathlib import Path
-
 import pytest
 
-from sfmpi.hostd.hugepages import SYSFS_2M
+from tests import hugetlb
+from tests.hugetlb import free_pages
 
 pytestmark = pytest.mark.timeout(600)
 
 MEM_MB = 256
-NR = Path("/proc/sys/vm/nr_hugepages")
-
-
-def free_pages() -> int:
-    return int((SYSFS_2M / "free_hugepages").read_text()) - int((SYSFS_2M / "resv_hugepages").read_text())
 
 
 @pytest.fixture(scope="module")
 def hugetlbfs():
-    before = int(NR.read_text())
-    want = before + MEM_MB // 2 + 16
-    NR.write_text(f"{want}\n")
-    mount = Path(tempfile.mkdtemp(prefix="sfmpi-huge-", dir="/tmp"))
-    try:
-        assert int(NR.read_text()) == want, "the kernel could not reserve the huge pages for this test"
-        subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(mount)], check=True)
-        try:
-            yield mount
-        finally:
-            subprocess.run(["umount", str(mount)], check=True)
-    finally:
-        mount.rmdir()
-        NR.write_text(f"{before}\n")
+    with hugetlb.hugetlbfs(MEM_MB // 2 + 16) as mount:
+        yield mount
 
 
 def test_a_parent_on_huge_pages_checkpoints_and_clones(cli, hugetlbfs):
