@@ -200,7 +200,7 @@ def print_tables(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     t = Table(title=f"Clone N vs cold boot N ({result['mem_mb']} MiB guests, accel {result['accel']}, "
                     f"median of {result['repeats']}; speedup = cold boot / agents answered)")
     for col in ("N", "all resumed (s)", "all agents answered (s)", "cold boot (s)", "speedup"):
