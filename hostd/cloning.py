@@ -71,7 +71,6 @@ class Cloner:
             ids = self.m.families.free_ids(fam, granted, self.m.name_taken)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=k) for k in ids]
             recs = await self._reserve(ckpt, fam, orders, ticket="")
-        log.info("TMP reserve %.0f ms", (time.monotonic() - t0) * 1000)
         res = await self.start(ckpt, fam, orders, recs, identify_greeting, "identified", t0)
         return {"checkpoint": ckpt.id, "requested": n, "granted": granted, **res}
 

@@ -57,13 +57,19 @@ def default_page_kb(meminfo: str) -> int:
     return 0
 
 
+def host_mounts_2m() -> list[str]:
+    return mounts_2m(Path("/proc/mounts").read_text(), default_page_kb(Path("/proc/meminfo").read_text()))
+
+
+def free_pages() -> int:
+    """2 MiB pages neither in use nor promised to a mapping already."""
+    return max(_int(SYSFS_2M / "free_hugepages") - _int(SYSFS_2M / "resv_hugepages"), 0)
+
+
 def pool() -> Pool | None:
     """The host's 2 MiB huge page pool, if it has one mounted."""
-    mounts = mounts_2m(Path("/proc/mounts").read_text(), default_page_kb(Path("/proc/meminfo").read_text()))
-    if not mounts:
-        return None
-    free = _int(SYSFS_2M / "free_hugepages") - _int(SYSFS_2M / "resv_hugepages")
-    return Pool(mount=mounts[0], free_pages=max(free, 0))
+    mounts = host_mounts_2m()
+    return Pool(mount=mounts[0], free_pages=free_pages()) if mounts else None
 
 
 def ram_dir(backing: str, mem_mb: int, tmpfs_dir: Path, host_pool: Pool | None) -> tuple[Path, str]:
@@ -100,5 +106,4 @@ def ram_file_name(owner_tag: str, vm: str) -> str:
 
 def leftover_files(owner_tag: str) -> list[Path]:
     """RAM files of this state directory still on any 2 MiB hugetlbfs mount."""
-    mounts = mounts_2m(Path("/proc/mounts").read_text(), default_page_kb(Path("/proc/meminfo").read_text()))
-    return [f for m in mounts for f in Path(m).glob(ram_file_name(owner_tag, "*"))]
+    return [f for m in host_mounts_2m() for f in Path(m).glob(ram_file_name(owner_tag, "*"))]

@@ -194,7 +194,7 @@ class HostManager:
             admit(self.budget, self.usage(), 1, mem_mb, cpus, what=f"start of VM {name}")
             rec = VmRecord(name=name, role=VmRole.PARENT, state=VmState.STARTING, spec=spec.to_json(),
                            overlay=self.new_layer(name), image=str(img.disk), family=name, netid=0,
-                           **{**self.files(name), "ram_path": self._parent_ram_path(name, ram_dir)})
+                           **{**self.files(name), "ram_path": self._parent_ram_path(name, ram_dir, backing)})
             self.reserve(rec)
         t0 = time.monotonic()
         try:
@@ -224,8 +224,8 @@ class HostManager:
                 "agent_ms": (t_agent - t0) * 1000.0, "system": system,
                 "guest_uptime_s": info.get("uptime")}
 
-    def _parent_ram_path(self, name: str, ram_dir: Path) -> str:
-        if ram_dir == self.paths.shm:
+    def _parent_ram_path(self, name: str, ram_dir: Path, backing: str) -> str:
+        if backing == "tmpfs":
             return str(ram_dir / f"{name}.ram")
         return str(ram_dir / hugepages.ram_file_name(self.paths.shm.name, name))
 

@@ -178,7 +178,7 @@ def vm_stop(name, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def checkpoint(name, mode, as_json) -> None:
     """Checkpoint a running VM (it goes on running); print the checkpoint id."""
-    res = _client().call("checkpoint", name=name, **({"mode": mode} if mode else {}))
+    res = _client().call("checkpoint", name=name, mode=mode)  # None: hostd picks by the VM's role
     _emit(res, as_json, lambda r: click.echo(r["id"]))
 
 

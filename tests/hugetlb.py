@@ -11,13 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from sfmpi.hostd.hugepages import SYSFS_2M
-
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
-
-
-def free_pages() -> int:
-    return int((SYSFS_2M / "free_hugepages").read_text()) - int((SYSFS_2M / "resv_hugepages").read_text())
 
 
 @contextlib.contextmanager

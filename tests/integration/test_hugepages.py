@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from sfmpi.hostd.hugepages import free_pages
 from tests import hugetlb
-from tests.hugetlb import free_pages
 
 pytestmark = pytest.mark.timeout(600)
 
