@@ -75,6 +75,29 @@ class Bench:
         return self.client.call("vm.start", name=name, image=self.image, mem_mb=mem_mb, cpus=1,
                                 timeout=timeout, ram_backing=ram_backing)
 
+    def settle(self, name: str, idle_share: float = 0.05, timeout: float = 180.0) -> float:
+        """Waits until the VM's QEMU uses under `idle_share` of a core over 2 s.
+
+        A parent is forked after it has run a while, not in the tail of its
+        boot: under TCG the first minute after boot still runs systemd's
+        start jobs, which would take the CPU from the clones being measured.
+        Returns the seconds waited."""
+        pid = next(v["pid"] for v in self.client.call("vm.list") if v["name"] == name)
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def cpu_s() -> float:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            before = cpu_s()
+            time.sleep(2.0)
+            if (cpu_s() - before) / 2.0 < idle_share:
+                break
+        return time.monotonic() - t0
+
     def stop_all(self, names: list[str]) -> None:
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda n: self.client.call("vm.stop", name=n), names))
@@ -95,6 +118,7 @@ class Bench:
     # -- 1. clone vs cold boot --------------------------------------------
     def clone_vs_cold(self, ns: list[int], cold_ns: list[int], repeats: int, mem_mb: int) -> list[dict]:
         self.start("bparent", mem_mb)
+        self.settle("bparent")
         ck = self.client.call("checkpoint", name="bparent")
         rows = []
         for n in ns:
@@ -135,6 +159,7 @@ class Bench:
         returned from theirs (re-identified), as hostd measures it; and the
         call as the parent's program sees it."""
         self.start("gparent", mem_mb)
+        self.settle("gparent")
         rows = []
         for m in ms:
             runs = []

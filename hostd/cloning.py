@@ -156,7 +156,7 @@ class Cloner:
         shutil.copyfile(await self._overlay_template(ckpt), rec.overlay)
         nic = Nic(mac=netplan.mac(fam.number, order.netid), tap=netplan.tap_name(fam.number, order.netid))
         argv = vm_argv(ckpt.spec, name=rec.name, ram_path=str(ckpt.ram_file), share_ram=False,
-                       disk=Qcow2Disk(rec.overlay), sockets=Sockets(rec.qmp_path, rec.agent_path),
+                       disk=Qcow2Disk(rec.overlay, ephemeral=True), sockets=Sockets(rec.qmp_path, rec.agent_path),
                        serial_log=rec.serial_log, nic=nic, vmgenid=str(uuid.uuid4()), incoming="defer")
         # QEMU reads the device state from an inherited descriptor: no shell and
         # no `cat` process per clone (QEMU 7.2 has no file: migration URI).

@@ -41,7 +41,7 @@ STAGE2_PACKAGES = (
 )
 # Bump when the guest configuration below changes in a way the hash of the agent
 # source does not capture.
-GUEST_CONFIG_VERSION = 2
+GUEST_CONFIG_VERSION = 3
 # mitigations=off: speculative-execution defences only slow an emulated guest down.
 # ipv6.disable=1: family networks are IPv4 (nft allows each tap one MAC and IPv4
 # address), and a clone would keep its parent's IPv6 link-local address, made
@@ -54,7 +54,7 @@ PACKAGE_DIR = Path(__file__).parent
 GUEST_MODULES = (
     "__init__.py", "errors.py", "api.py", "sfclone.py", "sections.py", "section_wire.py", "section_mpi.py",
     "forkpool.py",
-    "guest/__init__.py", "guest/agent.py", "guest/api_server.py", "guest/identity.py",
+    "guest/__init__.py", "guest/agent.py",
 )
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"
 # sfmpirun (launcher/ in the repository, sfmpi.launcher installed): it runs in the guest.
@@ -65,7 +65,8 @@ LAUNCHER_MODULES = ("__init__.py", "control.py", "detect.py", "options.py", "pla
 # (built on the host, Debian bookworm too).
 NATIVE_DIR = PACKAGE_DIR.parent / "native"
 NATIVE_SOURCES = ("Makefile", "sfclone/sfclone.c", "sfclone/sfclone.h", "mpich-finalize/sfmpirun_finalize.c",
-                  "pmi1/sfmpi_pmi1.c", "sfmpirun-agent/sfmpirun_agent.c")
+                  "pmi1/sfmpi_pmi1.c", "sfmpirun-agent/sfmpirun_agent.c", "agent/agentd.c", "agent/identity.c",
+                  "agent/identity.h")
 SFCLONE_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.sfclone import run\nrun()\n"
 SFMPIRUN_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.run import main\nmain()\n"
 
@@ -79,7 +80,7 @@ DefaultDependencies=no
 After=systemd-journald.socket
 
 [Service]
-ExecStart=/usr/bin/python3 -m sfmpi.guest.agent
+ExecStart=/usr/local/lib/sfmpi/sfmpi-agentd
 Restart=always
 RestartSec=0.2
 

@@ -1,11 +1,12 @@
 #!/usr/bin/python3
-"""sfmpi-agent: runs as root in every guest, talks to hostd over virtio-serial.
+"""The jobs runner of the guest agent: `vm exec` and its signals.
 
-Standard library only (the guest has python3 and the sfmpi package, nothing else
-is promised). It serves two sides:
-- hostd, over the virtio-serial port: `vm exec`, pings, identities;
-- programs in the guest, over /run/sfmpi/api.sock (sfmpi.guest.api_server):
-  the clone API of docs/clone-api.md, forwarded to hostd as requests.
+The agent is native/agent (sfmpi-agentd, C, root from boot). It owns hostd's
+virtio-serial port and the clone-API socket, re-identifies clones, and hands
+this module, its child, the lines it does not handle itself (exec, signal, and
+anything unknown) over a socketpair; what this module writes there goes to
+hostd unchanged. Running commands is no part of a clone's critical path, so it
+stays in Python. Standard library only.
 
 Wire protocol with hostd (version 2), one JSON object per line each way:
   host -> guest  {"op": "ping"}
@@ -23,62 +24,20 @@ Wire protocol with hostd (version 2), one JSON object per line each way:
 "ready" is sent at start and as the answer to every ping, so a host that
 (re)connects later, or a clone that has just been resumed, learns the agent is
 alive with one round trip.
-
-Why a poll-and-sleep loop: while no host is connected, the port reports
-POLLHUP and read() returns 0 at once, so a plain blocking read would spin.
 """
 from __future__ import annotations
 
 import base64
-import glob
 import contextlib
-import itertools
 import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 PROTOCOL_VERSION = 2
-PORT_NAME = "org.sfmpi.0"
-
-
-def find_port(timeout: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout
-    tried_modprobe = False
-    while time.monotonic() < deadline:
-        udev_path = f"/dev/virtio-ports/{PORT_NAME}"
-        if os.path.exists(udev_path):
-            return udev_path
-        for name_file in glob.glob("/sys/class/virtio-ports/*/name"):
-            with open(name_file) as f:
-                if f.read().strip() == PORT_NAME:
-                    dev = "/dev/" + name_file.split("/")[-2]
-                    if os.path.exists(dev):
-                        return dev
-        if not tried_modprobe:
-            subprocess.run(["modprobe", "virtio_console"], check=False)
-            tried_modprobe = True
-        time.sleep(0.1)
-    raise SystemExit(f"sfmpi-agent: virtio-serial port {PORT_NAME} not found")
-
-
-class Pending:
-    """A clone-API request waiting for hostd's answer."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.answer: dict | None = None
-        self.arrived = 0.0
-
-    def resolve(self, answer: dict) -> None:
-        self.arrived = time.monotonic()
-        self.answer = answer
-        self.done.set()
 
 
 class Agent:
@@ -86,19 +45,7 @@ class Agent:
         self.fd = fd
         self.write_lock = threading.Lock()
         self.jobs: dict[int, subprocess.Popen] = {}
-        self.pending: dict[int, Pending] = {}
-        self.pending_lock = threading.Lock()
-        # Request ids must not repeat in a clone either: the clone carries this
-        # counter in memory, and hostd answers a clone's copy of request R.
-        self.req_ids = itertools.count(1)
-        self.identity: dict = {}
-        self.connected = False
 
-    @classmethod
-    def open(cls, port_path: str) -> "Agent":
-        return cls(os.open(port_path, os.O_RDWR))
-
-    # -- sending ---------------------------------------------------------
     def send(self, msg: dict) -> bool:
         data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
         with self.write_lock:
@@ -107,101 +54,30 @@ class Agent:
                     n = os.write(self.fd, data)
                     data = data[n:]
             except OSError:
-                # No host connected: the message has nobody to go to. The host
-                # pings on connect, so nothing is lost that matters.
                 return False
         return True
 
-    def ready(self) -> None:
-        try:
-            with open("/proc/sys/kernel/random/boot_id") as f:
-                boot_id = f.read().strip()
-            with open("/proc/uptime") as f:
-                uptime = float(f.read().split()[0])
-        except OSError:
-            boot_id, uptime = "", 0.0
-        self.send({"ev": "ready", "version": PROTOCOL_VERSION,
-                   "hostname": socket.gethostname(), "boot_id": boot_id, "uptime": uptime})
-
-    # -- requests to hostd (the clone API) -------------------------------
-    def request(self, op: str, args: dict, timeout: float | None, timing: dict | None = None) -> dict:
-        """Send a clone-API call to hostd and wait for its answer. `timing` gets
-        when it was sent and when the answer arrived (time.monotonic())."""
-        req_id = next(self.req_ids)
-        waiter = Pending()
-        with self.pending_lock:
-            self.pending[req_id] = waiter
-        try:
-            t_sent = time.monotonic()
-            if not self.send({"req": req_id, "op": op, **args}):
-                return _failure("HostdError", "the agent cannot reach hostd (virtio-serial port closed)")
-            if not waiter.done.wait(timeout):
-                return _failure("HostdError", f"hostd did not answer {op} in {timeout:.0f} s")
-            if timing is not None:
-                timing.update(sent=t_sent, arrived=waiter.arrived)
-            return waiter.answer or _failure("HostdError", "empty answer from hostd")
-        finally:
-            with self.pending_lock:
-                self.pending.pop(req_id, None)
-
-    def _answer(self, msg: dict) -> None:
-        with self.pending_lock:
-            waiter = self.pending.get(msg.get("re"))
-        if waiter is not None:
-            waiter.resolve(msg)
-
-    def _fail_pending(self, why: str) -> None:
-        with self.pending_lock:
-            waiters = list(self.pending.values())
-        for w in waiters:
-            w.resolve(_failure("HostdError", why))
-
-    # -- receiving -------------------------------------------------------
     def serve(self) -> None:
-        self.ready()
+        """Lines from sfmpi-agentd until it goes away (then so does this)."""
         buf = b""
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
         while True:
-            events = poller.poll(1000)
-            if not events:
-                continue
-            _, mask = events[0]
-            if not mask & select.POLLIN:
-                self._host_gone()
-                time.sleep(0.05)  # host not connected (POLLHUP): wait for it
-                continue
             chunk = os.read(self.fd, 65536)
             if not chunk:
-                self._host_gone()
-                time.sleep(0.05)
-                continue
-            self.connected = True
+                return
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 if line.strip():
                     self.dispatch(line)
 
-    def _host_gone(self) -> None:
-        # A call waiting for hostd would otherwise wait forever: hostd forgot it.
-        if self.connected:
-            self.connected = False
-            self._fail_pending("lost the connection to hostd")
-
     def dispatch(self, line: bytes) -> None:
         try:
             msg = json.loads(line)
-            if "re" in msg:
-                self._answer(msg)
-                return
             op = msg["op"]
         except (ValueError, KeyError, TypeError):
             self.send({"ev": "error", "id": None, "message": "malformed request"})
             return
-        if op == "ping":
-            self.ready()
-        elif op == "exec":
+        if op == "exec":
             threading.Thread(target=self.run_job, args=(msg,), daemon=True).start()
         elif op == "signal":
             try:
@@ -216,10 +92,8 @@ class Agent:
             except ProcessLookupError:
                 pass
             except (TypeError, ValueError, OSError) as exc:
-                # A bad request must not end the agent (serve() would die with it).
+                # A bad request must not end the runner (serve() would die with it).
                 self.send({"ev": "error", "id": None, "message": f"bad signal request: {exc}"})
-        elif op == "identify":
-            threading.Thread(target=self.identify, args=(msg,), daemon=True).start()
         else:
             self.send({"ev": "error", "id": msg.get("id"), "message": f"unknown op {op!r}"})
 
@@ -228,17 +102,6 @@ class Agent:
         if job.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.pid, signal.SIGKILL)
-
-    def identify(self, msg: dict) -> None:
-        """The parent's identity at boot, or a host-side clone's after resume (an
-        in-guest clone's comes with the answer to its clone call)."""
-        from sfmpi.guest import identity
-        try:
-            identity.apply(msg, run_hooks=msg["identity"].get("id", 0) != 0)
-            self.identity = dict(msg["identity"])
-            self.send({"ev": "identified", "ok": True})
-        except Exception as exc:  # reported to hostd, which fails the VM start visibly
-            self.send({"ev": "identified", "ok": False, "error": str(exc)})
 
     # -- running commands ------------------------------------------------
     def run_job(self, msg: dict) -> None:
@@ -273,16 +136,10 @@ class Agent:
         self.send({"ev": "exit", "id": job_id, "code": code})
 
 
-def _failure(kind: str, message: str) -> dict:
-    return {"ok": False, "error": {"type": kind, "message": message}}
-
-
 def main() -> None:
-    port = sys.argv[1] if len(sys.argv) > 1 else find_port()
-    agent = Agent.open(port)
-    from sfmpi.guest.api_server import ApiServer
-    ApiServer(agent).start()
-    agent.serve()
+    if len(sys.argv) != 3 or sys.argv[1] != "--jobs-fd":
+        raise SystemExit("usage: python3 -m sfmpi.guest.agent --jobs-fd FD (started by sfmpi-agentd)")
+    Agent(int(sys.argv[2])).serve()
 
 
 if __name__ == "__main__":
