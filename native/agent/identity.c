@@ -629,13 +629,6 @@ int identity_apply(json_object *msg, double received, bool run_hooks, const stru
             return -1;
         DONE("rng");
     }
-    if ((s = str_field(msg, "machine_id")) && *s) {
-        char text[128];
-        snprintf(text, sizeof text, "%s\n", s);
-        if (write_atomic("/etc/machine-id", text, err, errlen))
-            return -1;
-        DONE("machine_id");
-    }
     if ((s = str_field(msg, "boot_id")) && *s) {
         if (set_boot_id(s, err, errlen))
             return -1;
@@ -665,6 +658,13 @@ int identity_apply(json_object *msg, double received, bool run_hooks, const stru
             return -1;
     }
     DONE("hosts");
+    if ((s = str_field(msg, "machine_id")) && *s) {
+        char text[128];
+        snprintf(text, sizeof text, "%s\n", s);
+        if (write_atomic("/etc/machine-id", text, err, errlen))
+            return -1;
+        DONE("machine_id");
+    }
     if (run_hooks) {
         char **hooks = prep ? prep->hooks : scan_hooks();
         int rc = run_clone_hooks(ident, hooks, err, errlen);

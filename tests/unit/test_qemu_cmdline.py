@@ -156,3 +156,10 @@ def test_every_vm_has_nic_and_vmgenid_with_its_own_guid():
     argv = _argv(vmgenid="abcdefab-0000-0000-0000-000000000001")
     assert "vmgenid,guid=abcdefab-0000-0000-0000-000000000001,id=vmgenid0" in argv
     assert any(a.startswith("virtio-net-pci,") for a in argv)
+
+
+def test_only_an_ephemeral_disk_ignores_guest_flushes():
+    assert not any("no-flush" in x for x in parent())
+    a = _argv(name="c1", ram_path="/ck/ram", share_ram=False, disk=Qcow2Disk("/d/c1.qcow2", ephemeral=True),
+              incoming="defer")
+    assert "driver=file,filename=/d/c1.qcow2,node-name=disk0-file,cache.no-flush=on" in opt(a, "-blockdev")
