@@ -42,6 +42,32 @@ DOWNTIME_LIMIT_MS = 20
 OVERLAY_TEMPLATE = "overlay.qcow2"
 
 
+# The paused checkpoint copies the parent's RAM while it is stopped, in parts
+# copied in parallel: one `cp --sparse=always` was CPU-bound (150 ms for the
+# 200 MB touched of a 512 MiB guest; two halves at once took 90 ms on 2 cores).
+# A block of zeros this size becomes a hole in the copy.
+SPARSE_BLOCK = 256 << 10
+
+
+def sparse_copy_argvs(src: str, dst: str, size: int, parts: int) -> list[list[str]]:
+    """dd command lines that together copy `src` to `dst` (already `size` bytes
+    long), each its own range, leaving holes for zero blocks."""
+    blocks = -(-size // SPARSE_BLOCK)
+    parts = max(1, min(parts, blocks))
+    per = -(-blocks // parts)
+    return [["dd", f"if={src}", f"of={dst}", f"bs={SPARSE_BLOCK}", f"skip={i * per}", f"seek={i * per}",
+             f"count={per}", "conv=sparse,notrunc", "status=none"]
+            for i in range(parts) if i * per < blocks]
+
+
+async def sparse_copy(src: str, dst: str) -> None:
+    size = os.stat(src).st_size
+    with open(dst, "wb") as f:
+        f.truncate(size)  # holes at the end too
+    await asyncio.gather(*(proc.run_async(argv)
+                           for argv in sparse_copy_argvs(src, dst, size, os.cpu_count() or 1)))
+
+
 async def make_overlay_template(path: Path, frozen_disk: str) -> None:
     partial = path.with_name(path.name + ".partial")
     await proc.run_async(overlay_argv(str(partial), frozen_disk))
@@ -379,7 +405,7 @@ async def capture_paused(parent: QemuProcess, parent_ram: str, ram_file: Path,
                          disk: DiskFreeze, state_file: Path, copy) -> dict:
     """Fallback: everything while the parent is stopped (pause grows with touched RAM).
 
-    `copy(src, dst)` is an async sparse copy (a coroutine running `cp --sparse=always`).
+    `copy(src, dst)` is an async sparse copy (sparse_copy).
     The RAM copy must be taken while stopped: a copy taken after `cont` did not load
     (PLATFORM.md: `VQ 0 size 0x100 < last_avail_idx`).
     """

@@ -31,7 +31,7 @@ from .admission import Budget, Usage, admit
 from .agent_channel import AgentChannel, OutputSink
 from .checkpoint import (MODES, OVERLAY_TEMPLATE, Checkpoint, DiskFreeze, capture_background,
                          capture_paused, capture_precopy, make_overlay_template, set_capabilities,
-                         sha256_file, top_disk)
+                         sha256_file, sparse_copy, top_disk)
 from .clone_api import CloneApi
 from .cloning import Cloner
 from .families import Families, NetOptions
@@ -397,7 +397,7 @@ class HostManager:
             else:
                 timings = await capture_paused(
                     vm.qemu, vm.rec.ram_path, work / "ram", DiskFreeze(vm.qemu, new_layer, node),
-                    work / "state", self._sparse_copy)
+                    work / "state", sparse_copy)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             if await self._top_is(vm, new_layer):
@@ -415,7 +415,7 @@ class HostManager:
         # From here on the parent runs on new_layer; `frozen` belongs to the checkpoint.
         vm.rec = vm.rec.with_(overlay=new_layer)
         self.store.put_vm(vm.rec)
-        if mode != "paused":  # cp --sparse=always made the holes already
+        if mode != "paused":  # sparse_copy made the holes already
             # The receiver wrote every page, zero pages too: give those back.
             t_dig = time.monotonic()
             await proc.run_async(["fallocate", "--dig-holes", str(work / "ram")])
@@ -486,10 +486,6 @@ class HostManager:
             os.unlink(self._mig_socket(receiver.rec.name))
         self.release_files(receiver.rec)
         self.store.delete_vm(receiver.rec.name)
-
-    @staticmethod
-    async def _sparse_copy(src: str, dst: str) -> None:
-        await proc.run_async(["cp", "--sparse=always", src, dst])
 
     @staticmethod
     async def _backing_chain(layer: str) -> list[str]:

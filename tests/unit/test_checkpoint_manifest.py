@@ -149,3 +149,33 @@ def test_pause_uses_first_stop_and_last_resume():
 @pytest.mark.parametrize("events", [[], [ev("STOP", 1, 0)], [ev("RESUME", 1, 0)]])
 def test_pause_without_both_events_is_zero(events):
     assert pause_from_events(events) == 0.0
+
+
+def test_sparse_copy_ranges_cover_the_file_once(tmp_path):
+    from sfmpi.hostd.checkpoint import SPARSE_BLOCK, sparse_copy_argvs
+    size = 512 << 20
+    for parts in (1, 2, 3, 4):
+        argvs = sparse_copy_argvs("/src", "/dst", size, parts)
+        assert len(argvs) == parts
+        ranges = []
+        for argv in argvs:
+            opts = dict(a.split("=", 1) for a in argv[1:] if "=" in a)
+            assert opts["skip"] == opts["seek"] and opts["bs"] == str(SPARSE_BLOCK) and "notrunc" in opts["conv"]
+            ranges.append((int(opts["skip"]), int(opts["skip"]) + int(opts["count"])))
+        assert ranges[0][0] == 0 and ranges[-1][1] >= size // SPARSE_BLOCK
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_sparse_copy_copies_data_and_leaves_holes(tmp_path):
+    import asyncio
+    import os
+    from sfmpi.hostd.checkpoint import SPARSE_BLOCK, sparse_copy
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = bytearray(8 * SPARSE_BLOCK + 4096)  # a size that is not a whole number of blocks
+    data[5] = 1
+    data[3 * SPARSE_BLOCK + 7] = 2
+    data[-1] = 3
+    src.write_bytes(bytes(data))
+    asyncio.run(sparse_copy(str(src), str(dst)))
+    assert dst.read_bytes() == bytes(data)
+    assert os.stat(dst).st_blocks * 512 < len(data) // 2  # the zero blocks are holes
