@@ -188,7 +188,9 @@ class Bench:
 
     # -- 2. parent pause ----------------------------------------------------
     def pauses(self, sizes: list[int], repeats: int, backings: list[str]) -> list[dict]:
-        rows = []
+        rows: list[dict] = []
+        if not sizes:
+            return rows
         for backing in backings:
             if backing == "hugepages":
                 # One parent at a time: room for the largest.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,9 @@ class Families:
         self.remembered = remembered
         self.by_name: dict[str, Family] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="families")
+        # VMs stopped but not yet off the network: taken off together (see leave_soon).
+        self._leaving: set[str] = set()
+        self._leaving_lock = threading.Lock()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -144,23 +148,40 @@ class Families:
         return {vm: netplan.tap_name(fam.number, k) for vm, k in members}
 
     def leave_soon(self, vm: str) -> None:
-        """Take a VM off its family's network, after the work queued before."""
-        self._worker.submit(self._leave, vm)
+        """Take a VM off its family's network, after the work queued before.
+
+        VMs stopped together (8 clones after a job) leave in one batch per
+        family: one at a time, their nft runs and tap deletions (~35 ms each)
+        queued up in front of the next clone request's network work."""
+        with self._leaving_lock:
+            first = not self._leaving
+            self._leaving.add(vm)
+        if first:
+            self._worker.submit(self._leave_pending)
 
     async def leave(self, vm: str) -> None:
-        await self._run(self._leave, vm)
+        await self._run(self._leave_all, {vm})
 
-    def _leave(self, vm: str) -> None:
-        fam = self.of_vm(vm)
-        if fam is None:
-            return
-        k = fam.members.pop(vm)
-        try:
-            fam.net.remove_vm(k)
-        except Exception as exc:  # cleanup goes on; `down` sweeps what is left
-            log.warning("family %s: removing VM %s (ID %d) from the network: %s", fam.name, vm, k, exc)
-        if not fam.members:
-            self.drop(fam)
+    def _leave_pending(self) -> None:
+        with self._leaving_lock:
+            vms, self._leaving = self._leaving, set()
+        self._leave_all(vms)
+
+    def _leave_all(self, vms: set[str]) -> None:
+        # Until this runs, a leaving VM's ID stays in fam.members: free_ids
+        # hands out no ID whose tap and rules are still in place.
+        leaving: dict[str, tuple[Family, list[int]]] = {}
+        for vm in sorted(vms):
+            fam = self.of_vm(vm)
+            if fam is not None:
+                leaving.setdefault(fam.name, (fam, []))[1].append(fam.members.pop(vm))
+        for fam, ks in leaving.values():
+            try:
+                fam.net.remove_vms(ks)
+            except Exception as exc:  # cleanup goes on; `down` sweeps what is left
+                log.warning("family %s: removing IDs %s from the network: %s", fam.name, ks, exc)
+            if not fam.members:
+                self.drop(fam)
 
     def drop(self, fam: Family) -> None:
         self.by_name.pop(fam.name, None)

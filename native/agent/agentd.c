@@ -341,7 +341,9 @@ static json_object *handle_request(struct client *c, const char *line)
         ans = failure("ProtocolError", msg);
         goto out;
     }
-    const char *name = json_object_object_get_ex(req, "op", &v) ? json_object_get_string(v) : "";
+    const char *name = json_object_object_get_ex(req, "op", &v) && json_object_is_type(v, json_type_string)
+                           ? json_object_get_string(v)
+                           : "";
     if (strcmp(name, "whoami") == 0) {
         ans = whoami();
         goto out;
@@ -463,7 +465,9 @@ static void hostd_answered(json_object *answer, double arrived)
 {
     json_object *re, *ok;
     json_object_object_get_ex(answer, "re", &re);
-    long id = json_object_get_int64(re);
+    long id = json_object_is_type(re, json_type_int) ? json_object_get_int64(re) : 0;
+    if (id <= 0)
+        return; /* not an answer to anything this agent asked */
     for (int i = 0; i < MAX_CLIENTS; i++) {
         struct client *c = &A.clients[i];
         if (c->fd < 0 || c->req != id)
@@ -509,7 +513,7 @@ static void host_line(const char *line)
         send_error(NULL, "malformed request");
     } else if (json_object_object_get_ex(msg, "re", &v)) {
         hostd_answered(msg, received);
-    } else if (!json_object_object_get_ex(msg, "op", &v)) {
+    } else if (!json_object_object_get_ex(msg, "op", &v) || !json_object_is_type(v, json_type_string)) {
         send_error(NULL, "malformed request");
     } else if (strcmp(json_object_get_string(v), "ping") == 0) {
         send_ready();

@@ -259,7 +259,8 @@ static int configure_network(json_object *ident, const struct identity_prep *pre
         snprintf(dev, sizeof dev, "%s", prep->nic);
     else if (nic_name(dev, sizeof dev) != 0)
         return fail(err, errlen, "no Ethernet interface in this VM");
-    int sock = prep && prep->ioctl_sock >= 0 ? dup(prep->ioctl_sock) : socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int sock = prep && prep->ioctl_sock >= 0 ? fcntl(prep->ioctl_sock, F_DUPFD_CLOEXEC, 0)
+                                             : socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (sock < 0)
         return fail(err, errlen, "socket: %s", strerror(errno));
     struct ifreq ifr;

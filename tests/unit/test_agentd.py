@@ -133,7 +133,7 @@ def test_ping_answers_ready(guest):
     assert isinstance(ev["uptime"], float) and len(ev["boot_id"]) == 36
 
 
-@pytest.mark.parametrize("line", [b"{not json", b'{"id":1}', b"[1,2]", b'"ping"'])
+@pytest.mark.parametrize("line", [b"{not json", b'{"id":1}', b"[1,2]", b'"ping"', b'{"op":null}', b'{"op":7}'])
 def test_malformed_line(guest, line):
     guest.host.sendall(line + b"\n")
     assert guest.next() == {"ev": "error", "id": None, "message": "malformed request"}
@@ -162,6 +162,22 @@ def test_the_jobs_runner_runs_at_normal_priority(guest):
 
 
 # -- the clone-API socket: programs' side ---------------------------------------
+
+def test_stray_answers_are_ignored(guest):
+    reading = socket.socket(socket.AF_UNIX)  # a caller that has not sent its request yet
+    reading.connect(guest.api_path)
+    for re in (0, None, "x", 99):
+        guest.send({"re": re, "ok": True})
+    guest.send({"op": "ping"})
+    assert guest.next()["ev"] == "ready"  # still alive, nothing answered
+    reading.sendall(b'{"v":1,"op":"whoami"}\n')
+    assert guest.answer_of(reading)["error"]["type"] == "HostdError"
+
+
+@pytest.mark.parametrize("op", [None, 3])
+def test_a_request_whose_op_is_not_a_string(guest, op):
+    assert guest.call({"v": 1, "op": op})["error"]["type"] == "UsageError"
+
 
 def test_requests_go_to_hostd_and_answers_back_to_the_caller(guest):
     conn = guest.connect({"v": 1, "op": "ticket", "n": 3})
