@@ -368,14 +368,16 @@ static json_object *handle_request(struct client *c, const char *line)
     for (int i = 0; op->fields[i]; i++)
         json_object_object_add(fwd, op->fields[i],
                                json_object_object_get_ex(req, op->fields[i], &v) ? json_object_get(v) : NULL);
+    /* Waiting before it is sent: hostd may stop this VM for the checkpoint
+     * the moment the request arrives, and each clone must resume waiting. */
     c->sent = monotonic_s();
-    if (!send_host(fwd)) {
-        ans = failure("HostdError", "the agent cannot reach hostd (virtio-serial port closed)");
-        goto out;
-    }
     c->req = id;
     c->op = op;
     c->deadline = op->timeout_s > 0 ? c->sent + op->timeout_s : 0;
+    if (!send_host(fwd)) {
+        c->req = 0;
+        ans = failure("HostdError", "the agent cannot reach hostd (virtio-serial port closed)");
+    }
 out:
     if (req)
         json_object_put(req);
