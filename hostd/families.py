@@ -151,7 +151,7 @@ class Families:
         """Take a VM off its family's network, after the work queued before.
 
         VMs stopped together (8 clones after a job) leave in one batch per
-        family: one at a time, their nft runs and tap deletions (~35 ms each)
+        family: one at a time, each ran its own nft transaction and DHCP update,
         queued up in front of the next clone request's network work."""
         with self._leaving_lock:
             first = not self._leaving
