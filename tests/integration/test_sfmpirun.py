@@ -209,8 +209,11 @@ def test_sfmpirun_killed_outright_takes_its_job_along(cli, parent, programs):
     _long_job_running(cli, parent)
     _signal_sfmpirun(cli, parent, "KILL")
     deadline = time.monotonic() + 90
+    # Open MPI's mpirun (comm "mpirun") cleans up for a while after its SIGTERM:
+    # wait for every process of the job, found by the job directory in its arguments.
     while time.monotonic() < deadline and (cli.clones_of(parent) or [
-            p for p in cli.exec(parent, "ps -eo comm=").stdout.split() if p in MPI_PROCESSES]):
+            p for p in cli.exec(parent, "ps -eo comm=").stdout.split() if p in MPI_PROCESSES]
+            or "/run/sfmpirun/" in cli.exec(parent, "ps -eo args=").stdout):
         time.sleep(1)
     assert cli.exec(parent, "ls /run/sfmpirun | wc -l").stdout.strip() == "1"  # left by the killed job
     assert "/run/sfmpirun/" not in cli.exec(parent, "ps -eo args=").stdout
