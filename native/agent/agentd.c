@@ -166,16 +166,24 @@ static bool write_all(int fd, const char *data, size_t len, bool sock)
     return true;
 }
 
-static bool send_json(int fd, json_object *msg, bool sock)
+/* `text` and a newline in one write: the line arrives whole at the other end. */
+static bool write_line(int fd, const char *text, size_t len, bool sock)
 {
-    size_t len;
-    const char *text = json_object_to_json_string_length(msg, JSON_C_TO_STRING_PLAIN, &len);
     char *line = malloc(len + 1);
+    if (!line)
+        return false;
     memcpy(line, text, len);
     line[len] = '\n';
     bool ok = write_all(fd, line, len + 1, sock);
     free(line);
     return ok;
+}
+
+static bool send_json(int fd, json_object *msg, bool sock)
+{
+    size_t len;
+    const char *text = json_object_to_json_string_length(msg, JSON_C_TO_STRING_PLAIN, &len);
+    return write_line(fd, text, len, sock);
 }
 
 /* To hostd.  No host connected: the message has nobody to go to (the host
@@ -219,16 +227,11 @@ static void answer_client(struct client *c, json_object *ans)
 
 static void send_ready(void)
 {
-    char hostname[256] = "", boot_id[64] = "";
+    char hostname[256] = "", boot_id[64];
     double uptime = 0;
     gethostname(hostname, sizeof hostname);
-    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "re");
-    if (f) {
-        if (fgets(boot_id, sizeof boot_id, f))
-            boot_id[strcspn(boot_id, "\n")] = 0;
-        fclose(f);
-    }
-    f = fopen("/proc/uptime", "re");
+    read_first_line(KERNEL_BOOT_ID, boot_id, sizeof boot_id);
+    FILE *f = fopen("/proc/uptime", "re");
     if (f) {
         if (fscanf(f, "%lf", &uptime) != 1)
             uptime = 0;
@@ -523,12 +526,7 @@ static void host_line(const char *line)
         handle_identify(msg, received);
     } else if (A.jobs >= 0) {
         /* exec, signal, and whatever else: the jobs runner answers. */
-        size_t n = strlen(line);
-        char *copy = malloc(n + 1);
-        memcpy(copy, line, n);
-        copy[n] = '\n';
-        write_all(A.jobs, copy, n + 1, true);
-        free(copy);
+        write_line(A.jobs, line, strlen(line), true);
     }
     if (msg)
         json_object_put(msg);
@@ -570,11 +568,8 @@ static void jobs_readable(void)
     buf_append(&A.jobs_in, chunk, (size_t)n);
     char *line;
     while (buf_take_line(&A.jobs_in, &line)) {
-        size_t len = strlen(line);
-        line = realloc(line, len + 2);
-        line[len] = '\n';
         if (A.port >= 0)
-            write_all(A.port, line, len + 1, false);
+            write_line(A.port, line, strlen(line), false);
         free(line);
     }
 }
@@ -590,14 +585,8 @@ static const char *find_port(char *out, size_t len)
         glob_t g;
         if (glob("/sys/class/virtio-ports/*/name", 0, NULL, &g) == 0) {
             for (size_t i = 0; i < g.gl_pathc; i++) {
-                char name[64] = "";
-                FILE *f = fopen(g.gl_pathv[i], "re");
-                if (!f)
-                    continue;
-                if (fgets(name, sizeof name, f))
-                    name[strcspn(name, "\n")] = 0;
-                fclose(f);
-                if (strcmp(name, PORT_NAME) == 0) {
+                char name[64];
+                if (strcmp(read_first_line(g.gl_pathv[i], name, sizeof name), PORT_NAME) == 0) {
                     char *dir = strdup(g.gl_pathv[i]);
                     *strrchr(dir, '/') = 0;
                     snprintf(out, len, "/dev/%s", strrchr(dir, '/') + 1);

@@ -41,7 +41,7 @@
  * keep its parent's.  Programs take it to mean "same machine": UCX (under
  * MPICH and Open MPI) then tries shared memory between ranks on different
  * clones and MPI_Init fails.  A file of our own is bind-mounted over it. */
-#define BOOT_ID "/proc/sys/kernel/random/boot_id"
+#define BOOT_ID KERNEL_BOOT_ID
 #define BOOT_ID_FILE "/run/sfmpi-boot_id"
 
 extern char **environ;
@@ -61,6 +61,18 @@ double monotonic_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+char *read_first_line(const char *path, char *buf, size_t len)
+{
+    buf[0] = 0;
+    FILE *f = fopen(path, "re");
+    if (f) {
+        if (fgets(buf, (int)len, f))
+            buf[strcspn(buf, "\n")] = 0;
+        fclose(f);
+    }
+    return buf;
 }
 
 const char *identity_path(const char *path, char *buf, size_t len)
@@ -178,6 +190,13 @@ static int reseed(const char *b64, int random_fd, char *err, size_t errlen)
     return 0;
 }
 
+/* Our file is bind-mounted over the kernel's already (the two are on one device). */
+static bool boot_id_is_ours(const char *path)
+{
+    struct stat kernel, ours;
+    return stat(BOOT_ID, &kernel) == 0 && stat(path, &ours) == 0 && kernel.st_dev == ours.st_dev;
+}
+
 static int set_boot_id(const char *boot_id, char *err, size_t errlen)
 {
     char path[512], text[128];
@@ -192,9 +211,8 @@ static int set_boot_id(const char *boot_id, char *err, size_t errlen)
         return fail(err, errlen, "write %s: %s", path, strerror(e));
     }
     close(fd);
-    struct stat kernel, ours;
-    if (stat(BOOT_ID, &kernel) == 0 && stat(path, &ours) == 0 && kernel.st_dev == ours.st_dev)
-        return 0; /* already our file */
+    if (boot_id_is_ours(path))
+        return 0;
     if (mount(path, BOOT_ID, NULL, MS_BIND, NULL) != 0)
         return fail(err, errlen, "bind a new boot ID over %s: %s", BOOT_ID, strerror(errno));
     return 0;
@@ -223,15 +241,11 @@ static int nic_name(char *out, size_t len)
     qsort(names, (size_t)n, sizeof names[0], cmp_names);
     int found = -1;
     for (int i = 0; i < n; i++) {
-        char path[300], type[16] = "";
+        char path[300], type[16];
         snprintf(path, sizeof path, "/sys/class/net/%s/type", names[i]);
-        FILE *f = fopen(path, "re");
-        if (f) {
-            if (fgets(type, sizeof type, f) && atoi(type) == ARPHRD_ETHER && found < 0) {
-                snprintf(out, len, "%s", names[i]);
-                found = 0;
-            }
-            fclose(f);
+        if (found < 0 && atoi(read_first_line(path, type, sizeof type)) == ARPHRD_ETHER) {
+            snprintf(out, len, "%s", names[i]);
+            found = 0;
         }
     }
     for (int i = 0; i < n; i++)
@@ -420,8 +434,8 @@ static int run_hook(const char *name, const char *path, char *const envp[], char
         char *argv[] = {(char *)path, NULL};
         execve(path, argv, envp);
         int e = errno;
-        if (write(exec_pipe[1], &e, sizeof e) < 0)
-            _exit(127);
+        ssize_t unused = write(exec_pipe[1], &e, sizeof e); /* the parent reports it */
+        (void)unused;
         _exit(127);
     }
     close(out_pipe[1]);
@@ -572,20 +586,10 @@ void identity_prepare(struct identity_prep *prep)
     prep->hooks = scan_hooks();
     /* The boot ID file goes over the kernel's now, with the parent's own ID:
      * a clone then only writes its new ID into it (no mount in the clone). */
-    struct stat kernel, ours;
-    char path[512], err[256];
+    char path[512], boot_id[64], err[256];
     identity_path(BOOT_ID_FILE, path, sizeof path);
-    if (!(stat(BOOT_ID, &kernel) == 0 && stat(path, &ours) == 0 && kernel.st_dev == ours.st_dev)) {
-        char boot_id[64] = "";
-        FILE *f = fopen(BOOT_ID, "re");
-        if (f) {
-            if (fgets(boot_id, sizeof boot_id, f))
-                boot_id[strcspn(boot_id, "\n")] = 0;
-            fclose(f);
-        }
-        if (boot_id[0])
-            set_boot_id(boot_id, err, sizeof err);
-    }
+    if (!boot_id_is_ours(path) && read_first_line(BOOT_ID, boot_id, sizeof boot_id)[0])
+        set_boot_id(boot_id, err, sizeof err);
     prep->ready = true;
 }
 

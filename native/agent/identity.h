@@ -52,4 +52,10 @@ const char *identity_path(const char *path, char *buf, size_t len);
 
 double monotonic_s(void);
 
+/* The first line of a (/proc, /sys) file without its newline into buf; "" if
+ * it cannot be read.  Returns buf. */
+char *read_first_line(const char *path, char *buf, size_t len);
+
+#define KERNEL_BOOT_ID "/proc/sys/kernel/random/boot_id"
+
 #endif

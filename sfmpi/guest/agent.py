@@ -37,8 +37,6 @@ import subprocess
 import sys
 import threading
 
-PROTOCOL_VERSION = 2
-
 
 class Agent:
     def __init__(self, fd: int):

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -81,7 +82,6 @@ class Guest:
                 s.connect(self.api_path)
                 break
             except (FileNotFoundError, ConnectionRefusedError):
-                import time
                 time.sleep(0.02)
         s.sendall((json.dumps(request) + "\n").encode())
         return s
