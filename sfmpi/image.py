@@ -65,8 +65,13 @@ LAUNCHER_MODULES = ("__init__.py", "control.py", "detect.py", "options.py", "pla
 # (built on the host, Debian bookworm too).
 NATIVE_DIR = PACKAGE_DIR.parent / "native"
 NATIVE_SOURCES = ("Makefile", "sfclone/sfclone.c", "sfclone/sfclone.h", "mpich-finalize/sfmpirun_finalize.c",
-                  "pmi1/sfmpi_pmi1.c", "sfmpirun-agent/sfmpirun_agent.c", "agent/agentd.c", "agent/identity.c",
-                  "agent/identity.h")
+                  "pmi1/sfmpi_pmi1.c", "sfmpirun-agent/sfmpirun_agent.c",
+                  # sfmpi-agentd (native/Makefile's AGENTD_SOURCES and AGENTD_HEADERS)
+                  "agent/agentd.c", "agent/hostd_channel.c", "agent/hostd_channel.h", "agent/clone_api.c",
+                  "agent/clone_api.h", "agent/jobs_runner.c", "agent/jobs_runner.h", "agent/line_io.c",
+                  "agent/line_io.h", "agent/identity.c", "agent/identity.h", "agent/identity_steps.h",
+                  "agent/identity_system.c", "agent/identity_network.c", "agent/identity_hosts.c",
+                  "agent/identity_hooks.c")
 SFCLONE_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.sfclone import run\nrun()\n"
 SFMPIRUN_WRAPPER = "#!/usr/bin/python3\nfrom sfmpi.launcher.run import main\nmain()\n"
 
