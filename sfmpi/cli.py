@@ -109,8 +109,8 @@ def vm() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def vm_start(name, image_path, mem, cpus, accel, timeout, nat, open_ports, ram_backing, as_json) -> None:
     """Boot a VM from an image and wait until its agent answers."""
-    from .hostd.admission import parse_size_mb
-    from .hostd.nft import parse_open_ports
+    from .hostd.policy.admission import parse_size_mb
+    from .hostd.net.nft import parse_open_ports
     # Checked here too (hostd checks again): bad input must not start hostd.
     ports = [str(p) for p in parse_open_ports(open_ports)]
     image_path = os.path.abspath(image_path) if image_path else _default_image()
@@ -225,8 +225,8 @@ def down(as_json) -> None:
 @click.option("--vcpu-budget", default=None, type=int, help="vCPUs VMs may use (default: 8 per core).")
 def hostd_cmd(mem_budget, vcpu_budget) -> None:
     """Run hostd in the foreground (commands start it on demand otherwise)."""
-    from .hostd.admission import Budget, parse_size_mb
-    from .hostd.server import serve
+    from .hostd.policy.admission import Budget, parse_size_mb
+    from .hostd.daemon.server import serve
 
     from .paths import Paths
     logging.getLogger().setLevel(logging.INFO)

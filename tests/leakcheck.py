@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from sfmpi.hostd.hugepages import leftover_files
+from sfmpi.hostd.vm.hugepages import leftover_files
 
 OUR_LINK = re.compile(r"^(sfbr\d+|sft\d+x\d+|sfrx\d+)$")
 

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from sfmpi.hostd import nft
+from sfmpi.hostd.net import nft
 
 pytestmark = pytest.mark.timeout(900)
 

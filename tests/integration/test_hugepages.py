@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from sfmpi.hostd.hugepages import free_pages
+from sfmpi.hostd.vm.hugepages import free_pages
 from tests import hugetlb
 
 pytestmark = pytest.mark.timeout(600)

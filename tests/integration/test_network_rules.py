@@ -25,9 +25,9 @@ import pytest
 
 from sfmpi import proc
 from sfmpi.errors import UsageError
-from sfmpi.hostd import netplan, nft
-from sfmpi.hostd.families import Families, NetOptions
-from sfmpi.hostd.network import (FORWARDING_DIR, FamilyNetwork, allocate_family, cleanup_families,
+from sfmpi.hostd.net import netplan, nft
+from sfmpi.hostd.net.families import Families, NetOptions
+from sfmpi.hostd.net.bridge import (FORWARDING_DIR, FamilyNetwork, allocate_family, cleanup_families,
                                  leftover_links, leftover_tables, nat_families)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bridges and nftables need root")
@@ -520,7 +520,7 @@ def test_a_restarted_hostd_remakes_the_family_with_its_options(lab, host_ip_forw
     """hostd's part without VMs: options go to the store with the family; a new
     Families (hostd restarted) re-adopts the bridge by number and, asked for no
     options, re-makes the same rules from the store."""
-    from sfmpi.hostd.store import Store
+    from sfmpi.hostd.state.store import Store
     store = Store(lab.state_dir / "state.db")
     options = NetOptions.parse(True, ["7007/udp", "22"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from sfmpi.errors import CapacityError, UsageError
-from sfmpi.hostd.admission import Budget, Usage, admit, parse_size_mb
+from sfmpi.hostd.policy.admission import Budget, Usage, admit, parse_size_mb
 
 
 @pytest.mark.parametrize("text,mb", [

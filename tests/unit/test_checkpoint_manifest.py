@@ -8,8 +8,9 @@ import os
 import pytest
 
 from sfmpi.errors import CheckpointError
-from sfmpi.hostd.checkpoint import Checkpoint, pause_from_events
-from sfmpi.hostd.qemu_cmdline import MachineSpec
+from sfmpi.hostd.fork.capture import pause_from_events
+from sfmpi.hostd.fork.manifest import Checkpoint
+from sfmpi.hostd.vm.cmdline import MachineSpec
 
 SPEC = MachineSpec(mem_mb=64, cpus=1, accel="tcg", kernel="/k", initrd="/i", append="x", disk_size=1 << 30)
 STATE = b"QEVM device state \x00\x01\x02" * 100
@@ -65,7 +66,38 @@ def test_write_into_other_directory(ckpt, tmp_path):
     other.mkdir()
     ckpt.write(other)
     d = json.loads((other / "manifest.json").read_text())
-    assert d["format"] == "sfmpi-checkpoint" and d["version"] == 1 and d["id"] == "ck-1"
+    assert d["format"] == "sfmpi-checkpoint" and d["version"] == 2 and d["id"] == "ck-1"
+
+
+def test_disk_paths_are_relative_to_the_checkpoint(ckpt, tmp_path):
+    d = json.loads(open(os.path.join(ckpt.path, "manifest.json")).read())
+    assert d["disk"] == "../../disks/top.qcow2"
+    assert d["disk_chain"] == ["../../disks/base.qcow2", "../../disks/mid.qcow2"]
+    assert "path" not in d  # where it is found, not what it says
+    # The checkpoint and its disks move together.
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    os.rename(tmp_path, moved)
+    loaded = Checkpoint.load(moved / "checkpoints" / "ck-1")
+    assert loaded.disk == str(moved / "disks" / "top.qcow2")
+    assert loaded.path == str(moved / "checkpoints" / "ck-1")
+
+
+def test_version_1_manifest_with_absolute_paths_still_loads(ckpt):
+    edit_manifest(ckpt, lambda d: d.update(version=1, disk=ckpt.disk, disk_chain=list(ckpt.disk_chain)))
+    assert Checkpoint.load(ckpt.path) == ckpt
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "state"])
+def test_a_disk_that_is_not_a_qcow2_layer_is_refused(ckpt, target):
+    edit_manifest(ckpt, lambda d: d.update(disk=target))
+    assert "is not a qcow2 disk layer" in load_error(ckpt)
+
+
+@pytest.mark.parametrize("bad", [{"disk": 5}, {"disk": ""}, {"disk_chain": "x"}, {"state_size": -1},
+                                 {"ram_size": "big"}, {"guest_req": "1"}, {"id": 7}])
+def test_fields_of_the_wrong_type_are_refused(ckpt, bad):
+    edit_manifest(ckpt, lambda d: d.update(bad))
+    assert "manifest is corrupt" in load_error(ckpt)
 
 
 def test_missing_manifest(ckpt):
@@ -85,10 +117,10 @@ def test_manifest_not_an_object(ckpt):
     assert "ck-1: manifest is corrupt" in load_error(ckpt)
 
 
-@pytest.mark.parametrize("change", [{"format": "something-else"}, {"version": 2}, {"format": None}])
+@pytest.mark.parametrize("change", [{"format": "something-else"}, {"version": 3}, {"format": None}])
 def test_wrong_format_or_version(ckpt, change):
     edit_manifest(ckpt, lambda d: d.update(change))
-    assert "ck-1: not a sfmpi-checkpoint v1 manifest" in load_error(ckpt)
+    assert "ck-1: not a sfmpi-checkpoint v2 manifest" in load_error(ckpt)
 
 
 def test_missing_field(ckpt):
@@ -152,7 +184,7 @@ def test_pause_without_both_events_is_zero(events):
 
 
 def test_sparse_copy_ranges_cover_the_file_once(tmp_path):
-    from sfmpi.hostd.checkpoint import SPARSE_BLOCK, sparse_copy_argvs
+    from sfmpi.hostd.fork.capture import SPARSE_BLOCK, sparse_copy_argvs
     size = 512 << 20
     for parts in (1, 2, 3, 4):
         argvs = sparse_copy_argvs("/src", "/dst", size, parts)
@@ -169,7 +201,7 @@ def test_sparse_copy_ranges_cover_the_file_once(tmp_path):
 def test_sparse_copy_copies_data_and_leaves_holes(tmp_path):
     import asyncio
     import os
-    from sfmpi.hostd.checkpoint import SPARSE_BLOCK, sparse_copy
+    from sfmpi.hostd.fork.capture import SPARSE_BLOCK, sparse_copy
     src, dst = tmp_path / "src", tmp_path / "dst"
     data = bytearray(8 * SPARSE_BLOCK + 4096)  # a size that is not a whole number of blocks
     data[5] = 1

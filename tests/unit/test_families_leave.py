@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from sfmpi.hostd.families import Families, Family
+from sfmpi.hostd.net.families import Families, Family
 
 
 class RecordingNet:

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from sfmpi.errors import HostdError
-from sfmpi.hostd.server import HostLock
+from sfmpi.hostd.daemon.lock import HostLock
 from sfmpi.paths import Paths
 
 

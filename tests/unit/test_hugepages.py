@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from sfmpi.errors import UsageError
-from sfmpi.hostd.hugepages import Pool, default_page_kb, mounts_2m, ram_dir
+from sfmpi.hostd.vm.hugepages import Pool, default_page_kb, mounts_2m, ram_dir
 
 MOUNTS = """\
 sysfs /sys sysfs rw,nosuspend 0 0

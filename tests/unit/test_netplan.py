@@ -6,7 +6,7 @@ import ipaddress
 import pytest
 
 from sfmpi.errors import UsageError
-from sfmpi.hostd import netplan
+from sfmpi.hostd.net import netplan
 
 
 def test_first_family():
@@ -112,7 +112,7 @@ def test_all_addresses_distinct_across_families():
 
 
 def test_dnsmasq_serves_the_plan_and_no_dns(tmp_path):
-    from sfmpi.hostd.network import dnsmasq_argv, hosts_text
+    from sfmpi.hostd.net.dhcp import dnsmasq_argv, hosts_text
 
     argv = dnsmasq_argv(300, tmp_path)
     assert argv[0] == "dnsmasq"

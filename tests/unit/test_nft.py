@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from sfmpi.errors import UsageError
-from sfmpi.hostd import netplan, nft
+from sfmpi.hostd.net import netplan, nft
 
 F = 300  # 10.101.44.0/24
 

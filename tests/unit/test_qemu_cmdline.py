@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sfmpi.hostd.qemu_cmdline import (AGENT_PORT_NAME, LINUX_BOOT_ROM, MachineSpec, Nic, NullDisk, Qcow2Disk, Sockets,
+from sfmpi.hostd.vm.cmdline import (AGENT_PORT_NAME, LINUX_BOOT_ROM, MachineSpec, Nic, NullDisk, Qcow2Disk, Sockets,
                                       cpu_args, nic_args, overlay_argv, probe_argv, vm_argv)
 
 SPEC = MachineSpec(mem_mb=512, cpus=2, accel="tcg", kernel="/img/vmlinuz", initrd="/img/initrd.img",

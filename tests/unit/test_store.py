@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from sfmpi.hostd.store import Store, VmRecord, VmRole, VmState
+from sfmpi.hostd.state.store import Store
+from sfmpi.hostd.state.records import VmRecord, VmRole, VmState
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def test_counters_strictly_increase_and_persist(db):
 
 
 def test_checkpoints_table(db, monkeypatch):
-    import sfmpi.hostd.store as store_mod
+    import sfmpi.hostd.state.store as store_mod
     clock = iter([10.0, 20.0, 30.0])
     monkeypatch.setattr(store_mod.time, "time", lambda: next(clock))
     s = Store(db)
@@ -87,7 +88,7 @@ def test_checkpoints_table(db, monkeypatch):
 
 
 def test_next_reserves_a_block(tmp_path):
-    from sfmpi.hostd.store import Store
+    from sfmpi.hostd.state.store import Store
     store = Store(tmp_path / "s.db")
     assert store.next("c", 4) == 1   # 1..4
     assert store.next("c") == 5

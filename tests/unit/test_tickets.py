@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from sfmpi.errors import CapacityError, RoleError, TicketError, UsageError
-from sfmpi.hostd.tickets import CloneSlot, TicketBook, TicketState
+from sfmpi.hostd.guestapi.tickets import CloneSlot, TicketBook, TicketState
 
 
 def grant(book, n=4, room=100, owner="p", family="p", timeout=None):
@@ -121,7 +121,7 @@ def _used(book, owner="p", vms=("p-1", "p-2", "p-3"), timeout=None):
 
 
 def test_a_restarted_book_knows_its_tickets_and_what_became_of_each_clone(tmp_path):
-    from sfmpi.hostd.store import Store
+    from sfmpi.hostd.state.store import Store
     store = Store(tmp_path / "state.db")
     book = TicketBook(store=store)
     t, slots = _used(book, timeout=30)
@@ -147,7 +147,7 @@ def test_a_restarted_book_knows_its_tickets_and_what_became_of_each_clone(tmp_pa
 
 
 def test_a_joined_ticket_leaves_the_store_and_one_caught_mid_clone_is_spent(tmp_path):
-    from sfmpi.hostd.store import Store
+    from sfmpi.hostd.state.store import Store
     store = Store(tmp_path / "state.db")
     book = TicketBook(store=store)
     t, slots = _used(book, vms=("p-1",))
@@ -162,7 +162,7 @@ def test_a_joined_ticket_leaves_the_store_and_one_caught_mid_clone_is_spent(tmp_
 
 
 def test_clones_of_a_parent_that_did_not_survive_are_orphans(tmp_path):
-    from sfmpi.hostd.store import Store
+    from sfmpi.hostd.state.store import Store
     store = Store(tmp_path / "state.db")
     book = TicketBook(store=store)
     t, _ = _used(book, vms=("p-1",))

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 from sfmpi.errors import CapacityError, UsageError
 
 from . import netplan, nft
-from .network import FamilyNetwork, allocate_family
+from .bridge import FamilyNetwork, allocate_family
 
 log = logging.getLogger("sfmpi.hostd.families")
 
@@ -182,6 +182,17 @@ class Families:
                 log.warning("family %s: removing IDs %s from the network: %s", fam.name, ks, exc)
             if not fam.members:
                 self.drop(fam)
+
+    def drop_if_empty(self, fam: Family) -> None:
+        """After a failed request: a family nobody joined goes (after the work queued before)."""
+        self._worker.submit(self._drop_if_empty, fam)
+
+    def _drop_if_empty(self, fam: Family) -> None:
+        if not fam.members and self.by_name.get(fam.name) is fam:
+            try:
+                self.drop(fam)
+            except Exception as exc:  # `down` sweeps what is left
+                log.warning("family %s: taking it down: %s", fam.name, exc)
 
     def drop(self, fam: Family) -> None:
         self.by_name.pop(fam.name, None)

@@ -2,8 +2,8 @@
 
 QEMU runs in its own session with stdout/stderr in a log file, so it outlives a
 restarted hostd (which re-attaches by PID and QMP socket) and so a failure is
-always reported with what QEMU printed (PLATFORM.md: a daemonized QEMU's stderr
-was lost and the migration failure had no text).
+always reported with what QEMU printed (a daemonized QEMU's stderr is lost, and
+then a failed migration says nothing: docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.qmp_client import ExecuteError
@@ -65,7 +66,10 @@ class QemuProcess:
         self._pidfd: int | None = None
 
     # -- lifecycle -------------------------------------------------------
-    async def start(self, timeout: float = 30.0) -> None:
+    async def start(self, timeout: float = 30.0, on_spawned: Callable[[int], None] | None = None) -> None:
+        """Run QEMU and connect to QMP. on_spawned(pid) runs before the wait for
+        QMP: the PID is on record before anything can stall (a hostd killed
+        while it waits still finds and reaps this QEMU)."""
         log.debug("start %s: %s", self.name, " ".join(self.argv))
         with open(self.log_path, "ab") as logf:
             try:
@@ -77,6 +81,8 @@ class QemuProcess:
                 raise QemuError(f"VM {self.name}: cannot run {self.argv[0]}: {exc}") from exc
         self.pid = self.popen.pid
         self._watch_exit()
+        if on_spawned is not None:
+            on_spawned(self.pid)
         await self._connect(timeout)
 
     @classmethod
@@ -225,3 +231,13 @@ class QemuProcess:
 
     async def status(self) -> str:
         return (await self.execute("query-status"))["status"]
+
+
+def is_our_qemu(pid: int, qmp_path: str) -> bool:
+    """Guard against PID reuse: the process must be the QEMU with our QMP socket."""
+    import psutil
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return any(qmp_path in arg for arg in cmdline)

@@ -80,7 +80,7 @@ class Sockets:
 
 
 def cpu_args(accel: str) -> list[str]:
-    # Under KVM on PVM hosts `-cpu host` aborts on MSR 0x10a (PLATFORM.md);
+    # Under KVM on PVM hosts `-cpu host` aborts on MSR 0x10a (docs/platform.md);
     # dropping arch-capabilities keeps it portable across KVM hosts.
     if accel == "kvm":
         return ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
@@ -193,7 +193,7 @@ def probe_argv(accel: str, kernel: str, initrd: str, qemu: str = QEMU_BINARY) ->
     """A guest that boots the kernel to the point of looking for init and panics.
 
     Reaching that point proves the accelerator really runs this kernel: PVM's
-    /dev/kvm exists but hangs a stock kernel early in boot (PLATFORM.md).
+    /dev/kvm exists but hangs a stock kernel early in boot (docs/platform.md).
     """
     return [
         qemu, "-nodefaults", "-no-user-config", "-display", "none",

@@ -1,45 +1,34 @@
-"""Checkpoints (SnowFlock's VM descriptor): an immutable directory with a manifest.
+"""Capturing a running VM's RAM and device state for a checkpoint: three modes.
 
-    <home>/checkpoints/<id>/
-        manifest.json   what is below, sizes, checksum of the device state
-        state           device state saved with x-ignore-shared (about 1 MB)
-        ram             guest RAM, sparse: holes are zero pages
-    and the frozen disk layer, <home>/disks/<layer>.qcow2, named in the manifest
-    with the rest of its backing chain.
-
-Two ways to take one, both leaving the parent running on a new disk overlay:
-- precopy (default): live pre-copy into a local receiver QEMU whose RAM is the
-  checkpoint file; the parent pauses only for the switchover (PLATFORM.md: 15 ms).
-- paused (fallback): stop the parent, save device state, copy its RAM file
-  sparsely, freeze the disk, continue. The pause grows with touched RAM.
+All leave the parent running on a new disk layer (hostd/fork/disks.py) and
+produce the same files (hostd/fork/manifest.py); docs/architecture.md compares them.
+- background (default for a parent): a short stop, then QEMU's background
+  snapshot streams RAM as of the stop into a receiver QEMU while the parent runs.
+- precopy: live pre-copy into the receiver; the parent pauses only for the
+  switchover, but the copy relies on dirty tracking (unreliable under TCG).
+- paused (default for a clone and for an in-guest clone()): stop, save the
+  device state, copy the RAM file sparsely, freeze the disk, continue.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import os
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sfmpi import proc
 from sfmpi.errors import CheckpointError, QemuError
 
-from .qemu import QemuProcess
-from .qemu_cmdline import DISK_DEVICE, MachineSpec, overlay_argv
+from ..vm.qemu import QemuProcess
+from .disks import DiskFreeze
 
-FORMAT = "sfmpi-checkpoint"
-VERSION = 1
 MODES = ("background", "precopy", "paused")
 # Local pre-copy: no reason to throttle a copy that never leaves the host
 # (QEMU's default max-bandwidth is 128 MiB/s).
 LOCAL_BANDWIDTH = 8 << 30
 DOWNTIME_LIMIT_MS = 20
-# An empty qcow2 overlay on the frozen disk; each clone starts on a copy of it.
-OVERLAY_TEMPLATE = "overlay.qcow2"
 
 
 # The paused checkpoint copies the parent's RAM while it is stopped, in parts
@@ -68,104 +57,6 @@ async def sparse_copy(src: str, dst: str) -> None:
                            for argv in sparse_copy_argvs(src, dst, size, os.cpu_count() or 1)))
 
 
-async def make_overlay_template(path: Path, frozen_disk: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    await proc.run_async(overlay_argv(str(partial), frozen_disk))
-    os.rename(partial, path)
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    id: str
-    vm: str
-    path: str                 # the checkpoint directory
-    machine: dict             # MachineSpec.to_json()
-    disk: str                 # frozen top layer (qcow2); clones put overlays on it
-    disk_chain: tuple[str, ...]
-    state_sha256: str
-    state_size: int
-    ram_size: int
-    ram_allocated: int
-    mode: str
-    pause_ms: float
-    qemu_version: str
-    created: float = field(default_factory=time.time)
-    timings: dict = field(default_factory=dict)
-    # The family (named after its parent VM) whose network the clones join.
-    family: str = ""
-    # Taken by checkpoint_parent() in the guest: the id of that pending call,
-    # which clones created from this checkpoint are answered on.
-    guest_req: int | None = None
-
-    @property
-    def state_file(self) -> Path:
-        return Path(self.path) / "state"
-
-    @property
-    def ram_file(self) -> Path:
-        return Path(self.path) / "ram"
-
-    @property
-    def spec(self) -> MachineSpec:
-        return MachineSpec.from_json(self.machine)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["disk_chain"] = list(self.disk_chain)
-        return {"format": FORMAT, "version": VERSION, **d}
-
-    def write(self, directory: str | Path | None = None) -> None:
-        """Write the manifest atomically (into `directory` while it is still being built)."""
-        manifest = Path(directory or self.path) / "manifest.json"
-        tmp = manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, manifest)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Checkpoint":
-        """Read and verify a checkpoint; CheckpointError says what is wrong."""
-        path = Path(path)
-        manifest = path / "manifest.json"
-        if not manifest.exists():
-            raise CheckpointError(f"checkpoint {path.name}: no manifest at {manifest}")
-        try:
-            d = json.loads(manifest.read_text())
-            if not isinstance(d, dict):
-                raise TypeError("not a JSON object")
-            if d.get("format") != FORMAT or d.get("version") != VERSION:
-                raise CheckpointError(f"checkpoint {path.name}: not a {FORMAT} v{VERSION} manifest")
-            fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-            fields["disk_chain"] = tuple(fields.get("disk_chain", ()))
-            ckpt = cls(**fields)
-            MachineSpec.from_json(ckpt.machine)
-        except CheckpointError:
-            raise
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {path.name}: manifest is corrupt ({exc})") from exc
-        ckpt.verify()
-        return ckpt
-
-    def verify(self) -> None:
-        name = self.id
-        for f in (self.state_file, self.ram_file, Path(self.disk), *map(Path, self.disk_chain)):
-            if not f.exists():
-                raise CheckpointError(f"checkpoint {name}: {f} is missing")
-        if self.state_file.stat().st_size != self.state_size:
-            raise CheckpointError(f"checkpoint {name}: device state has the wrong size")
-        if sha256_file(self.state_file) != self.state_sha256:
-            raise CheckpointError(f"checkpoint {name}: device state checksum does not match")
-        if self.ram_file.stat().st_size != self.ram_size:
-            raise CheckpointError(f"checkpoint {name}: RAM file has the wrong size")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def event_time(ev) -> float:
     ts = ev["timestamp"]
     return ts["seconds"] + ts["microseconds"] / 1e6
@@ -178,50 +69,6 @@ def pause_from_events(events: list) -> float:
     if stop is None or resume is None:
         return 0.0
     return (resume - stop) * 1000.0
-
-
-async def top_disk(vm: QemuProcess) -> tuple[str, str]:
-    """(node name, file) the guest disk currently writes to (changes at each snapshot)."""
-    for dev in await vm.execute("query-block"):
-        # qdev is a QOM path such as /machine/peripheral/vblk0/virtio-backend
-        if DISK_DEVICE in dev.get("qdev", "").split("/"):
-            return dev["inserted"]["node-name"], dev["inserted"]["file"]
-    raise CheckpointError(f"VM {vm.name}: no disk device {DISK_DEVICE}")
-
-
-class DiskFreeze:
-    """Freezing the disk in two steps, so that the parent's pause holds only the cheap one.
-
-    prepare() (parent running): create the new overlay file and open it in QEMU
-    with no backing yet. freeze() (parent stopped): `blockdev-snapshot` makes it
-    the active layer on top of the old one, a change of the block graph only;
-    `blockdev-snapshot-sync` would create and write the qcow2 file while paused.
-    """
-
-    def __init__(self, vm: QemuProcess, new_layer: str, node_name: str):
-        self.vm, self.new_layer, self.node = vm, new_layer, node_name
-        self.top = ""
-        self.frozen_file = ""
-        self.added = self.done = False
-
-    async def prepare(self) -> None:
-        self.top, self.frozen_file = await top_disk(self.vm)
-        # The backing file name goes into the header so later opens find the chain.
-        await proc.run_async(overlay_argv(self.new_layer, self.frozen_file))
-        await self.vm.execute("blockdev-add", {
-            "driver": "qcow2", "node-name": self.node, "backing": None,
-            "file": {"driver": "file", "filename": self.new_layer}})
-        self.added = True
-
-    async def freeze(self) -> None:
-        await self.vm.execute("blockdev-snapshot", {"node": self.top, "overlay": self.node})
-        self.done = True
-
-    async def undo(self) -> None:
-        """Before freeze(): drop the prepared overlay again."""
-        if self.added and not self.done:
-            with contextlib.suppress(Exception):
-                await self.vm.execute("blockdev-del", {"node-name": self.node}, timeout=10)
 
 
 async def set_capabilities(vm: QemuProcess, **states: bool) -> None:
@@ -407,7 +254,7 @@ async def capture_paused(parent: QemuProcess, parent_ram: str, ram_file: Path,
 
     `copy(src, dst)` is an async sparse copy (sparse_copy).
     The RAM copy must be taken while stopped: a copy taken after `cont` did not load
-    (PLATFORM.md: `VQ 0 size 0x100 < last_avail_idx`).
+    (docs/platform.md: `VQ 0 size 0x100 < last_avail_idx`).
     """
     t0 = time.monotonic()
     was_running = await parent.status() == "running"
@@ -427,9 +274,11 @@ async def capture_paused(parent: QemuProcess, parent_ram: str, ram_file: Path,
             await disk.undo()
             raise
         finally:
-            await set_capabilities(parent, x_ignore_shared=False)
-            if was_running:
-                await resume_after_migration(parent)
+            try:
+                await set_capabilities(parent, x_ignore_shared=False)
+            finally:  # the parent runs on whatever failed above
+                if was_running:
+                    await resume_after_migration(parent)
         while was_running and not any(e["event"] == "RESUME" for e in events):
             events.append(await parent.next_event(listener, 10.0))
     return {

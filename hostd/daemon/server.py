@@ -13,48 +13,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import signal
 
-from sfmpi.errors import HostdError, SfmpiError, UsageError
+from sfmpi.errors import SfmpiError, UsageError
 from sfmpi.paths import Paths
 
-from .admission import Budget
-from .manager import HostManager
-from .store import Store
+from ..policy.admission import Budget
+from ..state.store import Store
+from .host import Host
+from .lock import HostLock
 
 log = logging.getLogger("sfmpi.hostd")
 PROTOCOL_VERSION = 1
-
-
-class HostLock:
-    """One hostd per state directory: an exclusive flock held for hostd's life."""
-
-    def __init__(self, paths: Paths):
-        self.path = paths.lock
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode().strip() or "?"
-            os.close(fd)
-            raise HostdError(f"another hostd (pid {holder}) already runs on state directory "
-                             f"{self.path.parent}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 class Hostd:
@@ -62,7 +35,7 @@ class Hostd:
         self.paths = paths
         self.budget = budget
         self.lock = HostLock(paths)
-        self.manager: HostManager | None = None
+        self.host: Host | None = None
         self.shutdown = asyncio.Event()
 
     async def run(self) -> None:
@@ -70,8 +43,8 @@ class Hostd:
         try:
             self.paths.ensure()
             store = Store(self.paths.db)
-            self.manager = HostManager(self.paths, store, self.budget)
-            recovered = await self.manager.recover()
+            self.host = Host(self.paths, store, self.budget)
+            recovered = await self.host.recover()
             if recovered["attached"] or recovered["reaped"]:
                 log.info("recovered: attached %s, reaped %s", recovered["attached"], recovered["reaped"])
             with contextlib.suppress(FileNotFoundError):
@@ -126,15 +99,16 @@ class Hostd:
             self.shutdown.set()
 
     async def _dispatch(self, op: str, args: dict, send, reader: asyncio.StreamReader):
-        m = self.manager
+        m = self.host
         if op == "ping":
             return {"pid": os.getpid(), "home": str(self.paths.home), "protocol": PROTOCOL_VERSION,
                     "budget": {"mem_mb": self.budget.mem_mb, "vcpus": self.budget.vcpus}}
         if op == "vm.start":
-            return await m.start_vm(args["name"], args["image"], int(args.get("mem_mb", 512)),
-                                    int(args.get("cpus", 1)), args.get("accel"),
-                                    float(args.get("timeout", 300)), args.get("nat", False),
-                                    args.get("open_ports", []), args.get("ram_backing", "auto"))
+            return await m.start_vm(args["name"], args["image"], mem_mb=int(args.get("mem_mb", 512)),
+                                    cpus=int(args.get("cpus", 1)), accel=args.get("accel"),
+                                    timeout=float(args.get("timeout", 300)), nat=args.get("nat", False),
+                                    open_ports=args.get("open_ports", []),
+                                    ram_backing=args.get("ram_backing", "auto"))
         if op == "vm.stop":
             return await m.stop_vm(args["name"])
         if op == "vm.list":
@@ -156,9 +130,11 @@ class Hostd:
             gone.cancel()
             return {"code": job.result()}
         if op == "checkpoint":
-            return await m.checkpoint(args["name"], args.get("mode"))
+            return await m.checkpoint(args["name"], args.get("mode"), args.get("keep"))
         if op == "checkpoint.list":
-            return [{"id": i, "vm": vm, "path": p} for i, vm, p in m.store.checkpoints()]
+            return m.checkpoint_list()
+        if op == "checkpoint.rm":
+            return m.checkpoint_remove(args["id"])
         if op == "clone":
             return await m.clone(args["checkpoint"], int(args["n"]), bool(args.get("allow_fewer")))
         if op == "down":

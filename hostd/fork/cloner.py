@@ -19,19 +19,21 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from sfmpi.errors import AgentError, CloneError, QemuError, SfmpiError, UsageError
 
-from . import netplan
-from .admission import admit
-from .checkpoint import OVERLAY_TEMPLATE, Checkpoint, make_overlay_template, set_capabilities
-from .families import Family
-from .qemu_cmdline import Nic, Qcow2Disk, Sockets, vm_argv
-from .store import VmRecord, VmRole, VmState
-
-if TYPE_CHECKING:
-    from .manager import HostManager
+from .. import crashpoints
+from ..net import netplan
+from ..net.families import Families, Family
+from ..policy.admission import Admission
+from ..state.records import VmRecord, VmRole, VmState
+from ..vm.cmdline import Nic, Qcow2Disk, Sockets, vm_argv
+from ..vm.registry import VmRegistry
+from ..vm.runtime import VmRuntime
+from .capture import set_capabilities
+from .disks import make_overlay_template
+from .manifest import Checkpoint
 
 log = logging.getLogger("sfmpi.hostd.cloning")
 
@@ -53,8 +55,16 @@ def identify_greeting(ident: dict, extras: dict) -> dict:
 
 
 class Cloner:
-    def __init__(self, manager: "HostManager"):
-        self.m = manager
+    """Depends on the VM runtime (launch, abandon), the registry, the host's
+    admission and the families; find(ref) looks up a checkpoint."""
+
+    def __init__(self, runtime: VmRuntime, vms: VmRegistry, admission: Admission, families: Families,
+                 find: Callable[[str], Checkpoint]):
+        self.runtime = runtime
+        self.vms = vms
+        self.admission = admission
+        self.families = families
+        self.find = find
         self._template_lock = asyncio.Lock()
 
     # -- host side: `sfmpi clone CKPT -n N` ------------------------------
@@ -62,13 +72,13 @@ class Cloner:
         if not isinstance(n, int) or n <= 0:
             raise UsageError(f"clone: -n must be at least 1 (got {n})")
         t0 = time.monotonic()
-        ckpt = self.m.find_checkpoint(ref)
+        ckpt = self.find(ref)
         spec = ckpt.spec
-        async with self.m.admission:
-            granted = admit(self.m.budget, self.m.usage(), n, spec.mem_mb, spec.cpus, allow_fewer,
-                            what=f"clone of checkpoint {ckpt.id}")
-            fam = await self.m.families.ensure(ckpt.family or ckpt.vm)
-            ids = self.m.families.free_ids(fam, granted, self.m.name_taken)
+        async with self.admission.lock:
+            granted = self.admission.admit(n, spec.mem_mb, spec.cpus, allow_fewer,
+                                           what=f"clone of checkpoint {ckpt.id}")
+            fam = await self.families.ensure(ckpt.family or ckpt.vm)
+            ids = self._free_ids(fam, granted)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=k) for k in ids]
             recs = await self._reserve(ckpt, fam, orders, ticket="")
         res = await self.start(ckpt, fam, orders, recs, identify_greeting, "identified", t0)
@@ -79,32 +89,42 @@ class Cloner:
                                greeting: Greeting, on_reserved: Callable[[list[str]], None]) -> dict:
         """The ticket reserved the room already; only IDs and names are new here."""
         t0 = time.monotonic()
-        async with self.m.admission:
-            fam = await self.m.families.ensure(ckpt.family or ckpt.vm)
-            ids = self.m.families.free_ids(fam, count, self.m.name_taken)
+        async with self.admission.lock:
+            fam = await self.families.ensure(ckpt.family or ckpt.vm)
+            ids = self._free_ids(fam, count)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=i + 1)
                       for i, k in enumerate(ids)]
             recs = await self._reserve(ckpt, fam, orders, ticket=ticket)
         on_reserved([r.name for r in recs])
         return await self.start(ckpt, fam, orders, recs, greeting, "cloned", t0)
 
+    def _free_ids(self, fam: Family, count: int) -> list[int]:
+        try:
+            return self.families.free_ids(fam, count, self.vms.name_taken)
+        except BaseException:
+            self.families.drop_if_empty(fam)
+            raise
+
     async def _reserve(self, ckpt: Checkpoint, fam: Family, orders: list[Order], ticket: str) -> list[VmRecord]:
         recs = []
         try:
             for o in orders:
                 rec = VmRecord(name=o.name, role=VmRole.CLONE, state=VmState.STARTING,
-                               spec=ckpt.spec.to_json(), overlay=self.m.new_layer(o.name),
+                               spec=ckpt.spec.to_json(), overlay=self.runtime.new_layer(o.name),
                                checkpoint=ckpt.id, family=fam.name, family_no=fam.number,
-                               netid=o.netid, ticket=ticket,
-                               **{**self.m.files(o.name), "ram_path": str(ckpt.ram_file)})
-                self.m.reserve(rec)
+                               netid=o.netid, ticket=ticket, backing=(ckpt.disk, *ckpt.disk_chain),
+                               **{**self.runtime.files(o.name), "ram_path": str(ckpt.ram_file)})
+                self.runtime.reserve(rec)
                 recs.append(rec)
-            await self.m.families.add(fam, [(o.name, o.netid) for o in orders])
+            await self.families.add(fam, [(o.name, o.netid) for o in orders])
         except BaseException:
             for rec in recs:
-                self.m.release_files(rec)
-                self.m.store.delete_vm(rec.name)
+                self.runtime.release(rec, reason="clone request failed")
+                self.vms.delete(rec.name)
+            # A family made for this request alone must not stay up without members.
+            self.families.drop_if_empty(fam)
             raise
+        crashpoints.reached("clone:reserved")
         return recs
 
     async def start(self, ckpt: Checkpoint, fam: Family, orders: list[Order], recs: list[VmRecord],
@@ -119,7 +139,7 @@ class Cloner:
         if failures:
             # Never half-done: one failed clone undoes the whole request.
             for rec in recs:
-                await self.m.abandon(rec.name, failures[0][1])
+                await self.runtime.abandon(rec.name, failures[0][1])
             name, exc = failures[0]
             if isinstance(exc, SfmpiError):
                 raise exc
@@ -133,7 +153,8 @@ class Cloner:
         first_start_ms = (min(r.pop("started_at") for r in results) - t0) * 1000.0
         released_ms = (max(r.pop("released_at") for r in results) - t0) * 1000.0
         for rec in recs:
-            self.m.mark_running(rec.name)
+            if self.vms.find(rec.name) is not None:  # not one that already called exit
+                self.vms.update(rec.name, state=VmState.RUNNING)
         log.info("%d clones of %s in %.0f ms, resumed at %.0f ms; per clone (QEMU start, state load, "
                  "resume to answer, of it re-identification in the guest): %s", len(recs), ckpt.id, total_ms,
                  resumed_ms, ", ".join(f"{r['qemu_start_ms']:.0f}/{r['state_load_ms']:.0f}/"
@@ -167,9 +188,10 @@ class Cloner:
         # no `cat` process per clone (QEMU 7.2 has no file: migration URI).
         state_fd = os.open(ckpt.state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            vm = await self.m.launch(rec, argv, pass_fds=(state_fd,))
+            vm = await self.runtime.launch(rec, argv, pass_fds=(state_fd,))
         finally:
             os.close(state_fd)
+        crashpoints.reached("clone:launched")
         t_started = time.monotonic()
         qemu = vm.qemu
         await set_capabilities(qemu, events=True, x_ignore_shared=True)
@@ -184,6 +206,7 @@ class Cloner:
         t_released = time.monotonic()
         await qemu.execute("cont")
         t_resumed = time.monotonic()
+        crashpoints.reached("clone:resumed")
         ident = {**netplan.identity(fam.number, fam.name, order.netid), "id": order.index,
                  "netid": order.netid, "ticket": rec.ticket or None}
         assert vm.agent is not None
@@ -212,7 +235,7 @@ class Cloner:
                 "checkpoint": {"id": ckpt.id, "family": fam.name}}
 
     async def _overlay_template(self, ckpt: Checkpoint) -> Path:
-        template = Path(ckpt.path) / OVERLAY_TEMPLATE
+        template = ckpt.overlay_template
         async with self._template_lock:
             if not template.exists():  # a checkpoint from before templates existed
                 await make_overlay_template(template, ckpt.disk)

@@ -7,9 +7,11 @@ that overcommits and then OOM-kills guests loses user work.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from sfmpi.errors import CapacityError, UsageError
 
@@ -77,3 +79,27 @@ def admit(budget: Budget, used: Usage, n: int, mem_mb: int, cpus: int,
         hint = "" if fit == 0 else "; pass --allow-fewer to take what fits"
         raise CapacityError(f"{what} of {n} refused: {why}{hint}")
     return fit
+
+
+class Admission:
+    """The host's budget and what is using it, behind one lock: a request is
+    admitted and its records reserved under the lock, so two requests never
+    both take the last room.
+
+    usage(): what live VMs and granted tickets hold now (the composition root
+    knows both)."""
+
+    def __init__(self, budget: Budget, usage: Callable[[], Usage]):
+        self.budget = budget
+        self.usage = usage
+        self.lock = asyncio.Lock()
+
+    def admit(self, n: int, mem_mb: int, cpus: int, allow_fewer: bool = False, what: str = "clone") -> int:
+        return admit(self.budget, self.usage(), n, mem_mb, cpus, allow_fewer, what)
+
+    def room(self, mem_mb: int, cpus: int) -> int:
+        """How many more VMs of this size the budget holds."""
+        try:
+            return admit(self.budget, self.usage(), 1 << 16, mem_mb, cpus, allow_fewer=True)
+        except CapacityError:
+            return 0

@@ -12,16 +12,33 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from sfmpi.errors import (CapacityError, CloneError, RoleError, SfmpiError, TicketError, UsageError)
 
-from .agent_channel import AgentChannel
-from .store import VmRole
+from ..state.records import VmRecord, VmRole
+from .channel import AgentChannel
 from .tickets import Ticket, TicketBook, TicketState
 
-if TYPE_CHECKING:
-    from .manager import HostManager, Vm
+if TYPE_CHECKING:  # types only: the clone API reaches VMs through CloneHost
+    from ..fork.manifest import Checkpoint
+    from ..vm.registry import Vm
+
+
+class CloneHost(Protocol):
+    """What the clone API needs of the rest of hostd, and nothing more
+    (hostd/daemon/host.py implements it; unit tests fake it)."""
+
+    def vm(self, name: str) -> "Vm | None": ...
+    def room(self, mem_mb: int, cpus: int) -> int: ...
+    async def checkpoint(self, name: str, mode: str, guest_req: int | None, ticket: str) -> "Checkpoint": ...
+    def checkpoint_by_id(self, ckpt_id: str) -> "Checkpoint": ...
+    async def clone_for_ticket(self, ckpt: "Checkpoint", count: int, ticket: str, greeting: Callable,
+                               on_reserved: Callable[[list[str]], None]) -> dict: ...
+    def identity_of(self, name: str) -> dict: ...
+    def family_hosts(self, name: str) -> list[list[str]]: ...
+    async def stop_vm(self, name: str) -> None: ...
+    def ticket_ended(self, ticket: str) -> None: ...
 
 log = logging.getLogger("sfmpi.hostd.clone_api")
 
@@ -32,10 +49,17 @@ GUEST_CLONE_MODE = "paused"
 
 
 class CloneApi:
-    def __init__(self, manager: "HostManager", tickets: TicketBook):
-        self.manager = manager
+    def __init__(self, host: CloneHost, tickets: TicketBook):
+        self.host = host
         self.tickets = tickets
         self._timeouts: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()   # referenced until done
+
+    def _spawn_task(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def attach(self, vm: "Vm") -> None:
         assert vm.agent is not None
@@ -44,7 +68,7 @@ class CloneApi:
     # -- dispatch --------------------------------------------------------
     async def handle(self, channel: AgentChannel, msg: dict) -> None:
         req_id, op = msg.get("req"), msg.get("op")
-        vm = self.manager.vms.get(channel.vm_name)
+        vm = self.host.vm(channel.vm_name)
         if vm is None:
             return
         handler = getattr(self, f"op_{op}", None)
@@ -76,7 +100,7 @@ class CloneApi:
     # -- ops -------------------------------------------------------------
     async def op_ticket(self, vm: "Vm", _req, msg: dict) -> dict:
         spec = vm.rec.spec
-        room = self.manager.host_room(spec["mem_mb"], spec["cpus"])
+        room = self.host.room(spec["mem_mb"], spec["cpus"])
         t = self.tickets.grant(vm.rec.name, vm.rec.family or vm.rec.name, msg.get("n"), room,
                                spec["mem_mb"], spec["cpus"], msg.get("timeout"))
         log.info("VM %s: ticket %s grants %d of %d", vm.rec.name, t.id, t.granted, t.requested)
@@ -86,7 +110,7 @@ class CloneApi:
         t0 = time.monotonic()
         t = self.tickets.start_use(msg.get("ticket"), vm.rec.name)
         try:
-            ckpt = await self.manager.checkpoint_for_clone(vm.rec.name, GUEST_CLONE_MODE)
+            ckpt = await self.host.checkpoint(vm.rec.name, GUEST_CLONE_MODE, None, t.id)
         except BaseException:
             self.tickets.give_back(t)
             raise
@@ -95,14 +119,14 @@ class CloneApi:
     async def op_checkpoint(self, vm: "Vm", req_id, _msg: dict) -> dict:
         if self._clone_slot(vm) is not None:
             raise RoleError(f"checkpoint_parent: VM {vm.rec.name} is a clone")
-        res = await self.manager.checkpoint_for_clone(vm.rec.name, GUEST_CLONE_MODE, guest_req=req_id)
+        res = await self.host.checkpoint(vm.rec.name, GUEST_CLONE_MODE, req_id, "")
         return {"checkpoint": {"id": res.id, "family": res.family}, "id": 0}
 
     async def op_create_clones(self, vm: "Vm", _req, msg: dict) -> dict:
         ckpt_id = msg.get("checkpoint")
         if not isinstance(ckpt_id, str):
             raise UsageError(f"create_clones: checkpoint must be an id (got {ckpt_id!r})")
-        ckpt = self.manager.find_checkpoint(ckpt_id)
+        ckpt = self.host.checkpoint_by_id(ckpt_id)
         if ckpt.vm != vm.rec.name:
             raise RoleError(f"checkpoint {ckpt_id} is of VM {ckpt.vm}, not of VM {vm.rec.name}")
         t = self.tickets.start_use(msg.get("ticket"), vm.rec.name)
@@ -125,7 +149,7 @@ class CloneApi:
         _t, slot = found
         slot.finish(status=status)
         # Not inside this request's task: stopping the VM cancels its requests.
-        asyncio.ensure_future(self._destroy(vm.rec.name))
+        self._spawn_task(self._destroy(vm.rec.name))
         return None
 
     async def op_join(self, vm: "Vm", _req, msg: dict) -> dict:
@@ -139,6 +163,7 @@ class CloneApi:
             raise TicketError(f"join({t.id}): clones still running after {timeout} s") from None
         self.tickets.set_state(t, TicketState.JOINED)
         self._cancel_timeout(t)
+        self.host.ticket_ended(t.id)
         return {"statuses": {str(s.index): s.status for s in slots if s.failure is None},
                 "failures": {str(s.index): s.failure for s in slots if s.failure is not None}}
 
@@ -149,8 +174,8 @@ class CloneApi:
         out = []
         for s in self.tickets.slots.get(t.id, []):
             # A VM stopped a moment ago may be gone before its slot is finished.
-            gone = not s.ended.is_set() and s.vm not in self.manager.vms
-            ident = self.manager.identity_of(s.vm) if not (s.ended.is_set() or gone) else {}
+            gone = not s.ended.is_set() and self.host.vm(s.vm) is None
+            ident = self.host.identity_of(s.vm) if not (s.ended.is_set() or gone) else {}
             state = ("failed" if gone else "running" if not s.ended.is_set()
                      else "exited" if s.failure is None else "failed")
             failure = f"its VM {s.vm} is gone" if gone else s.failure
@@ -179,7 +204,7 @@ class CloneApi:
             # Before any clone runs: one may call exit the moment it resumes.
             self.tickets.register_slots(t, names)
         try:
-            res = await self.manager.start_family_clones(
+            res = await self.host.clone_for_ticket(
                 ckpt, count=t.granted, ticket=t.id, on_reserved=register,
                 greeting=lambda ident, extras: {"re": req_id, "ok": True, "id": ident["id"],
                                                "size": t.granted, "ticket": t.id, "family": ident["family"],
@@ -189,33 +214,35 @@ class CloneApi:
             for slot in self.tickets.slots.get(t.id, []):
                 slot.finish(failure=f"clone failed: {exc}")
             self.tickets.give_back(t)
+            self.host.ticket_ended(t.id)
             if isinstance(exc, CapacityError):
                 raise
             raise CloneError(f"clone with ticket {t.id}: {exc}") from exc
         slots = self.tickets.slots[t.id]
         self.tickets.cloned(t, slots)
         if t.timeout:
-            self._timeouts[t.id] = asyncio.ensure_future(self._expire(t, t.timeout))
+            self._timeouts[t.id] = self._spawn_task(self._expire(t, t.timeout))
         log.info("VM %s: ticket %s cloned %d in %.0f ms", parent.rec.name, t.id, len(slots),
                  (time.monotonic() - t0) * 1000.0)
-        me = self.manager.identity_of(parent.rec.name)
+        me = self.host.identity_of(parent.rec.name)
         return {"id": 0, "size": t.granted, "ticket": t.id, "family": me.get("family"),
                 "ip": me.get("ip"), "hostname": me.get("hostname"),
-                "hosts": self.manager.family_hosts(parent.rec.name),
+                "hosts": self.host.family_hosts(parent.rec.name),
                 # From the call reaching hostd: checkpoint, then all clones resumed,
                 # then all returned from their call (re-identified).
                 "timings": {"checkpoint_ms": (t0 - t_request) * 1000.0, "clones_ms": res["total_ms"],
                             "resumed_ms": (t0 - t_request) * 1000.0 + res["resumed_ms"],
                             "total_ms": (time.monotonic() - t_request) * 1000.0}}
 
-    def vm_gone(self, name: str, reason: str) -> None:
+    def vm_gone(self, rec: VmRecord, reason: str) -> None:
         """A VM ended (stopped, crashed): finish its slot; a parent takes its clones along."""
+        name = rec.name
         found = self.tickets.slot_of(name)
         if found is not None:
             found[1].finish(failure=reason)
         for t in self.tickets.owned_by(name):
             if t.state in (TicketState.CLONED, TicketState.CLONING):
-                asyncio.ensure_future(self._kill_and_forget(t, f"parent {name} is gone"))
+                self._spawn_task(self._kill_and_forget(t, f"parent {name} is gone"))
             else:
                 self.tickets.forget(t)
 
@@ -233,17 +260,18 @@ class CloneApi:
         if t.state != TicketState.JOINED:
             self.tickets.set_state(t, TicketState.KILLED)
         self._cancel_timeout(t)
+        self.host.ticket_ended(t.id)
         return [s.index for s in live]
 
     def restored(self, orphans: list[Ticket]) -> None:
         """After hostd restarted (TicketBook.restore): clones of a parent that is
         gone go too, and the timeouts of running tickets run on from where they were."""
         for t in orphans:
-            asyncio.ensure_future(self._kill_and_forget(t, f"parent {t.owner} is gone"))
+            self._spawn_task(self._kill_and_forget(t, f"parent {t.owner} is gone"))
         for t in self.tickets.tickets.values():
             if t.state == TicketState.CLONED and t.timeout and t not in orphans:
                 left = max(0.0, t.timeout - (time.time() - (t.cloned_at or t.created)))
-                self._timeouts[t.id] = asyncio.ensure_future(self._expire(t, left))
+                self._timeouts[t.id] = self._spawn_task(self._expire(t, left))
 
     async def _expire(self, t: Ticket, after: float) -> None:
         await asyncio.sleep(after)
@@ -262,4 +290,4 @@ class CloneApi:
 
     async def _destroy(self, name: str) -> None:
         with contextlib.suppress(SfmpiError):
-            await self.manager.stop_vm(name)
+            await self.host.stop_vm(name)

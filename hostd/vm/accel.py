@@ -1,7 +1,7 @@
 """Choose the accelerator: KVM if a probe guest really boots under it, else TCG.
 
 The presence of /dev/kvm proves nothing: on PVM hosts it exists but a stock
-guest kernel hangs early in boot (PLATFORM.md). So boot the image's own kernel
+guest kernel hangs early in boot (docs/platform.md). So boot the image's own kernel
 under KVM until it looks for init; if it gets there in time, KVM works. The
 answer is cached per boot of the host and per kernel.
 """
@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .qemu_cmdline import probe_argv
+from .cmdline import probe_argv
 
 log = logging.getLogger("sfmpi.hostd.accel")
 

@@ -1,0 +1,258 @@
+"""The composition root: builds hostd's parts, wires their events, serves the operations.
+
+Parts and what they depend on (docs/architecture.md has the picture):
+    state/   Store (SQLite)                      <- everything that persists
+    vm/      VmRegistry, VmRuntime, Parents      <- store
+    net/     Families                            <- (kernel, nft, dnsmasq)
+    policy/  Admission                           <- usage(): live VMs + tickets
+    fork/    Checkpointer, Receivers, Cloner, Retention <- vm, net, policy
+    guestapi/ TicketBook, CloneApi               <- CloneHost (this module's GuestSide)
+Events: VmRegistry "gone" -> families (leave the network), clone API (finish
+the clone's slot; a parent takes its clones along); "launched" -> clone API
+(answer the guest's calls). No part holds a reference back to this object.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from sfmpi.errors import SfmpiError, UsageError
+from sfmpi.paths import Paths
+
+from ..fork.checkpointer import Checkpointer
+from ..fork.cloner import Cloner
+from ..fork.manifest import Checkpoint
+from ..fork.receiver import Receivers
+from ..fork.retention import Retention
+from ..guestapi.clone_api import CloneApi
+from ..guestapi.tickets import DEFAULT_FAMILY_LIMIT, TicketBook
+from ..net import netplan
+from ..net.families import Families, NetOptions
+from ..policy.admission import Admission, Budget, Usage
+from ..state.records import VmRecord, VmRole, VmState
+from ..state.store import Store
+from ..vm import hugepages
+from ..vm.parents import Parents
+from ..vm.qemu import is_our_qemu, pid_alive
+from ..vm.registry import Vm, VmRegistry
+from ..vm.runtime import VmRuntime
+
+log = logging.getLogger("sfmpi.hostd")
+
+FAMILY_LIMIT = int(os.environ.get("SFMPI_FAMILY_LIMIT", DEFAULT_FAMILY_LIMIT))
+
+
+class GuestSide:
+    """The clone API's narrow view of hostd (guestapi.clone_api.CloneHost)."""
+
+    def __init__(self, host: "Host"):
+        self._vms, self._admission = host.vms, host.admission
+        self._checkpoints, self._cloner = host.checkpoints, host.cloner
+        self._families, self._runtime, self._retention = host.families, host.runtime, host.retention
+
+    def vm(self, name: str) -> Vm | None:
+        return self._vms.find(name)
+
+    def room(self, mem_mb: int, cpus: int) -> int:
+        return self._admission.room(mem_mb, cpus)
+
+    async def checkpoint(self, name: str, mode: str, guest_req: int | None, ticket: str) -> Checkpoint:
+        return await self._checkpoints.take_for_guest(name, mode, guest_req, ticket)
+
+    def checkpoint_by_id(self, ckpt_id: str) -> Checkpoint:
+        return self._checkpoints.find_id(ckpt_id)
+
+    async def clone_for_ticket(self, ckpt, count, ticket, greeting, on_reserved) -> dict:
+        return await self._cloner.clone_for_ticket(ckpt, count, ticket, greeting, on_reserved)
+
+    def identity_of(self, name: str) -> dict:
+        fam, rec = self._families.of_vm(name), self._vms.record(name)
+        if fam is None or rec is None:
+            return {}
+        return netplan.identity(fam.number, fam.name, rec.netid)
+
+    def family_hosts(self, name: str) -> list[list[str]]:
+        fam = self._families.of_vm(name)
+        return fam.hosts() if fam is not None else []
+
+    async def stop_vm(self, name: str) -> None:
+        await self._runtime.stop(name)
+
+    def ticket_ended(self, ticket: str) -> None:
+        self._retention.ticket_ended(ticket)
+
+
+class Host:
+    def __init__(self, paths: Paths, store: Store, budget: Budget):
+        self.paths = paths
+        self.store = store
+        self.budget = budget
+        self.vms = VmRegistry(store)
+        self.runtime = VmRuntime(paths, store, self.vms)
+        self.families = Families(paths.home / "net", remembered=self._remembered_options)
+        self.tickets = TicketBook(FAMILY_LIMIT, store)
+        self.admission = Admission(budget, self.usage)
+        self.parents = Parents(self.runtime, self.vms, self.admission, self.families, store)
+        self.checkpoints = Checkpointer(paths, store, self.vms, self.runtime, Receivers(self.runtime, self.admission))
+        self.retention = Retention(paths, store, self.vms)
+        self.cloner = Cloner(self.runtime, self.vms, self.admission, self.families, self.checkpoints.find)
+        self.clone_api = CloneApi(GuestSide(self), self.tickets)
+        self.vms.on_gone(lambda rec, _reason: self.families.leave_soon(rec.name))
+        self.vms.on_gone(self.clone_api.vm_gone)
+        self.vms.on_gone(self.retention.vm_gone)
+        self.vms.on_launched(self.clone_api.attach)
+
+    # -- bookkeeping -----------------------------------------------------
+    def usage(self) -> Usage:
+        live = [r for r in self.vms.records() if r.state not in (VmState.STOPPED, VmState.CRASHED)]
+        held_mb, held_cpus = self.tickets.reserved()  # granted tickets' clones to come
+        return Usage(mem_mb=sum(r.spec["mem_mb"] for r in live) + held_mb,
+                     vcpus=sum(r.spec["cpus"] for r in live) + held_cpus)
+
+    def _remembered_options(self, family: str) -> NetOptions:
+        return NetOptions.from_json(self.store.family_options(family))
+
+    def family_options(self, family: str) -> NetOptions:
+        """A living family's network options, else the ones remembered for that name."""
+        if not family:
+            return NetOptions()
+        fam = self.families.by_name.get(family)
+        return fam.options if fam is not None else self._remembered_options(family)
+
+    def describe(self, rec: VmRecord) -> dict:
+        return {
+            "name": rec.name, "role": rec.role.value, "state": rec.state.value, "pid": rec.pid,
+            "mem_mb": rec.spec["mem_mb"], "cpus": rec.spec["cpus"], "accel": rec.spec["accel"],
+            "checkpoint": rec.checkpoint, "error": rec.error.splitlines()[0] if rec.error else "",
+            "family": rec.family, "family_no": rec.family_no or None,
+            "netid": rec.netid if rec.family else None,
+            "ip": str(netplan.ip(rec.family_no, rec.netid)) if rec.family_no else "",
+            "ticket": rec.ticket, **self.family_options(rec.family).to_json(),
+        }
+
+    # -- operations ------------------------------------------------------
+    async def start_vm(self, name: str, image: str, **kwargs) -> dict:
+        res = await self.parents.start(name, image, **kwargs)
+        return {**self.describe(res.pop("rec")), **res}
+
+    async def stop_vm(self, name: str) -> dict:
+        return await self.runtime.stop(name)
+
+    def list_vms(self) -> list[dict]:
+        return [self.describe(r) for r in self.vms.records()]
+
+    async def exec(self, name, argv, sink, env=None, cwd=None) -> int:
+        return await self.runtime.exec(name, argv, sink, env, cwd)
+
+    async def checkpoint(self, name: str, mode: str | None = None, keep: int | None = None) -> dict:
+        if keep is not None:
+            if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+                raise UsageError(f"--keep must be at least 1 (got {keep!r})")
+        res = await self.checkpoints.take(name, mode)
+        if keep is not None:
+            res["removed"] = self.retention.keep_newest(name, keep)
+        res["merged_layers"] = await self.retention.bound_chain(name)
+        return res
+
+    def checkpoint_list(self) -> list[dict]:
+        return self.retention.list()
+
+    def checkpoint_remove(self, ckpt_id: str) -> dict:
+        return self.retention.remove(ckpt_id)
+
+    async def clone(self, ref: str, n: int, allow_fewer: bool = False) -> dict:
+        return await self.cloner.clone(ref, n, allow_fewer)
+
+    # -- recovery and teardown --------------------------------------------
+    async def recover(self) -> dict:
+        """After a restart: re-attach to VMs whose QEMU still runs, reap the rest."""
+        attached, reaped = [], []
+        seen_families: set[int] = set()
+        for rec in self.vms.records():
+            if rec.family_no:
+                seen_families.add(rec.family_no)
+            if rec.state in (VmState.CRASHED, VmState.STOPPED):
+                continue
+            alive = rec.pid is not None and pid_alive(rec.pid) and is_our_qemu(rec.pid, rec.qmp_path)
+            if alive and rec.role != VmRole.RECEIVER and rec.state != VmState.STARTING:
+                try:
+                    await self.runtime.attach(rec)
+                    if rec.family_no:
+                        # Re-adopt the family: same bridge, the running QEMU's tap,
+                        # the rules of its remembered options (NAT, open ports).
+                        fam = await self.families.ensure(rec.family, rec.family_no)
+                        await self.families.add(fam, [(rec.name, rec.netid)])
+                    attached.append(rec.name)
+                    continue
+                except SfmpiError as exc:
+                    log.warning("VM %s: cannot re-attach (%s); reaping it", rec.name, exc)
+                    vm = self.vms.detach(rec.name)
+                    if vm is not None and vm.agent is not None:
+                        await vm.agent.close()
+            if alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rec.pid, 9)
+            self.runtime.release(rec, reason="lost while hostd was down")
+            self.vms.delete(rec.name)
+            reaped.append(rec.name)
+        reaped += self._reap_unexplained()
+        await self.families.sweep(seen_families)
+        # Tickets after VMs: a ticket's clones are known to be alive or gone now.
+        self.clone_api.restored(self.tickets.restore(alive=set(self.vms.live)))
+        self.retention.recover(live_tickets=set(self.tickets.tickets))
+        return {"attached": attached, "reaped": reaped}
+
+    def _reap_unexplained(self) -> list[str]:
+        """What a hostd killed mid-step left that no record explains: QEMUs of
+        this state directory, partial checkpoints, runtime sockets."""
+        known = {r.pid for r in self.vms.records() if r.pid}
+        reaped = []
+        for pid in _qemus_of(self.paths.shm):
+            if pid not in known:
+                log.warning("reaping QEMU %d of %s that no record explains", pid, self.paths.shm)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+                reaped.append(f"pid {pid}")
+        for partial in self.paths.checkpoints.glob(".*.partial"):
+            shutil.rmtree(partial, ignore_errors=True)
+        names = {r.name for r in self.vms.records()}
+        for f in self.paths.shm.glob("*"):
+            if f.suffix in (".qmp", ".agent", ".mig", ".ram") and f.stem not in names:
+                f.unlink(missing_ok=True)
+        return reaped
+
+    async def down(self) -> dict:
+        """Stop every VM (clones first), remove every runtime file."""
+        recs = self.vms.records()
+        stopped = []
+        for role in (VmRole.CLONE, VmRole.RECEIVER, VmRole.PARENT):
+            batch = [r for r in recs if r.role == role]
+            await asyncio.gather(*(self.runtime.stop(r.name) for r in batch), return_exceptions=True)
+            stopped += [r.name for r in batch]
+        self.runtime.cancel_watchers()
+        await self.families.down()
+        shutil.rmtree(self.paths.shm, ignore_errors=True)
+        for ram in hugepages.leftover_files(self.paths.shm.name):  # a parent whose stop failed
+            ram.unlink(missing_ok=True)
+        for leftover in self.paths.vms.glob("*"):  # logs of VMs that failed to start
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.retention.collect_layers()
+        return {"stopped": stopped}
+
+
+def _qemus_of(shm: Path) -> list[int]:
+    """PIDs of QEMU processes whose sockets live in this state directory's runtime dir."""
+    import psutil
+    found = []
+    needle = str(shm) + "/"
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            if "qemu-system" in (p.info["name"] or "") and any(needle in a for a in p.info["cmdline"] or []):
+                found.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found

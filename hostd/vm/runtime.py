@@ -1,0 +1,170 @@
+"""The VM runtime: QEMU processes and their agent channels, from launch to cleanup.
+
+launch() starts QEMU for a reserved record, puts its PID on record before
+waiting for QMP, connects the agent channel and watches for QEMU's exit. A VM
+that dies on its own is marked crashed, with QEMU's stderr and the serial
+console's tail, and announced gone like a stopped one.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+
+from sfmpi.errors import AgentError, NotFound, QemuError, UsageError
+from sfmpi.paths import Paths
+
+from ..guestapi.channel import AgentChannel, OutputSink
+from ..state.records import VmRecord, VmRole, VmState
+from ..state.store import Store
+from .qemu import QemuProcess
+from .registry import Vm, VmRegistry
+
+log = logging.getLogger("sfmpi.hostd.runtime")
+
+
+class VmRuntime:
+    def __init__(self, paths: Paths, store: Store, registry: VmRegistry):
+        self.paths = paths
+        self.store = store          # counters only (layer names)
+        self.vms = registry
+        self._watchers: set[asyncio.Task] = set()
+
+    # -- names -----------------------------------------------------------
+    def files(self, name: str) -> dict:
+        """Where a VM's runtime files go (the fields of its record)."""
+        vm_dir = self.paths.vm_dir(name)
+        return dict(
+            ram_path=str(self.paths.shm / f"{name}.ram"),
+            qmp_path=str(self.paths.shm / f"{name}.qmp"),
+            agent_path=str(self.paths.shm / f"{name}.agent"),
+            log_path=str(vm_dir / "qemu.log"),
+            serial_log=str(vm_dir / "serial.log"),
+        )
+
+    def new_layer(self, name: str) -> str:
+        return str(self.paths.disks / f"{name}-{self.store.next('layer')}.qcow2")
+
+    def reserve(self, rec: VmRecord) -> None:
+        self.vms.reserve(rec)
+        self.paths.vm_dir(rec.name).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- start -----------------------------------------------------------
+    async def launch(self, rec: VmRecord, argv: list[str], pass_fds: tuple[int, ...] = (),
+                     agent: bool = True, state: VmState | None = None) -> Vm:
+        """Start QEMU for the reserved record `rec`, connect its agent, watch it."""
+        qemu = QemuProcess(rec.name, argv, rec.qmp_path, rec.log_path, rec.serial_log, pass_fds)
+        vm = Vm(rec=rec, qemu=qemu)
+        self.vms.add(vm)
+        await qemu.start(on_spawned=lambda pid: self.vms.update(vm, pid=pid))
+        if state is not None:
+            self.vms.update(vm, state=state)
+        self._watch(vm)
+        if agent:
+            vm.agent = AgentChannel(rec.name, rec.agent_path)
+            await vm.agent.connect()
+            self.vms.announce_launched(vm)
+        return vm
+
+    async def attach(self, rec: VmRecord) -> Vm:
+        """Take over a VM whose QEMU a previous hostd started."""
+        qemu = await QemuProcess.attach(rec.name, rec.pid, rec.qmp_path, rec.log_path, rec.serial_log)
+        vm = Vm(rec=rec, qemu=qemu)
+        self.vms.add(vm)
+        self._watch(vm)
+        vm.agent = AgentChannel(rec.name, rec.agent_path)
+        await vm.agent.connect()
+        self.vms.announce_launched(vm)
+        return vm
+
+    def _watch(self, vm: Vm) -> None:
+        task = asyncio.ensure_future(self._on_exit(vm))
+        self._watchers.add(task)   # referenced: a bare future may be collected mid-wait
+        task.add_done_callback(self._watchers.discard)
+
+    async def _on_exit(self, vm: Vm) -> None:
+        await vm.qemu.exited.wait()
+        if vm.qemu.stopping or self.vms.find(vm.name) is not vm:
+            return
+        report = vm.qemu.failure_report()
+        log.warning("VM %s: QEMU exited unexpectedly (code %s)%s", vm.name, vm.qemu.returncode, report)
+        self.vms.detach(vm.name)
+        if vm.agent is not None:
+            await vm.agent.close()
+        await vm.qemu.stop()
+        rec = self.vms.update(vm, state=VmState.CRASHED, pid=None,
+                              error=f"QEMU exited with code {vm.qemu.returncode}{report}")
+        self.release(rec, keep_logs=True, reason=f"crashed: QEMU exited with code {vm.qemu.returncode}")
+
+    # -- end -------------------------------------------------------------
+    def release(self, rec: VmRecord, keep_logs: bool = False, reason: str = "stopped") -> None:
+        """Remove what the VM owned on the host and announce it gone (its record stays)."""
+        # Only a parent owns its RAM file. A clone maps the checkpoint's RAM
+        # privately and a receiver writes it: that file belongs to the checkpoint.
+        owned = [rec.qmp_path, rec.agent_path] + ([rec.ram_path] if rec.role == VmRole.PARENT else [])
+        for f in owned:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+        # The active overlay is never part of a checkpoint (a checkpoint freezes
+        # the layer and moves the VM to a new one), so it can always go.
+        if rec.overlay and rec.role != VmRole.RECEIVER:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rec.overlay)
+        if not keep_logs:
+            shutil.rmtree(self.paths.vm_dir(rec.name), ignore_errors=True)
+        self.vms.announce_gone(rec, reason)
+
+    async def abandon(self, name: str, exc: BaseException | None = None) -> None:
+        """End a VM that failed to come up (exc: why) or was only ever transient
+        (a receiver): nothing of it may stay behind but, after a failure, its logs."""
+        vm = self.vms.detach(name)
+        report = ""
+        if vm is not None:
+            report = vm.qemu.failure_report()
+            if vm.agent is not None:
+                await vm.agent.close()
+            await vm.qemu.stop()
+        rec = self.vms.record(name) or (vm.rec if vm is not None else None)
+        if rec is not None:
+            # After a failure, logs stay in vms/NAME/ for the user to read; `down` clears them.
+            self.release(rec, keep_logs=exc is not None, reason="failed to start" if exc else "stopped")
+            self.vms.delete(name)
+        if isinstance(exc, AgentError) and report and isinstance(exc.args[0], str) and report not in exc.args[0]:
+            exc.args = (exc.args[0] + report,)
+
+    async def stop(self, name: str) -> dict:
+        vm = self.vms.find(name)
+        rec = self.vms.record(name)
+        if vm is None and rec is None:
+            raise NotFound(f"no VM named {name} (see `sfmpi vm list`)")
+        if vm is not None:
+            async with vm.lock:
+                self.vms.detach(name)
+                if vm.agent is not None:
+                    await vm.agent.close()
+                await vm.qemu.stop()
+                rec = vm.rec
+        self.release(rec)
+        self.vms.delete(name)
+        return {"name": name, "state": VmState.STOPPED.value}
+
+    def cancel_watchers(self) -> None:
+        for task in list(self._watchers):
+            task.cancel()
+
+    # -- guest commands --------------------------------------------------
+    async def exec(self, name: str, argv: list[str], sink: OutputSink, env: dict | None = None,
+                   cwd: str | None = None) -> int:
+        if not argv:
+            raise UsageError("vm exec: no command given (use `sfmpi vm exec NAME -- CMD...`)")
+        vm = self.vms.get(name)
+        if vm.rec.role == VmRole.RECEIVER or vm.agent is None:
+            raise UsageError(f"VM {name} does not run guest commands")
+        try:
+            return await vm.agent.exec(argv, sink, env=env, cwd=cwd)
+        except AgentError:
+            if vm.qemu.exited.is_set():
+                raise QemuError(f"VM {name} died while running {argv[0]}{vm.qemu.failure_report()}")
+            raise
