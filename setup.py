@@ -15,8 +15,8 @@ setup(
              [f"sfmpi.hostd.{part}" for part in HOSTD_PARTS],
     package_dir={"sfmpi": "sfmpi", "sfmpi.launcher": "launcher", "sfmpi.hostd": "hostd"},
     install_requires=["qemu.qmp>=0.0.3", "click>=8", "rich>=13", "psutil>=5", "pyroute2>=0.7",
-                      "paramiko>=2.12"],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2"]},
+                      "paramiko>=2.12", "jsonschema>=4"],
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]},
     entry_points={"console_scripts": ["sfmpi = sfmpi.cli:main", "sfclone = sfmpi.sfclone:run",
                                         "sfmpirun = sfmpi.launcher.run:main"]},
 )

@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sfmpi.errors import SfmpiError, UsageError
+from sfmpi.errors import CheckpointError, NotFound, SfmpiError, UsageError
 from sfmpi.paths import Paths
 
 from ..fork.checkpointer import Checkpointer
@@ -33,6 +33,7 @@ from ..guestapi.tickets import DEFAULT_FAMILY_LIMIT, TicketBook
 from ..net import netplan
 from ..net.families import Families, NetOptions
 from ..policy.admission import Admission, Budget, Usage
+from ..policy.quotas import FamilyQuota, Quotas
 from ..state.records import VmRecord, VmRole, VmState
 from ..state.store import Store
 from ..vm import hugepages
@@ -53,18 +54,34 @@ class GuestSide:
         self._vms, self._admission = host.vms, host.admission
         self._checkpoints, self._cloner = host.checkpoints, host.cloner
         self._families, self._runtime, self._retention = host.families, host.runtime, host.retention
+        self._quotas = host.quotas
+        self._store = host.store
 
     def vm(self, name: str) -> Vm | None:
         return self._vms.find(name)
 
-    def room(self, mem_mb: int, cpus: int) -> int:
-        return self._admission.room(mem_mb, cpus)
+    def room(self, family: str, mem_mb: int, cpus: int) -> int:
+        return min(self._admission.room(mem_mb, cpus), self._quotas.room(family, mem_mb, cpus))
+
+    def check_ticket_quota(self, family: str) -> None:
+        self._quotas.check_ticket(family)
+
+    def check_checkpoint_quota(self, family: str) -> None:
+        self._quotas.check_checkpoint(family)
 
     async def checkpoint(self, name: str, mode: str, guest_req: int | None, ticket: str) -> Checkpoint:
         return await self._checkpoints.take_for_guest(name, mode, guest_req, ticket)
 
-    def checkpoint_by_id(self, ckpt_id: str) -> Checkpoint:
-        return self._checkpoints.find_id(ckpt_id)
+    def checkpoint_of_family(self, ckpt_id: str, family: str) -> Checkpoint:
+        """Only an id, only of the caller's own family; the error names no host path."""
+        row = next((r for r in self._store.checkpoint_rows() if r["id"] == ckpt_id), None)
+        if row is None or (row["family"] or row["vm"]) != family:
+            raise NotFound(f"no checkpoint {ckpt_id} in family {family}")
+        try:
+            return Checkpoint.load(row["path"])
+        except CheckpointError as exc:
+            log.warning("checkpoint %s asked for by family %s: %s", ckpt_id, family, exc)
+            raise CheckpointError(f"checkpoint {ckpt_id} is damaged or incomplete") from None
 
     async def clone_for_ticket(self, ckpt, count, ticket, greeting, on_reserved) -> dict:
         return await self._cloner.clone_for_ticket(ckpt, count, ticket, greeting, on_reserved)
@@ -96,6 +113,9 @@ class Host:
         self.families = Families(paths.home / "net", remembered=self._remembered_options)
         self.tickets = TicketBook(FAMILY_LIMIT, store)
         self.admission = Admission(budget, self.usage)
+        self.quotas = Quotas(FamilyQuota.from_env(), budget, self.family_usage,
+                             lambda family: sum(1 for r in store.checkpoint_rows() if r["family"] == family),
+                             self.tickets.outstanding)
         self.parents = Parents(self.runtime, self.vms, self.admission, self.families, store)
         self.checkpoints = Checkpointer(paths, store, self.vms, self.runtime, Receivers(self.runtime, self.admission))
         self.retention = Retention(paths, store, self.vms)
@@ -110,6 +130,13 @@ class Host:
     def usage(self) -> Usage:
         live = [r for r in self.vms.records() if r.state not in (VmState.STOPPED, VmState.CRASHED)]
         held_mb, held_cpus = self.tickets.reserved()  # granted tickets' clones to come
+        return Usage(mem_mb=sum(r.spec["mem_mb"] for r in live) + held_mb,
+                     vcpus=sum(r.spec["cpus"] for r in live) + held_cpus)
+
+    def family_usage(self, family: str) -> Usage:
+        live = [r for r in self.vms.records() if r.family == family
+                and r.state not in (VmState.STOPPED, VmState.CRASHED)]
+        held_mb, held_cpus = self.tickets.reserved(family)
         return Usage(mem_mb=sum(r.spec["mem_mb"] for r in live) + held_mb,
                      vcpus=sum(r.spec["cpus"] for r in live) + held_cpus)
 

@@ -16,7 +16,9 @@ import time
 from collections import deque
 from typing import Awaitable, Callable
 
-from sfmpi.errors import AgentError
+from sfmpi.errors import AgentError, ProtocolError
+
+from . import schemas
 
 log = logging.getLogger("sfmpi.hostd.agent")
 
@@ -26,6 +28,12 @@ RequestHandler = Callable[["AgentChannel", dict], Awaitable[None]]
 AWAITED_EVENTS = ("identified", "cloned")
 # Seconds between SIGTERM and SIGKILL for a command whose caller went away.
 EXEC_KILL_GRACE = 10.0
+# A guest that stops reading its port fills the socket: a write gives up then.
+SEND_TIMEOUT = 30.0
+# Clone-API calls of one VM in progress at once (its agent has 16 client slots).
+MAX_PENDING_REQUESTS = 64
+# Rejected lines logged per VM before the log goes quiet (one line per 1000 after).
+LOGGED_REJECTS = 20
 
 
 class AgentChannel:
@@ -44,12 +52,14 @@ class AgentChannel:
         self._requests: set[asyncio.Task] = set()
         self._events: dict[str, deque] = {name: deque() for name in AWAITED_EVENTS}
         self._event_arrived = asyncio.Condition()
+        self.rejected = 0     # lines refused (malformed, invalid, too long)
 
     async def connect(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.reader, self.writer = await asyncio.open_unix_connection(self.socket_path)
+                self.reader, self.writer = await asyncio.open_unix_connection(
+                    self.socket_path, limit=schemas.MAX_LINE)
                 break
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 if time.monotonic() > deadline:
@@ -77,44 +87,91 @@ class AgentChannel:
         if self.writer is None:
             raise AgentError(f"VM {self.vm_name}: agent channel is not connected")
         self.writer.write((json.dumps(msg) + "\n").encode())
-        await self.writer.drain()
+        try:
+            await asyncio.wait_for(self.writer.drain(), SEND_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise AgentError(f"VM {self.vm_name}: the guest has not read from its agent port in "
+                             f"{SEND_TIMEOUT:.0f} s") from None
 
     async def _read_loop(self) -> None:
         assert self.reader is not None
         try:
             while True:
-                line = await self.reader.readline()
+                try:
+                    line = await self.reader.readline()
+                except ValueError:  # longer than MAX_LINE: asyncio dropped what it had
+                    self._reject(b"", ProtocolError(f"line longer than {schemas.MAX_LINE} bytes"))
+                    continue
                 if not line:
                     break
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    # A guest that just resumed may deliver the tail of a line
-                    # it was writing at the checkpoint; skip it.
-                    log.debug("VM %s: unparsable agent line %r", self.vm_name, line[:80])
-                    continue
-                ev = msg.get("ev")
-                if "req" in msg:
-                    self._dispatch_request(msg)
-                elif ev in self._events:
-                    async with self._event_arrived:
-                        self._events[ev].append(msg)
-                        self._event_arrived.notify_all()
-                elif ev == "ready":
-                    self.ready_info = msg
-                    self._ready.set()
-                elif msg.get("id") in self._jobs:
-                    await self._jobs[msg["id"]].put(msg)
+                await self._handle_line(line)
         finally:
             for q in self._jobs.values():
                 q.put_nowait({"ev": "lost"})
 
-    def _dispatch_request(self, msg: dict) -> None:
-        if self.on_request is None:
-            asyncio.ensure_future(self.answer(msg.get("req"), error=("HostdError", "hostd takes no requests "
-                                                                      "from this VM")))
+    def _reject(self, line: bytes, exc: Exception) -> None:
+        self.rejected += 1
+        if self.rejected <= LOGGED_REJECTS or self.rejected % 1000 == 0:
+            log.warning("VM %s: refused a line from the guest (%d so far): %s %r", self.vm_name,
+                        self.rejected, exc, line[:80])
+
+    async def _handle_line(self, line: bytes) -> None:
+        """One line from the guest: parsed, validated, then acted on (hostd/guestapi/schemas.py)."""
+        try:
+            msg = schemas.parse_line(line)
+        except ProtocolError as exc:
+            # Also what a guest that just resumed may deliver: the tail of a
+            # line it was writing at the checkpoint.
+            self._reject(line, exc)
             return
-        task = asyncio.ensure_future(self.on_request(self, msg))
+        try:
+            schemas.check(msg)
+        except ProtocolError as exc:
+            self._reject(line, exc)
+            await self._refuse(msg, exc)
+            return
+        ev = msg.get("ev")
+        if "req" in msg:
+            self._dispatch_request(msg)
+        elif ev in self._events:
+            await self._deliver(ev, msg)
+        elif ev == "ready":
+            self.ready_info = msg
+            self._ready.set()
+        elif msg.get("id") in self._jobs:
+            await self._jobs[msg["id"]].put(msg)
+
+    async def _refuse(self, msg: dict, exc: ProtocolError) -> None:
+        """An invalid message still gets its answer: a call an error, an awaited report a failure."""
+        req = msg.get("req")
+        if "req" in msg and isinstance(req, int) and not isinstance(req, bool) and 0 < req <= schemas.REQ_ID_MAX:
+            await self.answer(req, error=("ProtocolError", f"hostd refused the call: {exc}"))
+        elif msg.get("ev") in self._events:
+            # Whoever waits for this report (a clone's start) fails now, not at its timeout.
+            await self._deliver(msg["ev"], {"ev": msg["ev"], "ok": False,
+                                            "error": f"malformed {msg['ev']} report from the guest: {exc}"})
+
+    async def _deliver(self, ev: str, msg: dict) -> None:
+        async with self._event_arrived:
+            queue = self._events[ev]
+            if len(queue) >= 16:  # nobody waits for these: a guest repeating itself
+                queue.popleft()
+            queue.append(msg)
+            self._event_arrived.notify_all()
+
+    def _dispatch_request(self, msg: dict) -> None:
+        if len(self._requests) >= MAX_PENDING_REQUESTS:
+            self._spawn(self.answer(msg["req"], error=("CapacityError", f"VM {self.vm_name} has "
+                                                       f"{MAX_PENDING_REQUESTS} clone-API calls in progress")))
+            return
+        if self.on_request is None:
+            self._spawn(self.answer(msg["req"], error=("HostdError", "hostd takes no requests from this VM")))
+            return
+        self._spawn(self.on_request(self, msg))
+
+    def _spawn(self, coro) -> None:
+        # Referenced until done (a bare future may be collected), cancelled by close().
+        task = asyncio.ensure_future(coro)
         self._requests.add(task)
         task.add_done_callback(self._requests.discard)
 

@@ -30,9 +30,11 @@ class CloneHost(Protocol):
     (hostd/daemon/host.py implements it; unit tests fake it)."""
 
     def vm(self, name: str) -> "Vm | None": ...
-    def room(self, mem_mb: int, cpus: int) -> int: ...
+    def room(self, family: str, mem_mb: int, cpus: int) -> int: ...
+    def check_ticket_quota(self, family: str) -> None: ...
+    def check_checkpoint_quota(self, family: str) -> None: ...
     async def checkpoint(self, name: str, mode: str, guest_req: int | None, ticket: str) -> "Checkpoint": ...
-    def checkpoint_by_id(self, ckpt_id: str) -> "Checkpoint": ...
+    def checkpoint_of_family(self, ckpt_id: str, family: str) -> "Checkpoint": ...
     async def clone_for_ticket(self, ckpt: "Checkpoint", count: int, ticket: str, greeting: Callable,
                                on_reserved: Callable[[list[str]], None]) -> dict: ...
     def identity_of(self, name: str) -> dict: ...
@@ -100,8 +102,10 @@ class CloneApi:
     # -- ops -------------------------------------------------------------
     async def op_ticket(self, vm: "Vm", _req, msg: dict) -> dict:
         spec = vm.rec.spec
-        room = self.host.room(spec["mem_mb"], spec["cpus"])
-        t = self.tickets.grant(vm.rec.name, vm.rec.family or vm.rec.name, msg.get("n"), room,
+        family = vm.rec.family or vm.rec.name
+        self.host.check_ticket_quota(family)
+        room = self.host.room(family, spec["mem_mb"], spec["cpus"])
+        t = self.tickets.grant(vm.rec.name, family, msg.get("n"), room,
                                spec["mem_mb"], spec["cpus"], msg.get("timeout"))
         log.info("VM %s: ticket %s grants %d of %d", vm.rec.name, t.id, t.granted, t.requested)
         return {"ticket": t.to_wire()}
@@ -110,6 +114,7 @@ class CloneApi:
         t0 = time.monotonic()
         t = self.tickets.start_use(msg.get("ticket"), vm.rec.name)
         try:
+            self.host.check_checkpoint_quota(vm.rec.family or vm.rec.name)
             ckpt = await self.host.checkpoint(vm.rec.name, GUEST_CLONE_MODE, None, t.id)
         except BaseException:
             self.tickets.give_back(t)
@@ -119,6 +124,7 @@ class CloneApi:
     async def op_checkpoint(self, vm: "Vm", req_id, _msg: dict) -> dict:
         if self._clone_slot(vm) is not None:
             raise RoleError(f"checkpoint_parent: VM {vm.rec.name} is a clone")
+        self.host.check_checkpoint_quota(vm.rec.family or vm.rec.name)
         res = await self.host.checkpoint(vm.rec.name, GUEST_CLONE_MODE, req_id, "")
         return {"checkpoint": {"id": res.id, "family": res.family}, "id": 0}
 
@@ -126,7 +132,7 @@ class CloneApi:
         ckpt_id = msg.get("checkpoint")
         if not isinstance(ckpt_id, str):
             raise UsageError(f"create_clones: checkpoint must be an id (got {ckpt_id!r})")
-        ckpt = self.host.checkpoint_by_id(ckpt_id)
+        ckpt = self.host.checkpoint_of_family(ckpt_id, vm.rec.family or vm.rec.name)
         if ckpt.vm != vm.rec.name:
             raise RoleError(f"checkpoint {ckpt_id} is of VM {ckpt.vm}, not of VM {vm.rec.name}")
         t = self.tickets.start_use(msg.get("ticket"), vm.rec.name)
@@ -210,12 +216,17 @@ class CloneApi:
                                                "size": t.granted, "ticket": t.id, "family": ident["family"],
                                                "ip": ident["ip"], "hostname": ident["hostname"],
                                                "identity": ident, **extras})
-        except SfmpiError as exc:
+        except BaseException as exc:
+            # Whatever failed (a bug too), the ticket is spent, not left cloning
+            # with its room held, and no clone of it runs on.
+            live = [s.vm for s in self.tickets.slots.get(t.id, []) if not s.ended.is_set()]
             for slot in self.tickets.slots.get(t.id, []):
                 slot.finish(failure=f"clone failed: {exc}")
             self.tickets.give_back(t)
+            await asyncio.gather(*(self._destroy(name) for name in live if self.host.vm(name) is not None),
+                                 return_exceptions=True)
             self.host.ticket_ended(t.id)
-            if isinstance(exc, CapacityError):
+            if isinstance(exc, CapacityError) or not isinstance(exc, SfmpiError):
                 raise
             raise CloneError(f"clone with ticket {t.id}: {exc}") from exc
         slots = self.tickets.slots[t.id]

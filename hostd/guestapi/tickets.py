@@ -133,10 +133,11 @@ class TicketBook:
         return lambda: self._save(ticket_id)
 
     # -- reservations ----------------------------------------------------
-    def reserved(self) -> tuple[int, int]:
-        """(MiB, vCPUs) held by granted tickets whose clones do not run yet."""
+    def reserved(self, family: str | None = None) -> tuple[int, int]:
+        """(MiB, vCPUs) held by granted tickets (of one family) whose clones do not run yet."""
         self.expire_unused()
-        held = [t for t in self.tickets.values() if t.state in (TicketState.GRANTED, TicketState.CLONING)]
+        held = [t for t in self.tickets.values() if t.state in (TicketState.GRANTED, TicketState.CLONING)
+                and (family is None or t.family == family)]
         return sum(t.granted * t.mem_mb for t in held), sum(t.granted * t.cpus for t in held)
 
     def expire_unused(self, now: float | None = None) -> None:
@@ -144,6 +145,12 @@ class TicketBook:
         for t in list(self.tickets.values()):
             if t.state == TicketState.GRANTED and now - t.created > UNUSED_TICKET_EXPIRY:
                 self.set_state(t, TicketState.KILLED)
+
+    def outstanding(self, family: str) -> int:
+        """Tickets of a family not yet joined, killed or expired."""
+        self.expire_unused()
+        return sum(1 for t in self.tickets.values() if t.family == family
+                   and t.state in (TicketState.GRANTED, TicketState.CLONING, TicketState.CLONED))
 
     def family_load(self, family: str) -> int:
         """Clone slots of a family in use or reserved."""

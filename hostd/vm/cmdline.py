@@ -79,6 +79,13 @@ class Sockets:
     agent: str
 
 
+def opt(value: object) -> str:
+    """A value inside a QEMU option string (key=value,key=value): a comma in it
+    is written twice, QEMU's own escape, so a path with a comma stays one value
+    and cannot add options of its own."""
+    return str(value).replace(",", ",,")
+
+
 def cpu_args(accel: str) -> list[str]:
     # Under KVM on PVM hosts `-cpu host` aborts on MSR 0x10a (docs/platform.md);
     # dropping arch-capabilities keeps it portable across KVM hosts.
@@ -95,7 +102,7 @@ def ram_args(spec: MachineSpec, ram_path: str, share: bool, prealloc: bool = Fal
         "-m", f"{spec.mem_mb}M",
         "-object",
         f"memory-backend-file,id={RAM_BACKEND_ID},size={spec.mem_mb}M,"
-        f"mem-path={ram_path},share={'on' if share else 'off'}" + (",prealloc=on" if prealloc else ""),
+        f"mem-path={opt(ram_path)},share={'on' if share else 'off'}" + (",prealloc=on" if prealloc else ""),
     ]
 
 
@@ -120,7 +127,7 @@ def disk_args(disk: Qcow2Disk | NullDisk) -> list[str]:
         return ["-blockdev", blockdev, "-device", f"virtio-blk-pci,drive={DISK_NODE},id={DISK_DEVICE}"]
     no_flush = ",cache.no-flush=on" if disk.ephemeral else ""
     return [
-        "-blockdev", f"driver=file,filename={disk.path},node-name={DISK_NODE}-file{no_flush}",
+        "-blockdev", f"driver=file,filename={opt(disk.path)},node-name={DISK_NODE}-file{no_flush}",
         "-blockdev", f"driver=qcow2,file={DISK_NODE}-file,node-name={DISK_NODE}",
         "-device", f"virtio-blk-pci,drive={DISK_NODE},id={DISK_DEVICE}",
     ]
@@ -130,10 +137,10 @@ def nic_args(nic: Nic) -> list[str]:
     if nic.tap_fd is not None:
         netdev = f"tap,id={NET_ID},fd={nic.tap_fd},vhost=off"
     elif nic.tap is not None:
-        netdev = f"tap,id={NET_ID},ifname={nic.tap},script=no,downscript=no,vhost=off"
+        netdev = f"tap,id={NET_ID},ifname={opt(nic.tap)},script=no,downscript=no,vhost=off"
     else:
         raise ValueError("a NIC needs a tap name or an open tap descriptor")
-    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={NET_ID},mac={nic.mac},id={NIC_DEVICE}"]
+    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={NET_ID},mac={opt(nic.mac)},id={NIC_DEVICE}"]
 
 
 def vm_argv(
@@ -159,7 +166,7 @@ def vm_argv(
     checkpoint receiver.
     """
     argv = [
-        qemu, "-name", f"sfmpi:{name}",
+        qemu, "-name", f"sfmpi:{opt(name)}",
         "-nodefaults", "-no-user-config", "-display", "none",
         "-machine", f"q35,memory-backend={RAM_BACKEND_ID}",
         *cpu_args(spec.accel),
@@ -171,10 +178,10 @@ def vm_argv(
         # A new generation ID per clone tells the guest kernel to reseed its RNG.
         "-device", f"vmgenid,guid={vmgenid},id=vmgenid0",
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"socket,id=agent0,path={sockets.agent},server=on,wait=off",
+        "-chardev", f"socket,id=agent0,path={opt(sockets.agent)},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME},id=agentport0",
-        "-serial", f"file:{serial_log}",
-        "-qmp", f"unix:{sockets.qmp},server=on,wait=off",
+        "-serial", f"file:{opt(serial_log)}",
+        "-qmp", f"unix:{opt(sockets.qmp)},server=on,wait=off",
         "-no-reboot",
     ]
     if paused:

@@ -163,3 +163,16 @@ def test_only_an_ephemeral_disk_ignores_guest_flushes():
     a = _argv(name="c1", ram_path="/ck/ram", share_ram=False, disk=Qcow2Disk("/d/c1.qcow2", ephemeral=True),
               incoming="defer")
     assert "driver=file,filename=/d/c1.qcow2,node-name=disk0-file,cache.no-flush=on" in opt(a, "-blockdev")
+
+
+def test_a_comma_in_a_path_is_doubled_and_adds_no_option():
+    from sfmpi.hostd.vm.cmdline import opt
+    assert opt("/a,share=on/b") == "/a,,share=on/b"
+    spec = MachineSpec(mem_mb=64, cpus=1, accel="tcg", kernel="/k", initrd="/i", append="x", disk_size=1 << 20)
+    argv = vm_argv(spec, name="v", ram_path="/r,share=on", share_ram=False, disk=Qcow2Disk("/d,x=1.qcow2"),
+                   sockets=Sockets("/q,a", "/g,b"), serial_log="/s,l", nic=Nic(mac="0a:5f:00:01:00:00", tap="t"),
+                   vmgenid="00000000-0000-0000-0000-000000000000")
+    ram = argv[argv.index("-object") + 1]
+    assert "mem-path=/r,,share=on,share=off" in ram
+    assert "filename=/d,,x=1.qcow2," in " ".join(argv)
+    assert "unix:/q,,a,server=on,wait=off" in argv and "file:/s,,l" in argv
