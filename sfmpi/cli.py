@@ -168,18 +168,67 @@ def vm_stop(name, as_json) -> None:
 
 
 # -- checkpoint / clone -----------------------------------------------------
-@main.command("checkpoint")
+class CheckpointGroup(click.Group):
+    """`sfmpi checkpoint NAME` takes a checkpoint (the stable form); `checkpoint ls`
+    and `checkpoint rm ID` manage them. A first word that is no subcommand is a VM name."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["take", *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx, formatter):
+        formatter.write_usage(ctx.command_path, "NAME [--mode M] [--keep N] [--json] | ls [--json] | rm ID")
+
+
+@main.group("checkpoint", cls=CheckpointGroup, invoke_without_command=False)
+def checkpoint() -> None:
+    """Checkpoints (VM descriptors): take one of a running VM, list them, remove them."""
+
+
+@checkpoint.command("take")
 @click.argument("name")
 @click.option("--mode", type=click.Choice(["background", "precopy", "paused"]), default=None,
               help="background (default for a VM booted from an image): short stop, RAM copied while the "
                    "VM runs (write-protected); precopy: live pre-copy (relies on dirty tracking, "
                    "unreliable under TCG); paused (default for a clone, whose RAM is copy-on-write): "
                    "everything copied while stopped.")
+@click.option("--keep", type=click.IntRange(min=1), default=None,
+              help="Keep only this VM's N newest checkpoints (older ones no VM runs from are removed).")
 @click.option("--json", "as_json", is_flag=True)
-def checkpoint(name, mode, as_json) -> None:
+def checkpoint_take(name, mode, keep, as_json) -> None:
     """Checkpoint a running VM (it goes on running); print the checkpoint id."""
-    res = _client().call("checkpoint", name=name, mode=mode)  # None: hostd picks by the VM's role
+    res = _client().call("checkpoint", name=name, mode=mode, keep=keep)  # mode None: hostd picks by role
     _emit(res, as_json, lambda r: click.echo(r["id"]))
+
+
+@checkpoint.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def checkpoint_ls(as_json) -> None:
+    """Checkpoints of this host, oldest first, with what holds them."""
+    rows = _client().call("checkpoint.list")
+
+    def human(rows):
+        if not rows:
+            click.echo("no checkpoints")
+            return
+        fmt = "{:<28} {:<20} {:>9}  {:<14} {}"
+        click.echo(fmt.format("ID", "VM", "MiB", "HELD BY", "USED BY"))
+        for r in rows:
+            held = "kept" if r["kept"] else f"ticket {r['ticket']}"
+            click.echo(fmt.format(r["id"], r["vm"], f"{r['bytes'] / 2**20:.1f}", held,
+                                  ", ".join(r["used_by"]) or "-"))
+    _emit(rows, as_json, human)
+
+
+@checkpoint.command("rm")
+@click.argument("ckpt_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True)
+def checkpoint_rm(ckpt_id, as_json) -> None:
+    """Remove a checkpoint no VM runs from; disk layers nothing else needs go with it."""
+    res = _client().call("checkpoint.rm", id=ckpt_id)
+    _emit(res, as_json, lambda r: click.echo(f"{r['id']} removed ({r['freed_bytes'] / 2**20:.1f} MiB, "
+                                             f"{len(r['freed_layers'])} disk layer(s))"))
 
 
 @main.command("clone")

@@ -23,6 +23,9 @@ from . import proc
 from .errors import ImageError
 from .paths import image_dir
 
+# debootstrap and apt download from a mirror: minutes, not the default bound of a command.
+IMAGE_STEP_TIMEOUT = 3600.0
+
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # What debootstrap installs. Python packages with compiled parts (bcrypt, under
@@ -53,7 +56,7 @@ PACKAGE_DIR = Path(__file__).parent
 # (host-only modules such as hostd stay out of the image).
 GUEST_MODULES = (
     "__init__.py", "errors.py", "api.py", "sfclone.py", "sections.py", "section_wire.py", "section_mpi.py",
-    "forkpool.py",
+    "forkpool.py", "family_auth.py",
     "guest/__init__.py", "guest/agent.py",
 )
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"
@@ -286,7 +289,8 @@ def _apt_install(rootfs: Path, packages: tuple[str, ...], log: Path) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
     with open(log, "wb") as logf:
         proc.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", APT_SCRIPT, "sh",
-                  rootfs, *packages], capture=False, stdout=logf, stderr=logf, env=env)
+                  rootfs, *packages], capture=False, stdout=logf, stderr=logf, env=env,
+                 timeout=IMAGE_STEP_TIMEOUT)
 
 
 def _debootstrap(recipe: Recipe, mirror: str, root: Path, progress: Progress) -> Path:
@@ -303,7 +307,7 @@ def _debootstrap(recipe: Recipe, mirror: str, root: Path, progress: Progress) ->
             "--include=" + ",".join(recipe.packages), recipe.suite, str(rootfs), mirror]
     with open(log, "wb") as logf:
         try:
-            proc.run(argv, capture=False, stdout=logf, stderr=logf)
+            proc.run(argv, capture=False, stdout=logf, stderr=logf, timeout=IMAGE_STEP_TIMEOUT)
         except Exception as exc:
             shutil.rmtree(rootfs, ignore_errors=True)
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]

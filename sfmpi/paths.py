@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +72,29 @@ class Paths:
         return self.vms / name
 
     def ensure(self) -> None:
-        for d in (self.home, self.vms, self.disks, self.checkpoints, self.shm):
-            d.mkdir(parents=True, exist_ok=True)
+        """Make hostd's directories, private to their owner. The runtime
+        directory on the shared /dev/shm is made exclusively, and one that is
+        not a plain directory of ours, private, is refused: another user could
+        otherwise plant or read sockets and RAM files there."""
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.home.stat().st_uid == os.geteuid():
+            os.chmod(self.home, 0o700)
+        for d in (self.vms, self.disks, self.checkpoints):
+            d.mkdir(mode=0o700, exist_ok=True)
+        ensure_private_dir(self.shm)
+
+
+def ensure_private_dir(path: Path) -> None:
+    from .errors import HostdError
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise HostdError(f"{path} exists but is not a private directory of uid {os.geteuid()} "
+                         f"(owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): refusing to use it")
 
 
 def image_dir() -> Path:

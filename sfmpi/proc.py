@@ -13,8 +13,12 @@ from .errors import CommandError
 
 log = logging.getLogger("sfmpi.proc")
 
+# hostd's commands (qemu-img, nft, fallocate, dd) take well under a second;
+# one that hangs (a stuck NFS, a wedged device) must not hold hostd forever.
+DEFAULT_TIMEOUT = 300.0
 
-def run(argv: Sequence[str], *, check: bool = True, timeout: float | None = None,
+
+def run(argv: Sequence[str], *, check: bool = True, timeout: float | None = DEFAULT_TIMEOUT,
         input: bytes | None = None, capture: bool = True, **kwargs) -> subprocess.CompletedProcess:
     argv = [str(a) for a in argv]
     log.debug("run: %s", " ".join(argv))
@@ -39,18 +43,39 @@ def output(argv: Sequence[str], **kwargs) -> str:
     return run(argv, **kwargs).stdout.decode()
 
 
-async def run_async(argv: Sequence[str], *, check: bool = True) -> tuple[int, bytes, bytes]:
-    """The asyncio twin of run(), for hostd's event loop."""
+async def run_async(argv: Sequence[str], *, check: bool = True, timeout: float | None = DEFAULT_TIMEOUT,
+                    input: bytes | None = None) -> tuple[int, bytes, bytes]:
+    """The asyncio twin of run(), for hostd's event loop. The child is killed
+    (and reaped) when the timeout passes or the caller is cancelled: no call
+    leaves a process behind or waits forever."""
     import asyncio
 
     argv = [str(a) for a in argv]
     log.debug("run: %s", " ".join(argv))
     try:
         p = await asyncio.create_subprocess_exec(
-            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            *argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError as exc:
         raise CommandError(argv, 127, f"{argv[0]}: command not found") from exc
-    out, err = await p.communicate()
+    try:
+        out, err = await asyncio.wait_for(p.communicate(input), timeout)
+    except asyncio.TimeoutError:
+        await _kill(p)
+        raise CommandError(argv, -1, f"timed out after {timeout} s") from None
+    except BaseException:  # cancelled: the child goes with the call
+        await _kill(p)
+        raise
     if check and p.returncode != 0:
         raise CommandError(argv, p.returncode, err.decode(errors="replace"))
     return p.returncode, out, err
+
+
+async def _kill(p) -> None:
+    import asyncio
+    import contextlib
+
+    with contextlib.suppress(ProcessLookupError):
+        p.kill()
+    with contextlib.suppress(Exception):
+        await asyncio.shield(p.wait())

@@ -17,8 +17,10 @@ import json
 import logging
 import os
 import signal
+import socket
+import struct
 
-from sfmpi.errors import SfmpiError, UsageError
+from sfmpi.errors import HostdError, SfmpiError, UsageError
 from sfmpi.paths import Paths
 
 from ..policy.admission import Budget
@@ -28,6 +30,15 @@ from .lock import HostLock
 
 log = logging.getLogger("sfmpi.hostd")
 PROTOCOL_VERSION = 1
+# A client has this long to send its one request line (then it is dropped).
+REQUEST_TIMEOUT = float(os.environ.get("SFMPI_REQUEST_TIMEOUT", "30"))
+MAX_REQUEST = 1 << 20
+
+
+def peer_uid(writer: asyncio.StreamWriter) -> int:
+    sock = writer.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 class Hostd:
@@ -39,6 +50,9 @@ class Hostd:
         self.shutdown = asyncio.Event()
 
     async def run(self) -> None:
+        # Everything hostd and its QEMUs create (state, RAM files, checkpoints,
+        # sockets) is the owner's only: guest RAM and disks are other people's data.
+        os.umask(0o077)
         self.lock.acquire()
         try:
             self.paths.ensure()
@@ -49,7 +63,7 @@ class Hostd:
                 log.info("recovered: attached %s, reaped %s", recovered["attached"], recovered["reaped"])
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths.socket)
-            server = await asyncio.start_unix_server(self._handle, path=str(self.paths.socket))
+            server = await asyncio.start_unix_server(self._handle, path=str(self.paths.socket), limit=MAX_REQUEST)
             os.chmod(self.paths.socket, 0o600)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -71,7 +85,18 @@ class Hostd:
 
         op = None
         try:
-            line = await reader.readline()
+            # The socket is 0600, and the kernel says who connected: only hostd's
+            # own user (or root) may drive it, whatever the file mode became.
+            uid = peer_uid(writer)
+            if uid not in (0, os.geteuid()):
+                log.warning("refused a control connection from uid %d", uid)
+                raise HostdError(f"uid {uid} may not use this hostd")
+            try:
+                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise UsageError(f"no request within {REQUEST_TIMEOUT:.0f} s") from None
+            except ValueError:
+                raise UsageError(f"request longer than {MAX_REQUEST} bytes") from None
             try:
                 req = json.loads(line)
                 op, args = req["op"], req.get("args") or {}

@@ -73,6 +73,18 @@ def test_clone_requires_n(cli, env):
     assert no_hostd(env)
 
 
+def test_checkpoint_keep_must_be_positive(cli, env):
+    r = cli("checkpoint", "vm1", "--keep", "0")
+    assert r.exit_code == 2 and "--keep" in r.stderr
+    assert no_hostd(env)
+
+
+def test_checkpoint_rm_needs_an_id(cli, env):
+    r = cli("checkpoint", "rm")
+    assert r.exit_code == 2 and "ID" in r.stderr
+    assert no_hostd(env)
+
+
 def test_bad_choice_rejected_by_click(cli, env):
     r = cli("checkpoint", "vm1", "--mode", "sideways")
     assert r.exit_code == 2 and "sideways" in r.stderr
@@ -80,7 +92,8 @@ def test_bad_choice_rejected_by_click(cli, env):
 
 
 COMMANDS = [[], ["image"], ["image", "build"], ["vm"], ["vm", "start"], ["vm", "exec"], ["vm", "list"],
-            ["vm", "stop"], ["checkpoint"], ["clone"], ["down"], ["hostd"]]
+            ["vm", "stop"], ["checkpoint"], ["checkpoint", "take"], ["checkpoint", "ls"], ["checkpoint", "rm"],
+            ["clone"], ["down"], ["hostd"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "main")
