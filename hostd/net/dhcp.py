@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+import psutil
+
 from sfmpi.errors import NetworkError
 
 from . import netplan
@@ -123,11 +125,10 @@ class DhcpServer:
         except (OSError, ValueError):
             return
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            cmdline = psutil.Process(pid).cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             cmdline = []
-        if cmdline and cmdline[0].endswith(b"dnsmasq") and \
-                f"--pid-file={files['pid']}".encode() in cmdline:
+        if cmdline and cmdline[0].endswith("dnsmasq") and f"--pid-file={files['pid']}" in cmdline:
             log.info("family %d: stopping leftover dnsmasq %d", self.f, pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -150,10 +151,9 @@ class DhcpServer:
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a zombie is dead; its parent has yet to reap it)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _tail(path: Path, lines: int = 8) -> str:

@@ -33,11 +33,8 @@ def parse_size_mb(text: str | int) -> int:
 
 
 def host_mem_mb() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    raise RuntimeError("no MemTotal in /proc/meminfo")
+    import psutil
+    return psutil.virtual_memory().total >> 20
 
 
 @dataclass(frozen=True)
