@@ -5,13 +5,20 @@ bound to the same port on its own address. After the fork the clone's copy of
 sfmpirun waits on it for one word from the parent, the status to exit with,
 and then calls sfmpi.exit(): the clone ends when the job ends, not before
 (the ranks run in it) and not after.
+
+Any process of the family could reach that port; only the parent knows the
+key made with the socket, before the fork (family_auth). A connection that
+fails the handshake is refused and the clone goes on waiting for its parent,
+so no one else can end a clone or hand it an exit status.
 """
 from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import time
 
+from sfmpi import family_auth
 from sfmpi.errors import LaunchError
 
 # A clone whose parent never calls (sfmpirun killed between fork and connect)
@@ -20,23 +27,27 @@ CLONE_WAIT = 3600.0
 NO_WORD = 255
 
 
-def listen() -> socket.socket:
+def _log(text: str) -> None:
+    sys.stderr.write(f"sfmpirun: {text}\n")
+    sys.stderr.flush()
+
+
+def listen() -> family_auth.AuthListener:
+    """The control port and its key. Call it before the fork."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", 0))
     s.listen(8)
-    return s
+    return family_auth.AuthListener(s, family_auth.new_key(), log=_log)
 
 
-def wait_for_exit_word(listener: socket.socket, timeout: float = CLONE_WAIT) -> int:
+def wait_for_exit_word(listener: family_auth.AuthListener, timeout: float = CLONE_WAIT) -> int:
     """In a clone: the status the parent sends, or NO_WORD if it never does."""
-    listener.settimeout(timeout)
     try:
-        conn, _ = listener.accept()
+        conn = listener.accept(timeout)
     except OSError:
         return NO_WORD
     with conn:
-        conn.settimeout(None)
         data = b""
         while not data.endswith(b"\n"):
             chunk = conn.recv(64)
@@ -55,11 +66,11 @@ class CloneLines:
     def __init__(self):
         self.conns: dict[int, socket.socket] = {}
 
-    def connect(self, clone_id: int, ip: str, port: int, timeout: float = 30.0) -> None:
+    def connect(self, clone_id: int, ip: str, port: int, authkey: bytes, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.conns[clone_id] = socket.create_connection((ip, port), timeout=5.0)
+                self.conns[clone_id] = family_auth.connect((ip, port), authkey, timeout=5.0)
                 return
             except OSError as exc:
                 if time.monotonic() > deadline:

@@ -116,7 +116,8 @@ class Job:
         self.say("paramiko imported")
         self.trust = trust.create(self.dir, self.job_id)
         self.listener = control.listen()
-        self.control_port = self.listener.getsockname()[1]
+        self.control_port = self.listener.port
+        self.control_key = self.listener.authkey   # made now, before the fork: the clones have it too
         self.say(f"the job's sshd listens on port {self.trust.port}; forking")
         clone_id = api.clone(self.ticket)
         if clone_id:
@@ -158,7 +159,7 @@ class Job:
             self.hub = SshHub(self.dir, self.trust.key, self.trust.host_key, port=self.trust.port, say=self.say)
             self.hub.start(self.rank_clones)
         for m in members:
-            self.lines.connect(m.id, m.ip, self.control_port)
+            self.lines.connect(m.id, m.ip, self.control_port, self.control_key)
         hostfile = self.dir / "hostfile"
         hostfile.write_text(plan.hostfile(flavour, hosts, per_host))
         # Installed, not written to the job directory: /run is mounted noexec.

@@ -10,7 +10,9 @@ the function (by reference, as pickle does: a module-level function) and its
 arguments, never the big inputs. Results and exceptions come back pickled; an
 exception raised in a worker is raised by the future's result() as itself,
 with the worker's rank and traceback attached as a note. shutdown() ends the
-workers (their VMs are destroyed) and joins them.
+workers (their VMs are destroyed) and joins them. The workers' connections are
+a parallel section's (sections.fork_connected): only clones holding the key
+made before the fork get in.
 
 Like ProcessPoolExecutor, except that a worker is a whole VM: creating the pool
 costs one fork of the VM, and a worker sees the program as it was then, not as
@@ -39,8 +41,8 @@ class ForkPoolExecutor(Executor):
     def __init__(self, max_workers: int, *, allow_fewer: bool = False, ticket_timeout: float | None = None):
         if not isinstance(max_workers, int) or max_workers < 1:
             raise UsageError(f"max_workers must be at least 1 (got {max_workers!r})")
-        rank, size, ticket, conns, _ip = fork_connected(max_workers, allow_fewer, ticket_timeout,
-                                                        f"ForkPoolExecutor({max_workers})")
+        rank, size, ticket, conns, _ip, _key = fork_connected(max_workers, allow_fewer, ticket_timeout,
+                                                              f"ForkPoolExecutor({max_workers})")
         if rank:
             _serve(conns[0])   # a worker: never returns
         self._ticket = ticket

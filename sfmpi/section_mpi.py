@@ -5,7 +5,9 @@ are. Debian's mpi4py runs on Open MPI 4.1, which takes that from a PMI-1
 library when FLUX_JOB_ID is set (its `flux` component): sfmpi ships one
 (native/pmi1, libsfmpi-pmi1.so) that asks the section's parent, which keeps
 the key-value space and the barrier here (KeyValueSpace). Each copy connects
-to it, sets the environment Open MPI reads at MPI_Init, and imports mpi4py.MPI.
+to it, passes the handshake on the section's key (family_auth: the library
+gets the connection afterwards), sets the environment Open MPI reads at
+MPI_Init, and imports mpi4py.MPI.
 
 The key-value space runs in a process of its own (KeyValueServer): MPI_Init
 holds Python's GIL while it waits for the barrier, so a server thread in the
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import threading
 
-from . import section_wire
+from . import family_auth, section_wire
 from .errors import SectionError
 
 PMI_LIBRARY = "/usr/local/lib/sfmpi/libsfmpi-pmi1.so"
@@ -48,14 +50,17 @@ def report_failure(rank: int, exc_text: str) -> None:
 class KeyValueSpace:
     """The parent's side of libsfmpi-pmi1: put/get/barrier for `size` copies,
     one line per request (the protocol is in native/pmi1/sfmpi_pmi1.c). It
-    serves until the program ends: Open MPI asks it again at MPI_Finalize."""
+    serves until the program ends: Open MPI asks it again at MPI_Finalize.
+    It takes the first `size` connections that pass the handshake on
+    `authkey`: a process that is not one of the copies could otherwise fill a
+    copy's place, or end the section with an abort line."""
 
-    def __init__(self, listener: socket.socket, size: int, watch: SectionWatch | None = None):
+    def __init__(self, listener: socket.socket, size: int, authkey: bytes, watch: SectionWatch | None = None):
         self.size = size
         self.watch = watch
         self.values: dict[str, str] = {}
-        self.listener = listener
-        self.port = self.listener.getsockname()[1]
+        self.listener = family_auth.AuthListener(listener, authkey)
+        self.port = self.listener.port
         self._cond = threading.Condition()
         self._waiting = 0
         self._round = 0
@@ -66,7 +71,7 @@ class KeyValueSpace:
     def _accept(self) -> None:
         for _ in range(self.size):
             try:
-                conn, _ = self.listener.accept()
+                conn = self.listener.accept()
             except OSError:
                 return
             self._conns.append(conn)
@@ -199,7 +204,7 @@ class KeyValueServer:
     """The parent's KeyValueSpace in a child process, for as long as the
     program runs (it ends when its stdin closes, that is with the parent)."""
 
-    def __init__(self, ip: str, size: int, ticket: str):
+    def __init__(self, ip: str, size: int, ticket: str, authkey: bytes):
         listener = section_wire.listen(ip)
         self.port = listener.getsockname()[1]
         # A bare descriptor, not a file object: mpi4py finalizes MPI after
@@ -214,6 +219,9 @@ class KeyValueServer:
         os.close(read_end)
         os.close(ack_end)
         listener.close()
+        # The key's first line on the control pipe: not in the command line,
+        # which every user of the VM can read in /proc.
+        os.write(self._control, authkey.hex().encode() + b"\n")
 
     def parent_only(self) -> None:
         """Returns once the server has taken it in: the parent's MPI_Finalize
@@ -229,6 +237,7 @@ class KeyValueServer:
 def _serve_main(listen_fd: int, size: int, ticket: str) -> None:
     from . import api
     parent = os.getppid()
+    authkey = bytes.fromhex(sys.stdin.buffer.readline().decode())   # KeyValueServer's first line
 
     def kill_clones() -> None:
         if not ticket:   # a section of one copy
@@ -239,7 +248,10 @@ def _serve_main(listen_fd: int, size: int, ticket: str) -> None:
             print(f"sfmpi: ending the section's clones: {exc}", file=sys.stderr, flush=True)
 
     watch = SectionWatch(kill_clones, lambda: os.kill(parent, signal.SIGTERM))
-    kvs = KeyValueSpace(socket.socket(fileno=listen_fd), size, watch)
+    if not authkey:   # the program ended before it sent the key
+        watch.parent_gone()
+        return
+    kvs = KeyValueSpace(socket.socket(fileno=listen_fd), size, authkey, watch)
     for line in sys.stdin.buffer:
         if line.strip() == b"parent-only":
             watch.parent_only()
@@ -268,16 +280,16 @@ def mpi_jobid(port: int) -> int:
     return port << 16 | 1
 
 
-def join_world(parent_ip: str, port: int, rank: int, size: int, subnet: str):
-    """In every copy: connect to the parent's key-value space, then MPI_Init."""
+def join_world(parent_ip: str, port: int, rank: int, size: int, subnet: str, authkey: bytes):
+    """In every copy: connect to the parent's key-value space (the section's
+    key), then MPI_Init."""
     if not os.path.exists(PMI_LIBRARY):
         raise SectionError(f"section.comm needs {PMI_LIBRARY} (it comes with the sfmpi guest image)")
     try:
         import mpi4py
     except ImportError:
         raise SectionError("section.comm needs mpi4py (python3-mpi4py) in this VM") from None
-    conn = socket.create_connection((parent_ip, port), timeout=60)
-    conn.settimeout(None)
+    conn = family_auth.connect((parent_ip, port), authkey, timeout=60)
     os.environ.update({
         "SFMPI_PMI_FD": str(conn.detach()),   # stays open for MPI's lifetime in this process
         "SFMPI_PMI_RANK": str(rank), "SFMPI_PMI_SIZE": str(size),

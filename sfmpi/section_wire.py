@@ -3,9 +3,14 @@ length-prefixed pickle per message over TCP on the family network.
 
 Pickle, because what crosses is the program's own objects, between copies of
 the same program, on the family's private segment (nft lets no other family's
-VM reach it). multiprocessing.connection does the same framing, but only over
-its own listener with an authkey handshake; the sockets here are opened before
-the fork and already known to both ends.
+VM reach it). Another process of the family could reach the port too, so a
+connection carries messages only once its peer has passed the handshake on
+the key every copy inherited (family_auth, multiprocessing.connection's
+challenge); unpickling before that would run whatever it sent. The framing
+after the handshake stays this module's own, on the socket: a wait for a
+message checks that the peer still lives even halfway through one, and a
+copy's last message ends with a half-close (send_last), which a
+multiprocessing Connection does neither of.
 """
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ exception in the parent (KeyboardInterrupt too) destroys the clones at once.
 
 The copies talk over the family network: each clone connects to a port the
 parent opened before the fork. gather/bcast/barrier go through the parent.
+Every connection starts with a handshake on a key the parent made before the
+fork (family_auth): only the section's own copies get in.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import threading
 import time
 import traceback
 
-from . import api, section_wire
+from . import api, family_auth, section_wire
 from .errors import SectionError, UsageError
 
 CONNECT_TIMEOUT = 120.0   # for every clone to reach the parent after the fork
@@ -50,7 +52,7 @@ class Section:
     """One copy's view of a parallel section."""
 
     def __init__(self, rank: int, size: int, ticket: api.Ticket | None, conns: dict[int, socket.socket],
-                 parent_ip: str | None = None):
+                 parent_ip: str | None = None, authkey: bytes | None = None):
         self.rank = rank
         self.size = size
         self.ticket = ticket
@@ -60,6 +62,7 @@ class Section:
         self._leaving = False        # clone: set when it reports to the parent at the end
         self._kvs = None             # parent, once comm is used: the MPI key-value space
         self.parent_ip = parent_ip
+        self._authkey = authkey      # the section's, made before the fork: the copies' handshakes
 
     @property
     def is_parent(self) -> bool:
@@ -106,12 +109,14 @@ class Section:
         _mpi_started = True
         if self.parent_ip is None:
             self.parent_ip = api.whoami()["ip"]
+        if self._authkey is None:   # a section of one copy: the key is for this process alone
+            self._authkey = family_auth.new_key()
         if self.is_parent:
             self._kvs = section_mpi.KeyValueServer(self.parent_ip, self.size,
-                                                   self.ticket.id if self.ticket else "")
+                                                   self.ticket.id if self.ticket else "", self._authkey)
         port = self.bcast(self._kvs.port if self._kvs else None)
         subnet = api.family_subnet(self.parent_ip)
-        return section_mpi.join_world(self.parent_ip, port, self.rank, self.size, subnet)
+        return section_mpi.join_world(self.parent_ip, port, self.rank, self.size, subnet, self._authkey)
 
     def _next(self) -> int:
         self._step += 1
@@ -242,8 +247,9 @@ def rebuild(rank: int, payload: dict) -> BaseException:
 def _fork(n: int, allow_fewer: bool, ticket_timeout: float | None) -> Section:
     if n == 1:
         return Section(0, 1, None, {})
-    rank, size, ticket, conns, parent_ip = fork_connected(n - 1, allow_fewer, ticket_timeout, f"parallel({n})")
-    section = Section(rank, size, ticket if rank == 0 else None, conns, parent_ip)
+    rank, size, ticket, conns, parent_ip, authkey = fork_connected(n - 1, allow_fewer, ticket_timeout,
+                                                                   f"parallel({n})")
+    section = Section(rank, size, ticket if rank == 0 else None, conns, parent_ip, authkey)
     if rank:
         _end_with_parent(section)
     return section
@@ -280,10 +286,12 @@ def _end_with_parent(section: Section) -> None:
 
 def fork_connected(clones: int, allow_fewer: bool, ticket_timeout: float | None, what: str):
     """Fork this VM into `clones` clones, each connected to the parent over the
-    family network. (rank, copies, ticket, connections, the parent's address):
-    in the parent the connections by clone rank, in a clone {0: the
-    connection to the parent}."""
+    family network. (rank, copies, ticket, connections, the parent's address,
+    the key): in the parent the connections by clone rank, in a clone {0: the
+    connection to the parent}. The key is made here, before the fork: every
+    copy has it, and a connection from anything else fails its handshake."""
     me = api.whoami()
+    authkey = family_auth.new_key()
     listener = section_wire.listen(me["ip"])
     try:
         ticket = api.request_ticket(clones, timeout=ticket_timeout)
@@ -296,36 +304,36 @@ def fork_connected(clones: int, allow_fewer: bool, ticket_timeout: float | None,
         size = ticket.granted + 1
         if rank:
             listener.close()
-            conn = _connect(me["ip"], port)
+            conn = _connect(me["ip"], port, authkey)
             section_wire.send(conn, ("hello", 0, rank))
-            return rank, size, ticket, {0: conn}, me["ip"]
-        return 0, size, ticket, _accept(listener, ticket, size - 1), me["ip"]
+            return rank, size, ticket, {0: conn}, me["ip"], authkey
+        conns = _accept(family_auth.AuthListener(listener, authkey), ticket, size - 1)
+        return 0, size, ticket, conns, me["ip"], authkey
     finally:
         listener.close()
 
 
-def _connect(ip: str, port: int) -> socket.socket:
+def _connect(ip: str, port: int, authkey: bytes) -> socket.socket:
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while True:
         try:
-            conn = socket.create_connection((ip, port), timeout=10.0)
-            conn.settimeout(None)
-            return conn
+            return family_auth.connect((ip, port), authkey, timeout=10.0)
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
 
 
-def _accept(listener: socket.socket, ticket: api.Ticket, count: int) -> dict[int, socket.socket]:
+def _accept(listener: family_auth.AuthListener, ticket: api.Ticket, count: int) -> dict[int, socket.socket]:
+    """The clones' connections, by rank. Only those that pass the handshake
+    count (AuthListener refuses and logs the others)."""
     conns: dict[int, socket.socket] = {}
     deadline = time.monotonic() + CONNECT_TIMEOUT
-    listener.settimeout(1.0)
     try:
         while len(conns) < count:
             try:
-                conn, _ = listener.accept()
-            except socket.timeout:
+                conn = listener.accept(timeout=1.0)
+            except TimeoutError:
                 dead = [m for m in api.members(ticket) if m.state != "running" and m.id not in conns]
                 if dead:
                     raise SectionError(f"clone {dead[0].id} ended before joining the parallel section: "
@@ -334,7 +342,6 @@ def _accept(listener: socket.socket, ticket: api.Ticket, count: int) -> dict[int
                     raise SectionError(f"only {len(conns)} of {count} clones reached the parallel section "
                                        f"in {CONNECT_TIMEOUT:.0f} s") from None
                 continue
-            conn.settimeout(None)
             _kind, _step, rank = section_wire.recv(conn)
             conns[int(rank)] = conn
         return conns
@@ -344,6 +351,8 @@ def _accept(listener: socket.socket, ticket: api.Ticket, count: int) -> dict[int
         api.kill(ticket)
         api.join(ticket)
         raise
+    finally:
+        listener.close()
 
 
 class parallel:  # noqa: N801 - used as `with sfmpi.parallel(n)`, like a function

@@ -2,13 +2,16 @@
 one-copy section, argument checks."""
 from __future__ import annotations
 
+import os
 import socket
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
 import sfmpi
-from sfmpi import section_wire, sections
+from sfmpi import family_auth, section_wire, sections
 from sfmpi.errors import UsageError
 
 
@@ -76,8 +79,9 @@ def test_sections_do_not_nest_and_n_is_checked():
 # two processes play two copies of a section).
 COPY = r"""
 import ctypes, os, socket, sys
-rank, size, port, lib = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-conn = socket.create_connection(("127.0.0.1", port))
+from sfmpi import family_auth
+rank, size, port, lib, key = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+conn = family_auth.connect(("127.0.0.1", port), bytes.fromhex(key))
 os.environ.update(SFMPI_PMI_FD=str(conn.detach()), SFMPI_PMI_RANK=str(rank), SFMPI_PMI_SIZE=str(size))
 pmi = ctypes.CDLL(lib)
 spawned, r, s, clique = ctypes.c_int(9), ctypes.c_int(), ctypes.c_int(), (ctypes.c_int * 4)()
@@ -102,20 +106,31 @@ print(r.value, s.value, repr(got), missing, sep="|")
 """
 
 
+ROOT = Path(__file__).resolve().parents[2]
+KEY = family_auth.new_key()
+
+
+def kvs_connection(port: int, key: bytes = KEY) -> socket.socket:
+    """A copy's connection to the key-value space, past the handshake."""
+    return family_auth.connect(("127.0.0.1", port), key, timeout=5)
+
+
 def test_copies_exchange_keys_through_the_parent_and_meet_at_barriers():
     import subprocess
     import sys
-    from pathlib import Path
     from sfmpi import section_mpi
-    lib = Path(__file__).resolve().parents[2] / "native" / "build" / "libsfmpi-pmi1.so"
+    lib = ROOT / "native" / "build" / "libsfmpi-pmi1.so"
     subprocess.run(["make", "-s", "-C", str(lib.parent.parent), "build/libsfmpi-pmi1.so"], check=True)
-    kvs = section_mpi.KeyValueServer("127.0.0.1", 2, "")
+    kvs = section_mpi.KeyValueServer("127.0.0.1", 2, "", KEY)
+    impostor = socket.create_connection(("127.0.0.1", kvs.port), timeout=5)   # takes no copy's place
     try:
-        copies = [subprocess.Popen([sys.executable, "-c", COPY, str(r), "2", str(kvs.port), str(lib)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        copies = [subprocess.Popen([sys.executable, "-c", COPY, str(r), "2", str(kvs.port), str(lib), KEY.hex()],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)}) for r in (0, 1)]
         outs = [c.communicate(timeout=30) for c in copies]
     finally:
         kvs.parent_only()
+        impostor.close()
     assert [c.returncode for c in copies] == [0, 0], outs
     assert [o.strip().split("|") for o, _ in outs] == [["0", "2", "'QWJj ZA1  '", "-1"],
                                                        ["1", "2", "'QWJj ZA0  '", "-1"]]
@@ -125,7 +140,7 @@ def test_after_the_section_the_parent_meets_its_barriers_alone():
     import threading
     from sfmpi import section_mpi
     from sfmpi import section_wire
-    kvs = section_mpi.KeyValueSpace(section_wire.listen("127.0.0.1"), 3)
+    kvs = section_mpi.KeyValueSpace(section_wire.listen("127.0.0.1"), 3, KEY)
     met = threading.Event()
     t = threading.Thread(target=lambda: (kvs._meet(), met.set()))
     t.start()
@@ -136,11 +151,10 @@ def test_after_the_section_the_parent_meets_its_barriers_alone():
 
 
 def test_a_barrier_fails_when_a_copy_ends_before_it():
-    import socket
     from sfmpi import section_mpi
     from sfmpi import section_wire
-    kvs = section_mpi.KeyValueSpace(section_wire.listen("127.0.0.1"), 3)
-    waiting, leaving = (socket.create_connection(("127.0.0.1", kvs.port), timeout=5) for _ in range(2))
+    kvs = section_mpi.KeyValueSpace(section_wire.listen("127.0.0.1"), 3, KEY)
+    waiting, leaving = (kvs_connection(kvs.port) for _ in range(2))
     with waiting, waiting.makefile("rwb", buffering=0) as f:
         f.write(b"barrier\n")
         leaving.close()               # its process ended: MPI never gets there
@@ -159,10 +173,9 @@ def test_the_mpi_job_id_survives_open_mpis_15_bit_local_job():
 
 
 def test_once_parent_only_returns_the_parents_barrier_passes_though_clones_are_gone():
-    import socket
     from sfmpi import section_mpi
-    kvs = section_mpi.KeyValueServer("127.0.0.1", 3, "")
-    parent, *clones = (socket.create_connection(("127.0.0.1", kvs.port), timeout=5) for _ in range(3))
+    kvs = section_mpi.KeyValueServer("127.0.0.1", 3, "", KEY)
+    parent, *clones = (kvs_connection(kvs.port) for _ in range(3))
     for c in clones:
         c.close()                     # the clones left the section and ended
     kvs.parent_only()                 # MPI_Finalize's barrier may come right after
@@ -194,12 +207,11 @@ class Recorder:
 
 
 def test_an_mpi_abort_in_a_clone_ends_the_section_through_the_key_value_space():
-    import socket
     from sfmpi import section_mpi
     from sfmpi import section_wire
     rec = Recorder()
-    kvs = section_mpi.KeyValueSpace(section_wire.listen("127.0.0.1"), 3, rec.watch())
-    with socket.create_connection(("127.0.0.1", kvs.port), timeout=5) as clone:
+    kvs = section_mpi.KeyValueSpace(section_wire.listen("127.0.0.1"), 3, KEY, rec.watch())
+    with kvs_connection(kvs.port) as clone:
         clone.sendall(b"abort 2 MPI abort (code 3): it went wrong\n")
         assert rec.done.wait(5)                  # the parent waits in MPI: nothing else would end it
     assert rec.events == ["kill clones", "end parent"]
@@ -244,14 +256,12 @@ def test_a_program_that_ends_inside_the_section_takes_its_clones_along():
     then its program is gone; the server asks the agent to end the clones."""
     import json
     import os
-    import socket
     import subprocess
     import sys
     import tempfile
     import threading
-    from pathlib import Path
     from sfmpi import api, section_mpi
-    lib = Path(__file__).resolve().parents[2] / "native" / "build" / "libsfmpi-pmi1.so"
+    lib = ROOT / "native" / "build" / "libsfmpi-pmi1.so"
     subprocess.run(["make", "-s", "-C", str(lib.parent.parent), "build/libsfmpi-pmi1.so"], check=True)
     ops = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,11 +278,12 @@ def test_a_program_that_ends_inside_the_section_takes_its_clones_along():
         threading.Thread(target=answer, daemon=True).start()
         os.environ["SFMPI_API_SOCKET"] = f"{tmp}/api.sock"
         try:
-            kvs = section_mpi.KeyValueServer("127.0.0.1", 3, "parent-t7")
+            kvs = section_mpi.KeyValueServer("127.0.0.1", 3, "parent-t7", KEY)
         finally:
             del os.environ["SFMPI_API_SOCKET"]
-        aborting = subprocess.run([sys.executable, "-c", ABORTING_PARENT, str(kvs.port), str(lib)],
-                                  capture_output=True, text=True, timeout=30)
+        aborting = subprocess.run([sys.executable, "-c", ABORTING_PARENT, str(kvs.port), str(lib), KEY.hex()],
+                                  capture_output=True, text=True, timeout=30,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert aborting.returncode == 3 and "MPI abort (3): it went" in aborting.stderr
         os.close(kvs._control)                   # the program that ran the section is gone
         kvs.proc.wait(timeout=15)
@@ -282,9 +293,89 @@ def test_a_program_that_ends_inside_the_section_takes_its_clones_along():
 
 ABORTING_PARENT = r"""
 import ctypes, os, socket, sys
-conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+from sfmpi import family_auth
+conn = family_auth.connect(("127.0.0.1", int(sys.argv[1])), bytes.fromhex(sys.argv[3]))
 os.environ.update(SFMPI_PMI_FD=str(conn.detach()), SFMPI_PMI_RANK="0", SFMPI_PMI_SIZE="3")
 pmi = ctypes.CDLL(sys.argv[2])
 assert pmi.PMI_Init(ctypes.byref(ctypes.c_int())) == 0
 pmi.PMI_Abort(3, b"it went\nwrong")
 """
+
+
+# -- who may join: only the copies that hold the section's key ----------------
+EXPLODED = threading.Event()
+
+
+def _explode():
+    EXPLODED.set()
+
+
+class Bomb:
+    """A pickle that runs code in whoever loads it."""
+
+    def __reduce__(self):
+        return (_explode, ())
+
+
+def test_a_process_without_the_key_cannot_join_the_section_or_run_code_in_the_parent(monkeypatch):
+    from sfmpi import api
+    monkeypatch.setattr(api, "members", lambda ticket: [])   # every clone still runs
+    log: list[str] = []
+    listener = family_auth.AuthListener(section_wire.listen("127.0.0.1"), KEY, log=log.append)
+    impostor = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
+    section_wire.send(impostor, ("hello", 0, Bomb()))   # what anyone could do before
+
+    def clone(rank: int) -> None:
+        conn = sections._connect("127.0.0.1", listener.port, KEY)
+        section_wire.send(conn, ("hello", 0, rank))
+        clones[rank] = conn
+    clones: dict[int, socket.socket] = {}
+    threads = [threading.Thread(target=clone, args=(r,)) for r in (1, 2)]
+    for t in threads:
+        t.start()
+    conns = sections._accept(listener, None, 2)
+    for t in threads:
+        t.join()
+    assert sorted(conns) == [1, 2] and not EXPLODED.is_set()
+    section_wire.send(conns[2], ("bcast", 1, "to 2"))
+    assert section_wire.recv(clones[2]) == ("bcast", 1, "to 2")
+    deadline = time.monotonic() + 5
+    while not log and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "wrong key" in log[0]   # its "hello" read as a (wrong) answer to the challenge, never unpickled
+    for c in (*conns.values(), *clones.values(), impostor):
+        c.close()
+
+
+def test_a_process_without_the_key_can_neither_end_the_section_nor_take_a_copys_place():
+    from sfmpi import section_mpi
+    rec = Recorder()
+    kvs = section_mpi.KeyValueSpace(section_wire.listen("127.0.0.1"), 2, KEY, rec.watch(grace=0.1))
+    with socket.create_connection(("127.0.0.1", kvs.port), timeout=5) as impostor:
+        impostor.sendall(b"abort 1 MPI abort (code 1): not really\n")
+        copies = [kvs_connection(kvs.port) for _ in range(2)]
+        files = [c.makefile("rwb", buffering=0) for c in copies]
+        for f in files:
+            f.write(b"barrier\n")
+        assert [f.readline() for f in files] == [b"ok\n", b"ok\n"]   # both copies were taken in
+    assert rec.events == [] and rec.log == []
+    for f, c in zip(files, copies):
+        f.close()
+        c.close()
+
+
+def test_a_silent_peer_does_not_keep_the_parent_past_the_sections_connect_timeout(monkeypatch):
+    from sfmpi import api
+    from sfmpi.errors import SectionError
+    ended = []
+    monkeypatch.setattr(api, "members", lambda ticket: [])
+    monkeypatch.setattr(api, "kill", lambda ticket: ended.append("kill"))
+    monkeypatch.setattr(api, "join", lambda ticket: ended.append("join"))
+    monkeypatch.setattr(sections, "CONNECT_TIMEOUT", 0.5)
+    listener = family_auth.AuthListener(section_wire.listen("127.0.0.1"), KEY, log=lambda text: None)
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=5):   # connects, says nothing
+        t0 = time.monotonic()
+        with pytest.raises(SectionError, match="only 0 of 1 clones reached the parallel section"):
+            sections._accept(listener, None, 1)
+        assert time.monotonic() - t0 < 3.0
+    assert ended == ["kill", "join"]
