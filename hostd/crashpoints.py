@@ -11,7 +11,8 @@ import os
 import signal
 
 STEPS = (
-    "checkpoint:start", "checkpoint:receiver", "checkpoint:captured", "checkpoint:described",
+    "checkpoint:start", "checkpoint:receiver", "checkpoint:paused", "checkpoint:captured",
+    "checkpoint:described",
     "clone:reserved", "clone:launched", "clone:resumed",
 )
 

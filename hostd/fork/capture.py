@@ -21,6 +21,7 @@ from pathlib import Path
 from sfmpi import proc
 from sfmpi.errors import CheckpointError, QemuError
 
+from .. import crashpoints
 from ..vm.qemu import QemuProcess
 from .disks import DiskFreeze
 
@@ -265,6 +266,7 @@ async def capture_paused(parent: QemuProcess, parent_ram: str, ram_file: Path,
         if was_running:
             await parent.execute("stop")
         try:
+            crashpoints.reached("checkpoint:paused")
             await save_device_state(parent, state_file)
             t_state = time.monotonic()
             await copy(parent_ram, str(ram_file))

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Soak: N cycles of checkpoint, clone 4, exec in each, stop, and what hostd holds after each.
+
+    python3 bench/soak.py [--cycles 1000] [--clones 4] [--mode paused] [--json]
+
+After every cycle it counts hostd's open files, threads and memory (RSS), the
+QEMU processes of its state directory, the family's taps, the disk layers, the
+files under the state and RAM directories, the checkpoints, and the budget
+that tickets still reserve. A leak is growth from the end of the warm-up
+(cycle WARMUP) to the end; memory may wander by RSS_SLACK before it counts.
+The per-cycle time should stay flat: slowdown_last_vs_first is the median of
+the last 100 cycles over the median of the first 100 (10% of the cycles each
+when there are fewer than 1,000).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sfmpi.client import HostdClient, wait_gone  # noqa: E402
+from sfmpi.hostd.net import netplan  # noqa: E402
+from sfmpi.paths import Paths  # noqa: E402
+from tests.leakcheck import leaks  # noqa: E402
+
+WARMUP = 5
+RSS_SLACK = 32 << 20
+
+
+def files_under(path: Path) -> int:
+    return sum(1 for _ in path.rglob("*")) if path.exists() else 0
+
+
+class Soak:
+    def __init__(self, image: str, clones: int, mode: str):
+        self.home = Path(tempfile.mkdtemp(prefix="sfmpi-soak-", dir="/tmp"))
+        os.environ["SFMPI_HOME"] = str(self.home)
+        self.paths = Paths(self.home)
+        self.client = HostdClient(self.paths)
+        self.image, self.clones, self.mode = image, clones, mode
+
+    def counts(self) -> dict:
+        hostd = psutil.Process(self.client.call("ping")["pid"])
+        status = self.client.call("ping")
+        shm = str(self.paths.shm) + "/"
+        qemus = sum(1 for p in psutil.process_iter(["name", "cmdline"])
+                    if "qemu-system" in (p.info["name"] or "") and any(shm in a for a in p.info["cmdline"] or []))
+        fam = next(r["family_no"] for r in self.client.call("vm.list") if r["name"] == "soak")
+        taps = sum(1 for n in os.listdir("/sys/class/net") if n.startswith(netplan.tap_prefix(fam)))
+        return {"open_files": hostd.num_fds(), "threads": hostd.num_threads(), "rss_bytes": hostd.memory_info().rss,
+                "qemu_processes": qemus, "taps": taps, "disk_layers": len(list(self.paths.disks.glob("*.qcow2"))),
+                "state_files": files_under(self.home), "ram_dir_files": files_under(self.paths.shm),
+                "checkpoints": len(self.client.call("checkpoint.list")),
+                "reserved_mb": status["reserved"]["mem_mb"], "reserved_vcpus": status["reserved"]["vcpus"]}
+
+    def cycle(self) -> float:
+        t0 = time.monotonic()
+        ck = self.client.call("checkpoint", name="soak", mode=self.mode)["id"]
+        names = self.client.call("clone", checkpoint=ck, n=self.clones)["clones"]
+        for name in names:
+            res = self.client.call("vm.exec", name=name, argv=["sh", "-c", "hostname >/dev/null; echo ok"])
+            if res["code"] != 0:
+                raise RuntimeError(f"exec in {name} exited {res['code']}")
+        for name in names:
+            self.client.call("vm.stop", name=name)
+        self.client.call("checkpoint.rm", id=ck)
+        return time.monotonic() - t0
+
+    def run(self, cycles: int, progress) -> dict:
+        self.client.call("vm.start", name="soak", image=self.image, mem_mb=256, cpus=1, timeout=300)
+        times, samples = [], []
+        for i in range(1, cycles + 1):
+            times.append(self.cycle())
+            samples.append(self.counts())
+            if i % 50 == 0 or i == cycles:
+                progress(i, times, samples[-1])
+        base = samples[min(WARMUP, len(samples)) - 1]
+        last = samples[-1]
+        leaked = {k: max(0, last[k] - base[k]) for k in last if k != "rss_bytes"}
+        leaked["rss_bytes"] = max(0, last["rss_bytes"] - base["rss_bytes"] - RSS_SLACK)
+        window = 100 if cycles >= 1000 else max(1, cycles // 10)
+        first, final = statistics.median(times[:window]), statistics.median(times[-window:])
+        return {"cycles": cycles, "clones": self.clones, "mode": self.mode, "leaks": leaked,
+                "leaked_total": sum(1 for v in leaked.values() if v), "slowdown_last_vs_first": final / first,
+                "first_cycle_s": first, "last_cycle_s": final, "window": window,
+                "after_warmup": base, "at_end": last, "cycle_s": times}
+
+    def down(self) -> list[str]:
+        pid = self.client.call("ping")["pid"]
+        self.client.call("down")
+        wait_gone(pid)
+        left = leaks(self.paths.home, self.paths.shm)
+        shutil.rmtree(self.home, ignore_errors=True)
+        return left
+
+
+def print_tables(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(width=max(Console().width, 120))
+    t = Table(title=f"Soak: {result['cycles']} cycles of checkpoint ({result['mode']}), clone {result['clones']}, "
+                    f"exec in each, stop, checkpoint rm")
+    for col in ("counted", f"after cycle {WARMUP}", "at the end", "leaked"):
+        t.add_column(col, justify="right")
+    for k in result["at_end"]:
+        t.add_row(k, str(result["after_warmup"][k]), str(result["at_end"][k]), str(result["leaks"][k]))
+    console.print(t)
+    console.print(f"cycle time: first {result['window']} median {result['first_cycle_s']:.2f} s, last "
+                  f"{result['window']} median {result['last_cycle_s']:.2f} s: slowdown "
+                  f"{result['slowdown_last_vs_first']:.3f}x")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cycles", type=int, default=1000)
+    ap.add_argument("--clones", type=int, default=4)
+    ap.add_argument("--mode", default="paused", choices=["paused", "background"])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--image", default=None)
+    args = ap.parse_args()
+    from sfmpi.cli import _default_image
+    soak = Soak(args.image or _default_image(), args.clones, args.mode)
+
+    def progress(i, times, last):
+        print(f"cycle {i}: {times[-1]:.2f} s, {json.dumps(last)}", file=sys.stderr, flush=True)
+    result: dict = {}
+    try:
+        result = soak.run(args.cycles, progress)
+    except Exception as exc:  # noqa: BLE001 - reported with the leak check
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        result["host_leaks"] = soak.down()
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "cycle_s"}, indent=2))
+    elif "error" not in result:
+        print_tables(result)
+    if result.get("error"):
+        print(f"FAILED: {result['error']}", file=sys.stderr)
+    if result["host_leaks"]:
+        print(f"LEFT AFTER DOWN: {result['host_leaks']}", file=sys.stderr)
+    return 1 if result.get("error") or result["host_leaks"] or result.get("leaked_total") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
