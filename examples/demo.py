@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""`make demo`: boot a parent VM, fork it into 4 clones, show they resumed from the same instant.
+"""`make demo`: boot a parent VM, fork it into 4 clones, show they resumed from
+the same instant; then the main job: `sfmpirun -n 4` of an unmodified MPI
+program inside the parent, each rank on a clone forked for it, with the timings.
 
 Runs the real `sfmpi` commands, as a user would type them, against its own state
 directory, and stops everything at the end (also on Ctrl-C or failure).
@@ -8,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -20,6 +25,8 @@ console = Console()
 HOME = tempfile.mkdtemp(prefix="sfmpi-demo-", dir="/tmp")
 ENV = {**os.environ, "SFMPI_HOME": HOME}
 CLONES = int(os.environ.get("DEMO_CLONES", "4"))
+RANKS = int(os.environ.get("DEMO_RANKS", "4"))
+CPI = Path(__file__).resolve().parent / "mpi" / "cpi.c"
 
 
 def sfmpi(*args: str, capture: bool = True) -> str:
@@ -58,6 +65,45 @@ def main() -> None:
     console.print("Every clone has the parent's disk and RAM state at the checkpoint, "
                   "and a private disk of its own.")
     sfmpi("vm", "list", capture=False)
+    for name in res["clones"]:
+        sfmpi("vm", "stop", name)
+    mpi_job()
+
+
+def in_parent(script: str) -> str:
+    return sfmpi("vm", "exec", "demo", "--", "sh", "-c", script)
+
+
+def mpi_job() -> None:
+    """The main job: an MPI program started in the parent forks the cluster it needs."""
+    console.rule("sfmpirun: an unmodified MPI program on a cluster forked for it")
+    in_parent(f"cat > /root/cpi.c <<'EOF'\n{CPI.read_text()}\nEOF\n"
+              "cd /root && mpicc.mpich -O2 -o cpi cpi.c -lm")
+    t0 = time.monotonic()
+    ref = in_parent(f"cd /root && mpiexec.mpich -n {RANKS} ./cpi 2000000")
+    one_vm_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    out = in_parent(f"cd /root && sfmpirun -v -n {RANKS} ./cpi 2000000 2>&1")
+    forked_s = time.monotonic() - t0
+    ranks = re.findall(r"^rank (\d+) of \d+ on (\S+)$", out, re.M)
+    table = Table(title=f"sfmpirun -n {RANKS} ./cpi inside VM demo")
+    table.add_column("rank", justify="right")
+    table.add_column("VM it ran on")
+    for rank, host in sorted(ranks, key=lambda r: int(r[0])):
+        table.add_row(rank, host)
+    console.print(table)
+    pi = re.search(r"^pi is approximately (\S+)", out, re.M)
+    same = pi and pi.group(1) in ref
+    console.print(f"pi = {pi.group(1) if pi else '?'} ({'same as' if same else 'DIFFERENT from'} mpiexec "
+                  f"on one VM); {len({h for _, h in ranks})} VMs for {RANKS} ranks")
+    console.print("sfmpirun's steps (-v), seconds from its start:")
+    for line in out.splitlines():
+        if line.startswith("sfmpirun: ["):
+            console.print(f"  {line[len('sfmpirun: '):]}", markup=False)
+    console.print(f"whole job, fork of the cluster included: {forked_s:.1f} s "
+                  f"(mpiexec -n {RANKS} on the one VM: {one_vm_s:.1f} s)")
+    if not same or len({h for _, h in ranks}) != RANKS:
+        raise SystemExit("demo: the MPI job did not run one rank per VM with the right result")
 
 
 if __name__ == "__main__":

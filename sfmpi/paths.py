@@ -3,9 +3,10 @@
 SFMPI_HOME (default /var/lib/sfmpi) holds the state database, VM directories,
 checkpoints and sockets of one hostd. Guest images are cached separately
 (SFMPI_IMAGE_DIR, default /var/lib/sfmpi/images) so that several state
-directories (tests, users) share one image build. Guest RAM of running VMs
-lives on tmpfs under /dev/shm/sfmpi-<tag> so that `sfmpi down` can prove it
-left nothing behind.
+directories (tests, users) share one image build. Runtime files (sockets, and a
+parent's RAM unless it is on huge pages) live under /dev/shm/sfmpi-<tag>, and
+the family networks in the network namespace sfmpi-<tag>, so that `sfmpi down`
+can prove it left nothing behind.
 """
 from __future__ import annotations
 
@@ -62,11 +63,19 @@ class Paths:
         return self.home / "checkpoints"
 
     @property
+    def tag(self) -> str:
+        """A short name of this state directory (a hash: two homes never share one)."""
+        return hashlib.sha256(str(self.home).encode()).hexdigest()[:8]
+
+    @property
     def shm(self) -> Path:
-        # One tmpfs directory per state dir, named by a hash so the path is short
-        # and two homes never share RAM files.
-        tag = hashlib.sha256(str(self.home).encode()).hexdigest()[:8]
-        return Path(SHM_ROOT) / f"sfmpi-{tag}"
+        # One tmpfs directory per state dir, short enough for socket paths.
+        return Path(SHM_ROOT) / f"sfmpi-{self.tag}"
+
+    @property
+    def netns(self) -> str:
+        """hostd's own network namespace, where its family networks live."""
+        return f"sfmpi-{self.tag}"
 
     def vm_dir(self, name: str) -> Path:
         return self.vms / name

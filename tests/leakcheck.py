@@ -10,9 +10,11 @@ from pathlib import Path
 
 import psutil
 
+from sfmpi.hostd.net.namespace import leftover_namespaces
 from sfmpi.hostd.vm.hugepages import leftover_files
+from sfmpi.paths import Paths
 
-OUR_LINK = re.compile(r"^(sfbr\d+|sft\d+x\d+|sfrx\d+)$")
+OUR_LINK = re.compile(r"^(sfbr\d+|sft\d+x\d+|sfrx\d+|sfu[0-9a-f]{8})$")
 
 
 def network_leaks() -> list[str]:
@@ -24,8 +26,11 @@ def network_leaks() -> list[str]:
             found.append(f"network link left: {name.name}")
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     for line in tables.splitlines():
-        if re.match(r"^table \S+ sfmpi_f\d+$", line.strip()):
+        if re.match(r"^table \S+ sfmpi_(f\d+|h[0-9a-f]+)$", line.strip()):
             found.append(f"nft {line.strip()} left")
+    found += [f"network namespace {n} left" for n in leftover_namespaces()]
+    rules = subprocess.run(["ip", "rule", "list"], capture_output=True, text=True).stdout
+    found += [f"ip rule left: {r.strip()}" for r in rules.splitlines() if re.search(r"lookup 2\d{4}\b", r)]
     return found
 
 
@@ -52,6 +57,11 @@ def leaks(home: Path, shm: Path, whole_host_network: bool = False) -> list[str]:
     for line in Path("/proc/mounts").read_text().splitlines():
         if str(home) in line or str(shm) in line:
             found.append(f"mount left: {line}")
+    netns = Path("/run/netns") / Paths(home).netns
+    if netns.exists():
+        found.append(f"network namespace {netns.name} left")
+    if (Path("/sys/class/net") / f"sfu{Paths(home).tag}").exists():
+        found.append(f"uplink sfu{Paths(home).tag} left")
     if (home / "hostd.sock").exists():
         found.append("hostd socket left")
     if (home / "net").exists() and any((home / "net").iterdir()):

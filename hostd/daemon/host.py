@@ -23,7 +23,9 @@ from pathlib import Path
 from sfmpi.errors import CheckpointError, NotFound, SfmpiError, UsageError
 from sfmpi.paths import Paths
 
+from ..fork.capture import resume_after_migration
 from ..fork.checkpointer import Checkpointer
+from ..fork.disks import backing_chain, top_disk
 from ..fork.cloner import Cloner
 from ..fork.manifest import Checkpoint
 from ..fork.receiver import Receivers
@@ -32,6 +34,9 @@ from ..guestapi.clone_api import CloneApi
 from ..guestapi.tickets import DEFAULT_FAMILY_LIMIT, TicketBook
 from ..net import netplan
 from ..net.families import Families, NetOptions
+from ..net.namespace import HostNamespace
+from ..net.uplink import Uplink
+from ..net.uplink import plan as uplink_plan
 from ..policy.admission import Admission, Budget, Usage
 from ..policy.quotas import FamilyQuota, Quotas
 from ..state.records import VmRecord, VmRole, VmState
@@ -109,15 +114,18 @@ class Host:
         self.store = store
         self.budget = budget
         self.vms = VmRegistry(store)
-        self.runtime = VmRuntime(paths, store, self.vms)
-        self.families = Families(paths.home / "net", remembered=self._remembered_options)
+        self.netns = HostNamespace(paths.netns)   # made with the first family
+        self.families = Families(paths.home / "net", remembered=self._remembered_options, netns=self.netns,
+                                 uplink=Uplink(uplink_plan(paths.tag), paths.netns))
+        # QEMU runs in the families' namespace: it opens its tap there by name.
+        self.runtime = VmRuntime(paths, store, self.vms, wrap=self.netns.wrap)
         self.tickets = TicketBook(FAMILY_LIMIT, store)
         self.admission = Admission(budget, self.usage)
         self.quotas = Quotas(FamilyQuota.from_env(), budget, self.family_usage,
                              lambda family: sum(1 for r in store.checkpoint_rows() if r["family"] == family),
                              self.tickets.outstanding)
         self.parents = Parents(self.runtime, self.vms, self.admission, self.families, store)
-        self.checkpoints = Checkpointer(paths, store, self.vms, self.runtime, Receivers(self.runtime, self.admission))
+        self.checkpoints = Checkpointer(paths, store, self.vms, self.runtime, Receivers(self.runtime, self.admission, self.families.in_namespace))
         self.retention = Retention(paths, store, self.vms)
         self.cloner = Cloner(self.runtime, self.vms, self.admission, self.families, self.checkpoints.find)
         self.clone_api = CloneApi(GuestSide(self), self.tickets)
@@ -207,7 +215,8 @@ class Host:
             alive = rec.pid is not None and pid_alive(rec.pid) and is_our_qemu(rec.pid, rec.qmp_path)
             if alive and rec.role != VmRole.RECEIVER and rec.state != VmState.STARTING:
                 try:
-                    await self.runtime.attach(rec)
+                    vm = await self.runtime.attach(rec)
+                    await self._resync(vm)
                     if rec.family_no:
                         # Re-adopt the family: same bridge, the running QEMU's tap,
                         # the rules of its remembered options (NAT, open ports).
@@ -232,6 +241,18 @@ class Host:
         self.clone_api.restored(self.tickets.restore(alive=set(self.vms.live)))
         self.retention.recover(live_tickets=set(self.tickets.tickets))
         return {"attached": attached, "reaped": reaped}
+
+    async def _resync(self, vm: Vm) -> None:
+        """A hostd killed mid-checkpoint may have left its VM paused, or on a new
+        disk layer it never recorded: what QEMU says wins."""
+        _node, top = await top_disk(vm.qemu)
+        if top != vm.rec.overlay:
+            log.warning("VM %s writes to %s, not %s: taking QEMU's word", vm.name, top, vm.rec.overlay)
+            self.vms.update(vm, overlay=top, backing=tuple(await backing_chain(top)))
+        status = await vm.qemu.status()
+        if status in ("paused", "postmigrate", "finish-migrate") and vm.rec.state == VmState.RUNNING:
+            log.warning("VM %s was left %s by a hostd that died: continuing it", vm.name, status)
+            await resume_after_migration(vm.qemu)
 
     def _reap_unexplained(self) -> list[str]:
         """What a hostd killed mid-step left that no record explains: QEMUs of

@@ -126,8 +126,11 @@ class Hostd:
     async def _dispatch(self, op: str, args: dict, send, reader: asyncio.StreamReader):
         m = self.host
         if op == "ping":
+            used, (held_mb, held_cpus) = m.usage(), m.tickets.reserved()
             return {"pid": os.getpid(), "home": str(self.paths.home), "protocol": PROTOCOL_VERSION,
-                    "budget": {"mem_mb": self.budget.mem_mb, "vcpus": self.budget.vcpus}}
+                    "budget": {"mem_mb": self.budget.mem_mb, "vcpus": self.budget.vcpus},
+                    "used": {"mem_mb": used.mem_mb, "vcpus": used.vcpus},
+                    "reserved": {"mem_mb": held_mb, "vcpus": held_cpus}}
         if op == "vm.start":
             return await m.start_vm(args["name"], args["image"], mem_mb=int(args.get("mem_mb", 512)),
                                     cpus=int(args.get("cpus", 1)), accel=args.get("accel"),

@@ -23,9 +23,11 @@ from .capture import set_capabilities
 
 
 class Receivers:
-    def __init__(self, runtime: VmRuntime, admission: Admission):
+    def __init__(self, runtime: VmRuntime, admission: Admission, in_namespace=None):
+        """in_namespace(fn): runs fn where the families' links live (the tap goes there)."""
         self.runtime = runtime
         self.admission = admission
+        self.in_namespace = in_namespace
 
     def socket(self, name: str) -> str:
         return str(self.runtime.paths.shm / f"{name}.mig")
@@ -41,7 +43,8 @@ class Receivers:
         try:
             # The receiver's NIC must negotiate what the parent's did (a tap's
             # offloads), but it never runs: a tap that vanishes with it, on no bridge.
-            tap_fd = open_unattached_tap()
+            tap_fd = (await self.in_namespace(open_unattached_tap) if self.in_namespace
+                      else open_unattached_tap())
             try:
                 argv = vm_argv(spec, name=name, ram_path=str(ram_file), share_ram=True,
                                disk=NullDisk(spec.disk_size), sockets=Sockets(rec.qmp_path, rec.agent_path),

@@ -90,27 +90,18 @@ def allocate_family(start: int = netplan.FIRST_FAMILY) -> int:
     raise CapacityError(f"all {span} family networks on this host are in use")
 
 
-_OUR_LINK = re.compile(r"^(sfbr\d+|sft\d+x\d+)$")
-
-
-def leftover_links() -> list[str]:
-    """Every link named like a family bridge or tap, whichever hostd owns it."""
-    with IPRoute() as ipr:
-        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-    return sorted(n for n in names if n and _OUR_LINK.match(n))
-
-
 def leftover_tables() -> list[str]:
-    """Every nft table named like a family's, as "family name" (e.g. "bridge sfmpi_f5")."""
+    """Every nft table named like a family's or an uplink's (hostd/net/uplink.py),
+    as "family name" (e.g. "bridge sfmpi_f5")."""
     text = proc.output(["nft", "list", "tables"])
     return sorted(" ".join(line.split()[1:3]) for line in text.splitlines()
-                  if re.match(r"^table \S+ sfmpi_f\d+$", line.strip()))
+                  if re.match(r"^table \S+ sfmpi_(f\d+|h[0-9a-f]+)$", line.strip()))
 
 
-def nat_families() -> list[int]:
-    """Families on this host with NAT on, whichever hostd owns them: only a NAT
-    family has a `table ip` (nft.family_tables)."""
-    return sorted(int(t.rsplit("_f", 1)[1]) for t in leftover_tables() if t.startswith("ip "))
+def nat_families() -> list[str]:
+    """NAT tables in this namespace, whichever hostd owns them: only a NAT family
+    has a `table ip` (nft.family_tables), and an uplink's masquerade is one too."""
+    return [t.split()[1] for t in leftover_tables() if t.startswith("ip ")]
 
 
 # NAT needs net.ipv4.ip_forward=1: answers to masqueraded traffic are routed in
@@ -166,19 +157,6 @@ def restore_forwarding() -> None:
         saved.unlink()
 
 
-def cleanup_families(families: Iterable[int], state_dir: Path) -> None:
-    """Remove everything of these families found by name (links, tables, and the
-    dnsmasq whose pid file is under state_dir): after a crash of their owner."""
-    errors = []
-    for f in families:
-        try:
-            FamilyNetwork(f, "leftover", state_dir).down()
-        except NetworkError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise NetworkError("; ".join(errors))
-
-
 class FamilyNetwork:
     """Bridge, taps, nft rules and DHCP of family f (the parent VM is `name`).
 
@@ -190,7 +168,10 @@ class FamilyNetwork:
     """
 
     def __init__(self, f: int, name: str, state_dir: Path, nat: bool = False,
-                 open_ports: Iterable[nft.OpenPort | str] = ()):
+                 open_ports: Iterable[nft.OpenPort | str] = (), manage_forwarding: bool = True):
+        """manage_forwarding: turn on (and later restore) the namespace's IPv4
+        forwarding for NAT. Off in hostd's own namespace, where it is always on."""
+        self.manage_forwarding = manage_forwarding
         self.f = netplan.check_family(f)
         self.name = name
         self.nat = bool(nat)
@@ -200,9 +181,6 @@ class FamilyNetwork:
         self.dhcp = DhcpServer(f, self.dir)
         self.ports: dict[int, str] = {}  # ID -> port ifname
         self._own_taps: set[int] = set()  # ports we created (add_vms), not attached
-
-    def identity(self, k: int) -> dict:
-        return netplan.identity(self.f, self.name, k)
 
     # -- lifecycle -------------------------------------------------------
     def up(self) -> "FamilyNetwork":
@@ -235,7 +213,7 @@ class FamilyNetwork:
 
     def _add_tables(self) -> None:
         script = nft.family_tables(self.f, self.nat, self.open_ports)
-        if not self.nat:
+        if not self.nat or not self.manage_forwarding:
             run_nft(script)
             return
         # Forwarding on and the NAT table in, under the lock: a concurrent
@@ -257,7 +235,8 @@ class FamilyNetwork:
         attempt("dnsmasq", self.dhcp.stop)
         attempt("nft tables", run_nft, nft.delete_family(self.f))
         # Whether or not this family had NAT (after a crash nobody knows).
-        attempt("ip_forward", restore_forwarding)
+        if self.manage_forwarding:
+            attempt("ip_forward", restore_forwarding)
         attempt("links", self._delete_links)
         attempt("files", lambda: shutil.rmtree(self.dir, ignore_errors=True))
         self.ports.clear()
@@ -325,9 +304,6 @@ class FamilyNetwork:
         except NetlinkError as exc:
             raise NetworkError(f"family {self.f}: cannot attach ports: {exc}") from exc
         self._update_dhcp()
-
-    def remove_vm(self, k: int) -> None:
-        self.remove_vms([k])
 
     def remove_vms(self, ks: Iterable[int]) -> None:
         """Drop IDs ks: rules, DHCP entries, and their links from the bridge (the

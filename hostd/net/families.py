@@ -25,6 +25,8 @@ from sfmpi.errors import CapacityError, UsageError
 
 from . import netplan, nft
 from .bridge import FamilyNetwork, allocate_family
+from .namespace import HostNamespace
+from .uplink import Uplink
 
 log = logging.getLogger("sfmpi.hostd.families")
 
@@ -78,18 +80,35 @@ class Families:
     pyroute2's IPRoute drives an asyncio loop of its own (it cannot run inside
     hostd's), and nft and dnsmasq are blocking subprocesses."""
 
-    def __init__(self, state_dir: Path, remembered: Callable[[str], NetOptions] = lambda name: NetOptions()):
-        """remembered(name): the options family `name` had last (hostd: from its store)."""
+    def __init__(self, state_dir: Path, remembered: Callable[[str], NetOptions] = lambda name: NetOptions(),
+                 netns: HostNamespace | None = None, uplink: Uplink | None = None):
+        """remembered(name): the options family `name` had last (hostd: from its store).
+        netns: the namespace the families live in (hostd's own; None: the caller's),
+        with its uplink for NAT and open ports."""
         self.state_dir = state_dir
         self.remembered = remembered
+        self.netns = netns
+        self._netns_ready = False
+        self.uplink = uplink
         self.by_name: dict[str, Family] = {}
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="families")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="families",
+                                          initializer=netns.enter_this_thread if netns else None)
         # VMs stopped but not yet off the network: taken off together (see leave_soon).
         self._leaving: set[str] = set()
         self._leaving_lock = threading.Lock()
 
     async def _run(self, fn, *args):
+        # The namespace is made when the first family work comes (its worker
+        # thread enters it on its first task): a hostd that never starts a VM
+        # leaves no namespace behind.
+        if self.netns is not None and not self._netns_ready:
+            await asyncio.to_thread(self.netns.ensure)
+            self._netns_ready = True
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def in_namespace(self, fn, *args):
+        """fn(*args) on the families' thread, inside their namespace (a tap opened there is there)."""
+        return await self._run(fn, *args)
 
     def of_vm(self, vm: str) -> Family | None:
         for fam in self.by_name.values():
@@ -118,8 +137,14 @@ class Families:
         if options is None:
             options = remembered if remembered is not None else NetOptions()
         f = number if number is not None else allocate_family()
-        net = FamilyNetwork(f, name, self.state_dir, nat=options.nat, open_ports=options.open_ports)
+        net = FamilyNetwork(f, name, self.state_dir, nat=options.nat, open_ports=options.open_ports,
+                            manage_forwarding=self.netns is None)
         net.up()
+        try:
+            self._connect_uplink(f, options)
+        except BaseException:
+            net.down()
+            raise
         fam = Family(name=name, number=f, net=net)
         self.by_name[name] = fam
         if options.nat or options.open_ports:
@@ -159,9 +184,6 @@ class Families:
         if first:
             self._worker.submit(self._leave_pending)
 
-    async def leave(self, vm: str) -> None:
-        await self._run(self._leave_all, {vm})
-
     def _leave_pending(self) -> None:
         with self._leaving_lock:
             vms, self._leaving = self._leaving, set()
@@ -194,19 +216,35 @@ class Families:
             except Exception as exc:  # `down` sweeps what is left
                 log.warning("family %s: taking it down: %s", fam.name, exc)
 
+    def _connect_uplink(self, f: int, options: NetOptions) -> None:
+        if self.uplink is None or not (options.nat or options.open_ports):
+            return
+        self.uplink.call(self.uplink.up, options.nat)
+        if options.open_ports:
+            self.uplink.call(self.uplink.route, str(netplan.subnet(f)))
+
     def drop(self, fam: Family) -> None:
         self.by_name.pop(fam.name, None)
+        if self.uplink is not None and fam.net.open_ports:
+            self.uplink.call(self.uplink.unroute, str(netplan.subnet(fam.number)))
         fam.net.down()
 
     async def down(self) -> None:
-        await self._run(self._down)
+        """Every family down; then the uplink and the namespace go too."""
+        if self.netns is None or self.netns.exists() or self.by_name:
+            await self._run(self._down)
+        if self.uplink is not None:
+            await asyncio.wrap_future(self.uplink.submit(self.uplink.down))
+        if self.netns is not None:
+            await asyncio.to_thread(self.netns.delete)
 
     def _down(self) -> None:
         for fam in list(self.by_name.values()):
             self.drop(fam)
 
     async def sweep(self, numbers: set[int]) -> None:
-        await self._run(self._sweep, numbers)
+        if numbers:
+            await self._run(self._sweep, numbers)
 
     def _sweep(self, numbers: set[int]) -> None:
         """Remove what is left of families nobody owns any more (a hostd crash)."""

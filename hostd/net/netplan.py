@@ -1,20 +1,40 @@
 """The address plan of family networks: pure functions of (family number, ID).
 
 docs/clone-api.md, "Family networks and identities". Family f (1..38399) owns
-the /24 10.(100 + f // 256).(f % 256).0; ID k (0 = the parent, 1..250 = clones)
-has .(k + 2) and a locally administered MAC that spells out (f, k), so no two
-VMs on a host collide and nothing has to be stored to know who is who.
+the f-th /24 after the base, by default 10.(100 + f // 256).(f % 256).0; ID k
+(0 = the parent, 1..250 = clones) has .(k + 2) and a locally administered MAC
+that spells out (f, k), so no two VMs of a hostd collide and nothing has to be
+stored to know who is who. The families live in hostd's own network namespace,
+so the plan never meets the host's routes; a site that routes family subnets
+(open ports) picks a base that is free on its network: SFMPI_FAMILY_BASE.
 """
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 
 from sfmpi.errors import UsageError
 
 FIRST_FAMILY = 1
-# 10.(100 + f // 256) must stay inside 10.0.0.0/8: 100 + 38399 // 256 = 249.
+# With the default base, 10.(100 + f // 256) stays inside 10.0.0.0/8: 100 + 38399 // 256 = 249.
 LAST_FAMILY = 38399
+
+
+def _base(text: str) -> ipaddress.IPv4Address:
+    try:
+        base = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise UsageError(f"SFMPI_FAMILY_BASE={text!r} is not an IPv4 address") from None
+    last = int(base) + (LAST_FAMILY + 1) * 256 - 1
+    if int(base) % 256 or last > int(ipaddress.IPv4Address("255.255.255.255")) or \
+            not (base.is_private and ipaddress.IPv4Address(last).is_private):
+        raise UsageError(f"SFMPI_FAMILY_BASE={text!r}: families need {LAST_FAMILY + 1} /24s of private "
+                         "space from a /24 boundary (e.g. 10.100.0.0)")
+    return base
+
+
+BASE = _base(os.environ.get("SFMPI_FAMILY_BASE", "10.100.0.0"))
 MAX_ID = 250  # .252 is the last address; .253/.254 stay free, .255 is broadcast
 PREFIX = 24
 
@@ -36,7 +56,7 @@ def check_id(k: int) -> int:
 
 def subnet(f: int) -> ipaddress.IPv4Network:
     check_family(f)
-    return ipaddress.IPv4Network(f"10.{100 + f // 256}.{f % 256}.0/{PREFIX}")
+    return ipaddress.IPv4Network((int(BASE) + f * 256, PREFIX))
 
 
 def gateway(f: int) -> ipaddress.IPv4Address:
@@ -95,16 +115,6 @@ def tap_name(f: int, k: int) -> str:
 def tap_prefix(f: int) -> str:
     """What every tap name of family f starts with (and no other family's)."""
     return f"sft{check_family(f)}x"
-
-
-_BRIDGE_RE = re.compile(r"^sfbr(\d+)$")
-_TAP_RE = re.compile(r"^sft(\d+)x(\d+)$")
-
-
-def family_of_link(ifname: str) -> int | None:
-    """The family number a link of ours belongs to (bridge or tap), else None."""
-    m = _BRIDGE_RE.match(ifname) or _TAP_RE.match(ifname)
-    return int(m.group(1)) if m else None
 
 
 def identity(f: int, name: str, k: int) -> dict:

@@ -3,8 +3,8 @@
 A parent VM, the checkpoint receiver and every clone are built from the same
 MachineSpec, because a migration stream only loads into a machine with exactly
 the same devices, ROMs and RAM layout. What differs between the three is where
-RAM comes from (shared tmpfs file, checkpoint file shared, checkpoint file
-private), which disk backs the virtio-blk device, and whether the VM waits for
+RAM comes from (the parent's own file on tmpfs or hugetlbfs, shared; the
+checkpoint's RAM file, shared for the receiver and private for a clone), which disk backs the virtio-blk device, and whether the VM waits for
 an incoming migration.
 """
 from __future__ import annotations

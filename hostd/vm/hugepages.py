@@ -7,8 +7,8 @@ pages that grows with RAM (measured under TCG: ~12 ms at 256 MiB, ~30 ms at
 ms at any size. So a parent goes on hugetlbfs when the host offers it: a
 hugetlbfs mount of 2 MiB pages with enough free pages. Reserving pages
 (`vm.nr_hugepages`) and mounting hugetlbfs is the administrator's decision, so
-sfmpi only uses what is there. Clones are unaffected: they map the checkpoint's
-RAM file (tmpfs) privately.
+sfmpi only uses what is there. Clones are unaffected: they map their
+checkpoint's RAM file (in the checkpoint directory) privately.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+from typing import Callable
 
 from sfmpi.errors import AgentError, NotFound, QemuError, UsageError
 from sfmpi.paths import Paths
@@ -26,7 +27,10 @@ log = logging.getLogger("sfmpi.hostd.runtime")
 
 
 class VmRuntime:
-    def __init__(self, paths: Paths, store: Store, registry: VmRegistry):
+    def __init__(self, paths: Paths, store: Store, registry: VmRegistry,
+                 wrap: Callable[[list[str]], list[str]] = lambda argv: argv):
+        """wrap(argv): how QEMU is started (in hostd's network namespace)."""
+        self.wrap = wrap
         self.paths = paths
         self.store = store          # counters only (layer names)
         self.vms = registry
@@ -55,7 +59,7 @@ class VmRuntime:
     async def launch(self, rec: VmRecord, argv: list[str], pass_fds: tuple[int, ...] = (),
                      agent: bool = True, state: VmState | None = None) -> Vm:
         """Start QEMU for the reserved record `rec`, connect its agent, watch it."""
-        qemu = QemuProcess(rec.name, argv, rec.qmp_path, rec.log_path, rec.serial_log, pass_fds)
+        qemu = QemuProcess(rec.name, self.wrap(argv), rec.qmp_path, rec.log_path, rec.serial_log, pass_fds)
         vm = Vm(rec=rec, qemu=qemu)
         self.vms.add(vm)
         await qemu.start(on_spawned=lambda pid: self.vms.update(vm, pid=pid))

@@ -10,10 +10,15 @@ from sfmpi.hostd.net import nft
 pytestmark = pytest.mark.timeout(900)
 
 
-def counters(f: int) -> dict[str, int]:
+def in_netns(cli, *argv: str) -> list[str]:
+    """A command in hostd's network namespace, where the families live."""
+    return ["nsenter", f"--net=/run/netns/{cli.paths.netns}", "--", *argv]
+
+
+def counters(cli, f: int) -> dict[str, int]:
     out = {}
     for family in ("bridge", "inet"):
-        text = subprocess.run(["nft", "-j", "list", "counters", "table", family, nft.table_name(f)],
+        text = subprocess.run(in_netns(cli, "nft", "-j", "list", "counters", "table", family, nft.table_name(f)),
                               capture_output=True, text=True, check=True).stdout
         out.update(nft.parse_counters(text))
     return out
@@ -58,17 +63,14 @@ def test_members_of_a_family_reach_each_other(cli, parent, sibling):
 
 
 @pytest.fixture
-def host_forwards():
-    """The host routes IPv4 for the test's duration, as most cloud hosts do: isolation must then come from the
-    family's own rules, not from a host that happens not to route (ip_forward=0 drops before nft's forward hook)."""
-    path = "/proc/sys/net/ipv4/ip_forward"
-    with open(path) as f:
-        was = f.read().strip()
-    with open(path, "w") as f:
-        f.write("1")
+def host_forwards(cli):
+    """hostd's namespace routes IPv4 (always: families route to its uplink): isolation must come from the
+    family's own rules, not from a namespace that happens not to route (ip_forward=0 drops before nft's
+    forward hook)."""
+    was = subprocess.run(in_netns(cli, "cat", "/proc/sys/net/ipv4/ip_forward"), capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert was == "1"
     yield
-    with open(path, "w") as f:
-        f.write(was)
 
 
 def test_two_families_cannot_reach_each_other(cli, parent, stranger, host_forwards):
@@ -77,7 +79,7 @@ def test_two_families_cannot_reach_each_other(cli, parent, stranger, host_forwar
 
     def routed_drops() -> int:
         # A packet between families meets both families' forward chains; whichever runs first drops it.
-        return sum(counters(f)[f"inet/{c}"] for f in (me["family_no"], stranger["family_no"])
+        return sum(counters(cli, f)[f"inet/{c}"] for f in (me["family_no"], stranger["family_no"])
                    for c in ("leave_family", "enter_family"))
 
     before = routed_drops()
@@ -93,12 +95,12 @@ def test_spoofed_mac_or_ip_is_dropped(cli, parent, sibling):
     me = vm_row(cli, parent)
     k, name = sibling["netid"], sibling["name"]
     dev = "$(ls /sys/class/net | grep -v lo | head -1)"
-    before = counters(me["family_no"])
+    before = counters(cli, me["family_no"])
     # Another MAC (e.g. the parent's own, which a clone resumes with).
     parent_mac = "0a:5f:%02x:%02x:00:00" % (me["family_no"] >> 8, me["family_no"] & 255)
     cli.exec(name, f"ip link set dev {dev} address {parent_mac}; ip neigh flush dev {dev}")
     assert not ping(cli, name, me["ip"])
-    mac_drops = counters(me["family_no"])[f"bridge/vm_{k}_mac"]
+    mac_drops = counters(cli, me["family_no"])[f"bridge/vm_{k}_mac"]
     assert mac_drops > before[f"bridge/vm_{k}_mac"]
     # Back to its own MAC, but another VM's IP.
     own_mac = "0a:5f:%02x:%02x:00:%02x" % (me["family_no"] >> 8, me["family_no"] & 255, k)
@@ -106,7 +108,7 @@ def test_spoofed_mac_or_ip_is_dropped(cli, parent, sibling):
     cli.exec(name, f"ip link set dev {dev} address {own_mac}; ip addr flush dev {dev}; "
                    f"ip addr add {spoof_ip}/24 dev {dev}; ip neigh flush dev {dev}")
     assert not ping(cli, name, me["ip"])
-    after = counters(me["family_no"])
+    after = counters(cli, me["family_no"])
     assert after[f"bridge/vm_{k}_arp_ip"] + after[f"bridge/vm_{k}_ip"] > \
         before[f"bridge/vm_{k}_arp_ip"] + before[f"bridge/vm_{k}_ip"]
     # Its own identity again: reachable.

@@ -35,7 +35,9 @@ def test_vms_stopped_together_leave_in_one_batch_and_the_empty_family_goes(tmp_p
     for vm in ("p-1", "p-2", "p-3"):
         fams.leave_soon(vm)
     gate.set()
-    asyncio.run(fams.leave("p"))  # queued after them: runs when they are done
+    asyncio.run(fams.in_namespace(lambda: None))  # the batch is done
+    fams.leave_soon("p")
+    asyncio.run(fams.in_namespace(lambda: None))
     assert net.removed == [[1, 2, 3], [0]]
     assert net.downs == 1 and "p" not in fams.by_name
 

@@ -63,9 +63,6 @@ def test_names():
     assert netplan.hostname("web", 3) == "web-3"
     assert netplan.bridge_name(7) == "sfbr7"
     assert netplan.tap_name(7, 12) == "sft7x12"
-    assert netplan.family_of_link("sfbr7") == 7
-    assert netplan.family_of_link("sft70x1") == 70
-    assert netplan.family_of_link("eth0") is None
 
 
 def test_interface_names_fit_ifnamsiz():
@@ -125,3 +122,16 @@ def test_dnsmasq_serves_the_plan_and_no_dns(tmp_path):
     assert "--keep-in-foreground" in argv and "--conf-file=/dev/null" in argv
     ident = netplan.identity(300, "web", 7)
     assert hosts_text([(ident["mac"], ident["ip"], ident["hostname"])]) == "0a:5f:01:2c:00:07,10.101.44.9,web-7\n"
+
+
+@pytest.mark.parametrize("text", ["10.100.0.0", "10.0.0.0", "10.106.0.0"])
+def test_a_family_base_holds_every_family_in_private_space(text):
+    base = netplan._base(text)
+    assert str(base) == text
+
+
+@pytest.mark.parametrize("text", ["10.100.0.7", "172.16.0.0", "8.8.0.0", "not-an-address", "10.200.0.0"])
+def test_a_bad_family_base_is_refused(text):
+    with pytest.raises(UsageError) as ei:
+        netplan._base(text)
+    assert "SFMPI_FAMILY_BASE" in str(ei.value)
