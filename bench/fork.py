@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sfmpi.client import HostdClient, wait_gone  # noqa: E402
+from sfmpi.client import HostdClient  # noqa: E402
 from sfmpi.paths import Paths  # noqa: E402
 from tests import hugetlb  # noqa: E402
-from tests.leakcheck import leaks  # noqa: E402
+from tests.leakcheck import down_and_leaks  # noqa: E402
 
 COLD_TIMEOUT = 1200.0
 DIRTY = ("import time\nb = bytearray(64 << 20)\ni = 0\n"
@@ -108,12 +107,7 @@ class Bench:
             raise RuntimeError(f"{vm}: {script!r} exited {res['code']}")
 
     def down(self) -> list[str]:
-        pid = self.client.call("ping")["pid"]
-        self.client.call("down")
-        wait_gone(pid)
-        left = leaks(self.paths.home, self.paths.shm)
-        shutil.rmtree(self.home, ignore_errors=True)
-        return left
+        return down_and_leaks(self.client, self.home)
 
     # -- 1. clone vs cold boot --------------------------------------------
     def clone_vs_cold(self, ns: list[int], cold_ns: list[int], repeats: int, mem_mb: int) -> list[dict]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -28,10 +27,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sfmpi.client import HostdClient, wait_gone  # noqa: E402
+from sfmpi.client import HostdClient  # noqa: E402
 from sfmpi.hostd.net import netplan  # noqa: E402
 from sfmpi.paths import Paths  # noqa: E402
-from tests.leakcheck import leaks  # noqa: E402
+from tests.leakcheck import down_and_leaks  # noqa: E402
 
 WARMUP = 5
 RSS_SLACK = 32 << 20
@@ -96,12 +95,7 @@ class Soak:
                 "after_warmup": base, "at_end": last, "cycle_s": times}
 
     def down(self) -> list[str]:
-        pid = self.client.call("ping")["pid"]
-        self.client.call("down")
-        wait_gone(pid)
-        left = leaks(self.paths.home, self.paths.shm)
-        shutil.rmtree(self.home, ignore_errors=True)
-        return left
+        return down_and_leaks(self.client, self.home)
 
 
 def print_tables(result: dict) -> None:

@@ -76,3 +76,18 @@ def _env_home(p: psutil.Process) -> str | None:
         return p.environ().get("SFMPI_HOME")
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
+
+
+def down_and_leaks(client, home: Path) -> list[str]:
+    """`sfmpi down` through a HostdClient, wait for hostd to go, then what is left
+    (the benchmarks' teardown); the state directory is removed."""
+    import shutil
+
+    from sfmpi.client import wait_gone
+    pid = client.call("ping")["pid"]
+    client.call("down")
+    wait_gone(pid)
+    paths = Paths(home)
+    left = leaks(paths.home, paths.shm)
+    shutil.rmtree(home, ignore_errors=True)
+    return left

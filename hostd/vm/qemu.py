@@ -124,11 +124,13 @@ class QemuProcess:
                 # event forever; we listen only where we wait for something.
                 qmp.events.event_filter = lambda _event: False
                 try:
-                    await qmp.connect(self.qmp_path)
+                    # A QEMU that accepts but never greets must not hold us past the deadline.
+                    await asyncio.wait_for(qmp.connect(self.qmp_path), max(0.1, deadline - time.monotonic()))
                     self.qmp = qmp
                     return
-                except ConnectError:
-                    pass
+                except (ConnectError, asyncio.TimeoutError):
+                    with contextlib.suppress(Exception):
+                        await qmp.disconnect()
             if time.monotonic() > deadline:
                 raise QemuError(f"VM {self.name}: QMP socket did not come up in {timeout:.0f} s"
                                 f"{self.failure_report()}")

@@ -61,27 +61,15 @@ def test_vm_start_bad_open_port(cli, env, port, why):
     assert no_hostd(env)
 
 
-def test_vm_start_open_port_needs_a_value(cli, env):
-    r = cli("vm", "start", "x", "--open-port")
-    assert r.exit_code == 2 and "--open-port" in r.stderr
-    assert no_hostd(env)
-
-
-def test_clone_requires_n(cli, env):
-    r = cli("clone", "ck-1")
-    assert r.exit_code == 2 and "-n" in r.stderr
-    assert no_hostd(env)
-
-
-def test_checkpoint_keep_must_be_positive(cli, env):
-    r = cli("checkpoint", "vm1", "--keep", "0")
-    assert r.exit_code == 2 and "--keep" in r.stderr
-    assert no_hostd(env)
-
-
-def test_checkpoint_rm_needs_an_id(cli, env):
-    r = cli("checkpoint", "rm")
-    assert r.exit_code == 2 and "ID" in r.stderr
+@pytest.mark.parametrize("argv, named", [
+    (("vm", "start", "x", "--open-port"), "--open-port"),
+    (("clone", "ck-1"), "-n"),
+    (("checkpoint", "vm1", "--keep", "0"), "--keep"),
+    (("checkpoint", "rm"), "ID"),
+])
+def test_a_missing_or_bad_option_is_a_usage_error(cli, env, argv, named):
+    r = cli(*argv)
+    assert r.exit_code == 2 and named in r.stderr
     assert no_hostd(env)
 
 
