@@ -78,7 +78,7 @@ class AgentChannel:
         if self.writer is not None:
             self.writer.close()
             with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+                await asyncio.wait_for(self.writer.wait_closed(), 5.0)
             self.writer = None
         for q in self._jobs.values():
             q.put_nowait({"ev": "lost"})
@@ -143,13 +143,13 @@ class AgentChannel:
 
     async def _refuse(self, msg: dict, exc: ProtocolError) -> None:
         """An invalid message still gets its answer: a call an error, an awaited report a failure."""
-        req = msg.get("req")
+        req, ev = msg.get("req"), msg.get("ev")
         if "req" in msg and isinstance(req, int) and not isinstance(req, bool) and 0 < req <= schemas.REQ_ID_MAX:
             await self.answer(req, error=("ProtocolError", f"hostd refused the call: {exc}"))
-        elif msg.get("ev") in self._events:
+        elif isinstance(ev, str) and ev in self._events:  # (a list or object as "ev" is unhashable)
             # Whoever waits for this report (a clone's start) fails now, not at its timeout.
-            await self._deliver(msg["ev"], {"ev": msg["ev"], "ok": False,
-                                            "error": f"malformed {msg['ev']} report from the guest: {exc}"})
+            await self._deliver(ev, {"ev": ev, "ok": False,
+                                     "error": f"malformed {ev} report from the guest: {exc}"})
 
     async def _deliver(self, ev: str, msg: dict) -> None:
         async with self._event_arrived:

@@ -14,7 +14,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from sfmpi.errors import (CapacityError, CloneError, RoleError, SfmpiError, TicketError, UsageError)
+from sfmpi.errors import (BusyError, CapacityError, CloneError, RoleError, SfmpiError, TicketError,
+                          UsageError)
 
 from ..state.records import VmRecord, VmRole
 from .channel import AgentChannel
@@ -198,6 +199,10 @@ class CloneApi:
         t = self.tickets.get(ticket_id, vm.rec.name)  # RoleError in a clone: the parent owns it
         if t.state == TicketState.GRANTED and not allow_granted:
             raise TicketError(f"{op}: ticket {t.id} has not been used for a clone yet")
+        if t.state == TicketState.CLONING and op in ("join", "kill"):
+            # (from another thread of the parent) Its clones are not all registered
+            # yet: a join would return at once, a kill miss the ones still to come.
+            raise BusyError(f"{op}: ticket {t.id} is being cloned (its clone call has not returned)")
         if t.state == TicketState.JOINED and op == "join":
             raise TicketError(f"join: ticket {t.id} was already {t.state.value}")
         return t
@@ -223,8 +228,7 @@ class CloneApi:
             for slot in self.tickets.slots.get(t.id, []):
                 slot.finish(failure=f"clone failed: {exc}")
             self.tickets.give_back(t)
-            await asyncio.gather(*(self._destroy(name) for name in live if self.host.vm(name) is not None),
-                                 return_exceptions=True)
+            await self._stop_all([name for name in live if self.host.vm(name) is not None])
             self.host.ticket_ended(t.id)
             if isinstance(exc, CapacityError) or not isinstance(exc, SfmpiError):
                 raise
@@ -267,9 +271,10 @@ class CloneApi:
         live = [s for s in slots if not s.ended.is_set()]
         for s in live:
             s.finish(failure=reason)
-        await asyncio.gather(*(self._destroy(s.vm) for s in live), return_exceptions=True)
-        if t.state != TicketState.JOINED:
-            self.tickets.set_state(t, TicketState.KILLED)
+        await self._stop_all([s.vm for s in live])
+        now = self.tickets.tickets.get(t.id)   # a join may have returned meanwhile: it stays joined
+        if now is not None and now.state != TicketState.JOINED:
+            self.tickets.set_state(now, TicketState.KILLED)
         self._cancel_timeout(t)
         self.host.ticket_ended(t.id)
         return [s.index for s in live]
@@ -286,6 +291,10 @@ class CloneApi:
 
     async def _expire(self, t: Ticket, after: float) -> None:
         await asyncio.sleep(after)
+        # From here on nothing may cancel it: a kill or join that comes while it
+        # stops the clones finds their slots ended already and stops none itself.
+        if self._timeouts.get(t.id) is asyncio.current_task():
+            del self._timeouts[t.id]
         slots = self.tickets.slots.get(t.id, [])
         late = [s for s in slots if not s.ended.is_set()]
         for s in late:
@@ -298,6 +307,14 @@ class CloneApi:
         task = self._timeouts.pop(t.id, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
+
+    async def _stop_all(self, names: list[str]) -> None:
+        """Stop clones whose slots are ended already, in a task of the clone API's
+        own: the request that asks may be cancelled meanwhile (stopping the parent
+        ends its calls in progress), and nobody else would stop them then."""
+        if names:
+            await asyncio.shield(self._spawn_task(
+                asyncio.gather(*(self._destroy(name) for name in names), return_exceptions=True)))
 
     async def _destroy(self, name: str) -> None:
         with contextlib.suppress(SfmpiError):

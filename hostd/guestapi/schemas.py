@@ -1,17 +1,22 @@
 """What a guest may send hostd, declared: every line is checked before anything acts on it.
 
-A guest is untrusted. Its agent's lines (hostd/guestapi/channel.py) are parsed
-with NaN and infinities refused (Python's json accepts them: a NaN ticket
-timeout once killed a ticket's clones at once), bounded in length (MAX_LINE)
-and in nesting, and then validated against the schema of their kind with the
-`jsonschema` library: types, ranges, string lengths, no unknown clone-API op.
-The agent forwards absent fields as null, so optional fields allow null.
+A guest is untrusted. Its agent's lines (hostd/guestapi/channel.py) are bounded
+in length (MAX_LINE) and parsed (parse_line); a line that cannot be read is
+dropped, since nothing in it, not even a request id, can be trusted. A message
+that can be read is checked (check): nesting bounded, NaN and infinities refused
+(Python's json accepts them: a NaN ticket timeout once killed a ticket's clones at
+once), then validated against the schema of its kind with the `jsonschema`
+library: types, ranges, string lengths, no unknown clone-API op. Refused there,
+a call still gets its answer (the agent forwards a program's fields as they came,
+NaN included, and some of its calls wait for hostd without end). The agent
+forwards absent fields as null, so optional fields allow null.
 """
 from __future__ import annotations
 
 import json
+import math
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 
 from sfmpi.errors import ProtocolError
 
@@ -74,44 +79,53 @@ EVENTS = {
         "ok": {"type": "boolean"}, "error": _text, "guest_ms": _ms_map}},
 }
 
-_VALIDATORS = {("req", k): Draft202012Validator(v) for k, v in REQUESTS.items()}
-_VALIDATORS.update({("ev", k): Draft202012Validator(v) for k, v in EVENTS.items()})
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number sfmpi accepts")
+def _is_integer(_checker, instance) -> bool:
+    # A JSON integer: jsonschema's "integer" also takes 3.0, which hostd would then
+    # carry on as a float (a request id 3.0 recorded in a checkpoint's manifest
+    # makes the manifest unloadable).
+    return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-def _depth(obj, limit: int) -> int:
-    """Nesting depth, iteratively (a recursive walk is what a deep message attacks)."""
-    deepest, stack = 0, [(obj, 1)]
+_Validator = validators.extend(
+    Draft202012Validator, type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
+_VALIDATORS = {("req", k): _Validator(v) for k, v in REQUESTS.items()}
+_VALIDATORS.update({("ev", k): _Validator(v) for k, v in EVENTS.items()})
+
+
+def _shape(obj, limit: int) -> tuple[int, bool]:
+    """Nesting depth (counted up to just past limit) and whether every number is
+    finite, iteratively (a recursive walk is what a deep message attacks)."""
+    deepest, finite, stack = 0, True, [(obj, 1)]
     while stack:
         o, d = stack.pop()
         deepest = max(deepest, d)
         if deepest > limit:
-            return deepest
+            return deepest, finite
         if isinstance(o, dict):
             stack.extend((v, d + 1) for v in o.values())
         elif isinstance(o, list):
             stack.extend((v, d + 1) for v in o)
-    return deepest
+        elif isinstance(o, float) and not math.isfinite(o):
+            finite = False
+    return deepest, finite
 
 
 def parse_line(line: bytes) -> dict:
-    """One line from a guest as a JSON object; ProtocolError says what is wrong."""
+    """One line from a guest as a JSON object; ProtocolError if it cannot be read.
+    What is wrong with a message that can be read is for check() to say."""
     if len(line) > MAX_LINE:
         raise ProtocolError(f"line of {len(line)} bytes (at most {MAX_LINE})")
     # json's parser recurses once per level of nesting: refuse deep input before it.
     if line.count(b"[") + line.count(b"{") > 4 * MAX_DEPTH and _rough_depth(line) > MAX_DEPTH:
         raise ProtocolError(f"nested deeper than {MAX_DEPTH} levels")
     try:
-        msg = json.loads(line, parse_constant=_no_constant)
+        msg = json.loads(line)   # NaN, Infinity and 1e400 read as floats here: check() refuses them
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"not JSON ({str(exc)[:80]})") from None
     if not isinstance(msg, dict):
         raise ProtocolError("not a JSON object")
-    if _depth(msg, MAX_DEPTH) > MAX_DEPTH:
-        raise ProtocolError(f"nested deeper than {MAX_DEPTH} levels")
     return msg
 
 
@@ -137,6 +151,11 @@ def kind(msg: dict) -> tuple[str, str] | None:
 
 def check(msg: dict) -> None:
     """Validate a parsed message against the schema of its kind (ProtocolError if it fails)."""
+    depth, finite = _shape(msg, MAX_DEPTH)
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"nested deeper than {MAX_DEPTH} levels")
+    if not finite:
+        raise ProtocolError("NaN and infinities are not numbers sfmpi accepts")
     k = kind(msg)
     if k is None:
         raise ProtocolError("neither a clone-API call (req) nor an event (ev)")
