@@ -145,7 +145,9 @@ class AgentChannel:
         """An invalid message still gets its answer: a call an error, an awaited report a failure."""
         req, ev = msg.get("req"), msg.get("ev")
         if "req" in msg and isinstance(req, int) and not isinstance(req, bool) and 0 < req <= schemas.REQ_ID_MAX:
-            await self.answer(req, error=("ProtocolError", f"hostd refused the call: {exc}"))
+            # A call refused by its schema is a program's bad argument (docs/clone-api.md:
+            # UsageError, "malformed request, n < 1, bad status"), whatever the field.
+            await self.answer(req, error=("UsageError", f"hostd refused the call: {exc}"))
         elif isinstance(ev, str) and ev in self._events:  # (a list or object as "ev" is unhashable)
             # Whoever waits for this report (a clone's start) fails now, not at its timeout.
             await self._deliver(ev, {"ev": ev, "ok": False,

@@ -55,7 +55,7 @@ def test_a_runtime_dir_that_is_not_ours_is_refused(tmp_path, how):
 def hostd():
     home = Path(tempfile.mkdtemp(prefix="sfmpi-cs-", dir="/tmp"))
     os.chmod(home, 0o755)  # hostd makes it private
-    env = {**os.environ, "SFMPI_HOME": str(home), "SFMPI_REQUEST_TIMEOUT": "1"}
+    env = {**os.environ, "SFMPI_HOME": str(home), "SFMPI_REQUEST_TIMEOUT": "3"}
     p = subprocess.Popen([sys.executable, "-m", "sfmpi.cli", "hostd"], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     paths = Paths(home)

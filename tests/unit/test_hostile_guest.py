@@ -784,7 +784,7 @@ def test_a_malformed_cloned_report_fails_its_waiter_at_once(tmp_path):
 
 
 @pytest.mark.parametrize("timeout", ["NaN", "Infinity", "-Infinity", "1e400"])
-def test_a_ticket_timeout_that_is_no_number_is_refused_with_a_protocol_error(tmp_path, timeout):
+def test_a_ticket_timeout_that_is_no_number_is_refused_with_a_usage_error(tmp_path, timeout):
     # A NaN timeout once killed a ticket's clones at once; the agent forwards what a
     # program gave it, so the call must get its answer (its wait has no end of its own).
     async def main():
@@ -792,12 +792,12 @@ def test_a_ticket_timeout_that_is_no_number_is_refused_with_a_protocol_error(tmp
         async with session(tmp_path, host, book) as (channel, _api, guest):
             await guest.send(f'{{"req": 7, "op": "ticket", "n": 2, "timeout": {timeout}}}\n'.encode())
             ans = await guest.answer(7)
-            assert ans["ok"] is False and ans["error"]["type"] == "ProtocolError", ans
+            assert ans["ok"] is False and ans["error"]["type"] == "UsageError", ans
             assert book.tickets == {}
             # join's timeout too: its wait in the agent never ends on its own.
             await guest.send(f'{{"req": 8, "op": "join", "ticket": "p-t1", "timeout": {timeout}}}\n'.encode())
             ans = await guest.answer(8)
-            assert ans["ok"] is False and ans["error"]["type"] == "ProtocolError", ans
+            assert ans["ok"] is False and ans["error"]["type"] == "UsageError", ans
             assert not channel._task.done()
     asyncio.run(main())
 
@@ -821,8 +821,8 @@ def test_integral_floats_are_not_integers(tmp_path):
         async with session(tmp_path, host, book) as (channel, _api, guest):
             await guest.send(b'{"req": 3.0, "op": "checkpoint"}\n{"req": 4, "op": "ticket", "n": 2.0}\n'
                              b'{"req": 5, "op": "exit", "status": 1.0}\n')
-            assert (await guest.answer(4))["error"]["type"] == "ProtocolError"
-            assert (await guest.answer(5))["error"]["type"] == "ProtocolError"
+            assert (await guest.answer(4))["error"]["type"] == "UsageError"
+            assert (await guest.answer(5))["error"]["type"] == "UsageError"
             await _sentinel(guest, 6)
             assert host.checkpoints == {} and 3 not in guest.answers and book.tickets == {}
     asyncio.run(main())
