@@ -8,8 +8,9 @@
     and the frozen disk layer, <home>/disks/<layer>.qcow2, with the rest of its
     backing chain (older frozen layers, the image).
 
-The manifest names its disk files relative to the checkpoint directory, so a
-checkpoint directory and its disks can move together; a manifest is not trusted
+The manifest names the disk layers of its state directory relative to the
+checkpoint directory, so a state directory can move as a whole (the guest
+image, cached elsewhere, stays absolute); a manifest is not trusted
 on load (`sfmpi clone DIR` takes any directory): every file it names must be a
 regular qcow2 file, and the device state must match its size and checksum.
 """
@@ -76,10 +77,17 @@ class Checkpoint:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["disk"] = os.path.relpath(self.disk, self.path)
-        d["disk_chain"] = [os.path.relpath(p, self.path) for p in self.disk_chain]
+        d["disk"] = self._portable(self.disk)
+        d["disk_chain"] = [self._portable(p) for p in self.disk_chain]
         del d["path"]  # where it is found
         return {"format": FORMAT, "version": VERSION, **d}
+
+    def _portable(self, path: str) -> str:
+        """A layer of this state directory (home/disks/...) relative to the
+        checkpoint directory (home/checkpoints/ID), so they move together; a file
+        outside it (the guest image, in its own cache) stays absolute."""
+        home = Path(self.path).parent.parent
+        return os.path.relpath(path, self.path) if Path(path).is_relative_to(home) else path
 
     def write(self, directory: str | Path | None = None) -> None:
         """Write the manifest atomically (into `directory` while it is still being

@@ -74,6 +74,9 @@ def test_disk_paths_are_relative_to_the_checkpoint(ckpt, tmp_path):
     assert d["disk"] == "../../disks/top.qcow2"
     assert d["disk_chain"] == ["../../disks/base.qcow2", "../../disks/mid.qcow2"]
     assert "path" not in d  # where it is found, not what it says
+    # A file outside the state directory (the image cache) stays absolute.
+    outside = Checkpoint(**{**ckpt.__dict__, "disk_chain": ("/var/lib/images/base.qcow2",)})
+    assert outside.to_json()["disk_chain"] == ["/var/lib/images/base.qcow2"]
     # The checkpoint and its disks move together.
     moved = tmp_path.parent / (tmp_path.name + "-moved")
     os.rename(tmp_path, moved)
