@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +56,9 @@ class Soak:
         qemus = sum(1 for p in psutil.process_iter(["name", "cmdline"])
                     if "qemu-system" in (p.info["name"] or "") and any(shm in a for a in p.info["cmdline"] or []))
         fam = next(r["family_no"] for r in self.client.call("vm.list") if r["name"] == "soak")
-        taps = sum(1 for n in os.listdir("/sys/class/net") if n.startswith(netplan.tap_prefix(fam)))
+        # The family's taps live in hostd's network namespace.
+        links = subprocess.run(["ip", "-n", self.paths.netns, "-o", "link"], capture_output=True, text=True).stdout
+        taps = sum(1 for line in links.splitlines() if line.split(": ")[1].startswith(netplan.tap_prefix(fam)))
         return {"open_files": hostd.num_fds(), "threads": hostd.num_threads(), "rss_bytes": hostd.memory_info().rss,
                 "qemu_processes": qemus, "taps": taps, "disk_layers": len(list(self.paths.disks.glob("*.qcow2"))),
                 "state_files": files_under(self.home), "ram_dir_files": files_under(self.paths.shm),
@@ -75,10 +78,14 @@ class Soak:
         self.client.call("checkpoint.rm", id=ck)
         return time.monotonic() - t0
 
-    def run(self, cycles: int, progress) -> dict:
+    def run(self, cycles: int, progress, max_minutes: float | None = None) -> dict:
         self.client.call("vm.start", name="soak", image=self.image, mem_mb=256, cpus=1, timeout=300)
         times, samples = [], []
+        stop_at = time.monotonic() + max_minutes * 60 if max_minutes else None
         for i in range(1, cycles + 1):
+            if stop_at is not None and time.monotonic() > stop_at:
+                cycles = i - 1   # what was run is what is reported
+                break
             times.append(self.cycle())
             samples.append(self.counts())
             if i % 50 == 0 or i == cycles:
@@ -119,6 +126,8 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=1000)
     ap.add_argument("--clones", type=int, default=4)
     ap.add_argument("--mode", default="paused", choices=["paused", "background"])
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop after this long even if fewer cycles ran (the result says how many)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--image", default=None)
     args = ap.parse_args()
@@ -129,7 +138,7 @@ def main() -> int:
         print(f"cycle {i}: {times[-1]:.2f} s, {json.dumps(last)}", file=sys.stderr, flush=True)
     result: dict = {}
     try:
-        result = soak.run(args.cycles, progress)
+        result = soak.run(args.cycles, progress, args.max_minutes)
     except Exception as exc:  # noqa: BLE001 - reported with the leak check
         result = {"error": f"{type(exc).__name__}: {exc}"}
     finally:

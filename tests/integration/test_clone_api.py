@@ -265,3 +265,37 @@ def test_second_concurrent_clone_call_is_busy(cli, parent):
         cli.exec(parent, "rm -f /etc/sfmpi/clone.d/10-slow")
     assert p.returncode == 0, p.stderr
     assert "busy: another clone call is in progress" in p.stdout and "{1: 0}" in p.stdout, p.stdout
+
+
+HOSTILE = r'''
+import json, socket
+def call(raw):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(90); s.connect("/run/sfmpi/api.sock")
+    s.sendall(raw + b"\n")
+    out = s.makefile("rb").readline()
+    s.close()
+    return json.loads(out) if out else None
+lines = [b'{"v": 1, "op": "ticket", "n": 2, "timeout": NaN}', b'{"v": 1, "op": "ticket", "n": 1e400}',
+         b'{"v": 1, "op": "ticket", "n": "4"}', b'{"v": 1, "op": "ticket", "n": 99999999999999999999}',
+         b'{"v": 1, "op": "join", "ticket": {"a": [[[[[[[[1]]]]]]]]}, "timeout": -Infinity}',
+         b'{"v": 1, "op": "create_clones", "checkpoint": "/etc/passwd", "ticket": "x"}',
+         b'{"v": 1, "op": "exit", "status": 1.5}', b'{"v": 1, "op": "no-such-op"}',
+         b'{"v": 1, "op": "kill", "ticket": "' + b"x" * 200000 + b'"}', b'\xff\xfe not json']
+print(json.dumps([call(l) for l in lines]))
+print(json.dumps(call(b'{"v": 1, "op": "ticket", "n": 1}')))
+'''
+
+
+def test_a_hostile_program_in_the_guest_gets_errors_and_hostd_serves_on(cli, parent):
+    cli.put(parent, "/root/hostile.py", HOSTILE)
+    out = cli.exec(parent, "python3 /root/hostile.py").stdout.strip().splitlines()
+    answers, good = json.loads(out[-2]), json.loads(out[-1])
+    for a in answers:
+        assert a is not None and a["ok"] is False and a["error"]["type"] in ("UsageError", "ProtocolError"), a
+    assert "timeout" in answers[0]["error"]["message"]
+    assert good["ok"] is True and good["ticket"]["granted"] == 1
+    # The good ticket, never used, is all that holds the budget; killing it gives everything back.
+    py(cli, parent, f"import sfmpi; sfmpi.kill({good['ticket']['id']!r})")
+    from sfmpi.client import HostdClient
+    assert HostdClient(cli.paths).call("ping")["reserved"] == {"mem_mb": 0, "vcpus": 0}
+    assert cli.exec(parent, "echo still-here").stdout.strip() == "still-here"
