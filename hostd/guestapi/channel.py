@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import time
 from collections import deque
 from typing import Awaitable, Callable
@@ -32,6 +33,7 @@ EXEC_KILL_GRACE = 10.0
 SEND_TIMEOUT = 30.0
 # Clone-API calls of one VM in progress at once (its agent has 16 client slots).
 MAX_PENDING_REQUESTS = 64
+_REQ_AT_START = re.compile(rb'^\s*\{\s*"req"\s*:\s*(\d{1,16})\s*[,}]')
 # Rejected lines logged per VM before the log goes quiet (one line per 1000 after).
 LOGGED_REJECTS = 20
 
@@ -98,16 +100,38 @@ class AgentChannel:
         try:
             while True:
                 try:
-                    line = await self.reader.readline()
-                except ValueError:  # longer than MAX_LINE: asyncio dropped what it had
-                    self._reject(b"", ProtocolError(f"line longer than {schemas.MAX_LINE} bytes"))
+                    line = await self.reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as exc:   # the guest went away mid-line
+                    line = exc.partial
+                    if not line:
+                        break
+                except asyncio.LimitOverrunError as exc:
+                    await self._too_long(exc.consumed)
                     continue
-                if not line:
-                    break
                 await self._handle_line(line)
         finally:
             for q in self._jobs.values():
                 q.put_nowait({"ev": "lost"})
+
+    async def _too_long(self, buffered: int) -> None:
+        """A line over MAX_LINE: its start says which call it was (the agent writes
+        "req" first), so that call still gets its answer; the rest is skipped."""
+        assert self.reader is not None
+        head = await self.reader.read(min(buffered, 256))
+        exc = ProtocolError(f"line longer than {schemas.MAX_LINE} bytes")
+        self._reject(head, exc)
+        while True:  # skip to the end of the line, a buffer at a time
+            try:
+                await self.reader.readuntil(b"\n")
+                break
+            except asyncio.LimitOverrunError as more:
+                await self.reader.read(more.consumed)
+            except asyncio.IncompleteReadError:
+                break
+        m = _REQ_AT_START.match(head)
+        if m and 0 < int(m.group(1)) <= schemas.REQ_ID_MAX:
+            await self.answer(int(m.group(1)), error=("UsageError", f"hostd refused the call: the request is "
+                                                                    f"longer than {schemas.MAX_LINE} bytes"))
 
     def _reject(self, line: bytes, exc: Exception) -> None:
         self.rejected += 1

@@ -10,10 +10,12 @@ What every example must show:
 - every line that parses as a JSON object and carries a valid request id (an
   integer 1..2**53) gets exactly one answer with that "re"; an invalid call is an
   error (ok false, with an error type), never a crash of hostd (HostdError);
-- a line that cannot be parsed (not JSON, longer than schemas.MAX_LINE, nested
-  beyond what the parser may see) gets no answer: nothing in it can be trusted,
-  not even its request id; nor does anything that is not a call (events, answers
-  replayed as if the guest answered itself);
+- a line that cannot be parsed (not JSON, nested beyond what the parser may
+  see) gets no answer: nothing in it can be trusted, not even its request id;
+  nor does anything that is not a call (events, answers replayed as if the guest
+  answered itself); a line longer than schemas.MAX_LINE that starts with its
+  request id (as the agent writes them) gets an error, or a program that passed
+  a huge argument would wait forever (join has no timeout of its own);
 - no ticket is left cloning, every change of a ticket's state follows its
   lifecycle (CheckedBook), and once all tickets are killed no room is held and
   no clone runs.
@@ -452,7 +454,7 @@ def long_line(draw) -> Line:
     size = draw(st.integers(schemas.MAX_LINE, schemas.MAX_LINE + 40000) if over
                 else st.integers(1000, schemas.MAX_LINE - 200))
     msg = {"req": ID, "op": "ticket", "n": 1, "pad": "x" * size}
-    return Line(msg, "none" if over else "any")
+    return Line(msg, "error" if over else "any")
 
 
 def _is_call(data: bytes) -> bool:
