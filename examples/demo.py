@@ -30,7 +30,9 @@ CPI = Path(__file__).resolve().parent / "mpi" / "cpi.c"
 
 
 def sfmpi(*args: str, capture: bool = True) -> str:
-    console.print(f"[bold cyan]$ sfmpi {' '.join(args)}[/]")
+    shown = " ".join(args).splitlines()[0]
+    console.print(f"[bold cyan]$ sfmpi {shown[:110]}{' ...' if len(shown) > 110 or chr(10) in ' '.join(args) else ''}[/]",
+                  markup=True, highlight=False)
     p = subprocess.run(["sfmpi", *args], env=ENV, text=True,
                        stdout=subprocess.PIPE if capture else None)
     if p.returncode != 0:
