@@ -114,9 +114,6 @@ class Store:
         row = self.db.execute("SELECT path FROM checkpoints WHERE id = ?", (ckpt_id,)).fetchone()
         return row[0] if row else None
 
-    def checkpoints(self) -> list[tuple[str, str, str]]:
-        return self.db.execute("SELECT id, vm, path FROM checkpoints ORDER BY created, rowid").fetchall()
-
     def checkpoint_rows(self) -> list[dict]:
         rows = self.db.execute("SELECT id, vm, path, created, family, ticket, kept FROM checkpoints "
                                "ORDER BY created, rowid").fetchall()

@@ -79,11 +79,12 @@ def test_checkpoints_table(db, monkeypatch):
     s.add_checkpoint("ck-1", "vm2", "/c/ck-1")
     assert s.checkpoint_path("ck-1") == "/c/ck-1"
     assert s.checkpoint_path("ck-9") is None
-    assert s.checkpoints() == [("ck-2", "vm1", "/c/ck-2"), ("ck-1", "vm2", "/c/ck-1")]
+    assert [(r["id"], r["vm"], r["path"]) for r in s.checkpoint_rows()] == \
+        [("ck-2", "vm1", "/c/ck-2"), ("ck-1", "vm2", "/c/ck-1")]
     s.delete_checkpoint("ck-2")
     s.close()
     s = Store(db)
-    assert s.checkpoints() == [("ck-1", "vm2", "/c/ck-1")]
+    assert [(r["id"], r["vm"], r["path"]) for r in s.checkpoint_rows()] == [("ck-1", "vm2", "/c/ck-1")]
     s.close()
 
 
