@@ -21,7 +21,7 @@ from pathlib import Path
 from sfmpi import api
 from sfmpi.errors import LaunchError, SfmpiError
 
-from . import control, detect, options, plan, trust
+from . import control, detect, options, plan, reaper, trust
 from .hub import SshHub
 
 # native/sfmpirun-agent: the launcher's ssh, a client of the job's SshHub.
@@ -54,6 +54,7 @@ class Job:
         self.dir = RUN_DIR / self.job_id
         self.ticket: api.Ticket | None = None
         self.trust: trust.JobTrust | None = None
+        self.reaper = reaper.SessionReaper(grace=KILL_GRACE)
         self.lines = control.CloneLines()
         self.mpiexec: subprocess.Popen | None = None
         self.hub: SshHub | None = None
@@ -180,10 +181,13 @@ class Job:
         if self.hub is not None:
             self.hub.forget_launch()
         self.must_reach = set(self.rank_clones)
-        # Killed with sfmpirun, even by SIGKILL: Hydra and Open MPI then end their
-        # ranks and agents; the clones see the control line close and exit.
+        # Killed with sfmpirun, even by SIGKILL: SIGTERM by the kernel and, should
+        # mpiexec not heed it, SIGKILL by the reaper after a grace. Hydra and Open
+        # MPI end their ranks and agents; the clones see the control line close and exit.
+        self.reaper.fork()
         self.mpiexec = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=trust.die_with_parent,
                                         env={**self.environ, JOB_ENV: str(self.dir)})
+        self.reaper.watch(self.mpiexec.pid)
         self.state = JobState.RUNNING
         reason = self._supervise()
         if reason is None:
@@ -233,20 +237,7 @@ class Job:
 
     def _kill_local(self) -> None:
         """mpiexec and everything it started here (local proxies, ranks): its session."""
-        sid = self.mpiexec.pid
-        for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 5.0)):
-            left = _session_members(sid)
-            for pid in left:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                self.mpiexec.poll()
-                if not _session_members(sid):
-                    return
-                time.sleep(0.1)
+        reaper.end_session(self.mpiexec.pid, KILL_GRACE, reap=self.mpiexec.poll)
 
     def _end_clones(self, ok: bool) -> None:
         if self.ticket is None or self.state not in (JobState.CLONED, JobState.RUNNING):
@@ -270,6 +261,7 @@ class Job:
                 sys.stderr.write(f"sfmpirun: cleaning up clones: {exc}\n")
         if self.mpiexec is not None and self.mpiexec.poll() is None:
             self._kill_local()
+        self.reaper.release()
         self.lines.close()
         if self.hub is not None:
             self.hub.close()
@@ -318,19 +310,6 @@ def _import_paramiko_meanwhile() -> threading.Thread:
     thread = threading.Thread(target=__import__, args=("paramiko",), daemon=True)
     thread.start()
     return thread
-
-
-def _session_members(sid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.getsid(int(entry)) == sid:
-                out.append(int(entry))
-        except (ProcessLookupError, PermissionError):
-            continue
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

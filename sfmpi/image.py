@@ -62,8 +62,8 @@ GUEST_MODULES = (
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"
 # sfmpirun (launcher/ in the repository, sfmpi.launcher installed): it runs in the guest.
 LAUNCHER_DIR = PACKAGE_DIR.parent / "launcher"
-LAUNCHER_MODULES = ("__init__.py", "control.py", "detect.py", "options.py", "plan.py", "hub.py",
-                    "run.py", "trust.py")
+# All of it: a module left off a hand-kept list breaks sfmpirun only inside the guest.
+LAUNCHER_MODULES = tuple(sorted(p.name for p in LAUNCHER_DIR.glob("*.py")))
 # libsfclone, the clone API for C and C++, and sfmpirun's MPICH finalize fix
 # (built on the host, Debian bookworm too).
 NATIVE_DIR = PACKAGE_DIR.parent / "native"

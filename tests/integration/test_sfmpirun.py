@@ -10,8 +10,8 @@ import pytest
 pytestmark = pytest.mark.timeout(900)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "mpi"
-MPI_PROCESSES = ("mpiexec", "mpiexec.hydra", "hydra_pmi_proxy", "orted", "prterun", "cpi_mpich", "cpi_openmpi",
-                 "sum_input", "sfmpirun")
+MPI_PROCESSES = ("mpiexec", "mpiexec.hydra", "mpirun", "hydra_pmi_proxy", "orted", "prterun", "cpi_mpich", "cpi_openmpi",
+                 "sum_input", "sfmpirun", "sfmpirun-reaper")
 PI_LINE = re.compile(r"^pi is approximately (\S+)", re.M)
 
 
@@ -183,7 +183,8 @@ def _long_job_running(cli, parent: str) -> list[str]:
 
 
 def _signal_sfmpirun(cli, parent: str, sig: str) -> None:
-    cli.exec(parent, f"kill -{sig} $(ps -eo pid=,args= | awk '$3 ~ /sfmpirun$/ {{print $1}}')")
+    # sfmpirun itself, not its reaper (a fork of it, with the same arguments).
+    cli.exec(parent, f"kill -{sig} $(ps -eo pid=,comm= | awk '$2 == \"sfmpirun\" {{print $1}}')")
 
 
 def test_a_dead_clone_ends_the_job(cli, parent, programs):
