@@ -24,7 +24,10 @@ $(STAMP)/python: setup.py | $(STAMP)
 	$(PYTHON) -m pip install -q -e '.[test]'
 	touch $@
 
+# The editable install must point at this checkout (another clone may have made the stamp's install).
 deps: $(STAMP)/debs $(STAMP)/python
+	@(cd / && $(PYTHON) -c 'import sfmpi, sys; sys.exit(not sfmpi.__file__.startswith("$(CURDIR)/"))') 2>/dev/null || \
+	  { echo "installing sfmpi from $(CURDIR)"; $(PYTHON) -m pip install -q -e '.[test]'; }
 
 # Cached by a hash of its recipe: a second build returns at once.
 image: deps
