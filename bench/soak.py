@@ -36,6 +36,7 @@ from sfmpi.paths import Paths  # noqa: E402
 from tests.leakcheck import down_and_leaks  # noqa: E402
 
 WARMUP = 5
+PHASES = ("checkpoint", "clone", "exec", "stop", "rm")
 RSS_SLACK = 32 << 20
 
 
@@ -51,6 +52,7 @@ class Soak:
         self.client = HostdClient(self.paths)
         self.image, self.clones, self.mode = image, clones, mode
         self.pool = ThreadPoolExecutor(max_workers=clones)
+        self.phase_s: list[dict] = []
 
     def counts(self) -> dict:
         hostd = psutil.Process(self.client.call("ping")["pid"])
@@ -66,12 +68,27 @@ class Soak:
                 "qemu_processes": qemus, "taps": taps, "disk_layers": len(list(self.paths.disks.glob("*.qcow2"))),
                 "state_files": files_under(self.home), "ram_dir_files": files_under(self.paths.shm),
                 "checkpoints": len(self.client.call("checkpoint.list")),
-                "reserved_mb": status["reserved"]["mem_mb"], "reserved_vcpus": status["reserved"]["vcpus"]}
+                "reserved_mb": status["reserved"]["mem_mb"], "reserved_vcpus": status["reserved"]["vcpus"],
+                **self.store_rows(),
+                "db_bytes": sum(f.stat().st_size for f in self.home.glob(self.paths.db.name + "*"))}
+
+    def store_rows(self) -> dict:
+        """Rows per table of hostd's SQLite store, read-only (WAL lets a reader in)."""
+        import sqlite3
+        with sqlite3.connect(f"file:{self.paths.db}?mode=ro", uri=True) as db:
+            return {f"rows_{t}": db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                    for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 
     def cycle(self) -> float:
         t0 = time.monotonic()
+        marks = [t0]
+
+        def mark() -> None:
+            marks.append(time.monotonic())
         ck = self.client.call("checkpoint", name="soak", mode=self.mode)["id"]
+        mark()
         names = self.client.call("clone", checkpoint=ck, n=self.clones)["clones"]
+        mark()
 
         def run(name: str) -> None:
             res = self.client.call("vm.exec", name=name, argv=["sh", "-c", "hostname >/dev/null; echo ok"])
@@ -79,9 +96,13 @@ class Soak:
                 raise RuntimeError(f"exec in {name} exited {res['code']}")
         # In every clone at once, then all stopped at once: as a job's clones are used and end.
         list(self.pool.map(run, names))
+        mark()
         list(self.pool.map(lambda name: self.client.call("vm.stop", name=name), names))
+        mark()
         self.client.call("checkpoint.rm", id=ck)
-        return time.monotonic() - t0
+        mark()
+        self.phase_s.append({p: b - a for p, a, b in zip(PHASES, marks, marks[1:])})
+        return marks[-1] - t0
 
     def run(self, cycles: int, progress, max_minutes: float | None = None) -> dict:
         self.client.call("vm.start", name="soak", image=self.image, mem_mb=256, cpus=1, timeout=300)
@@ -94,7 +115,7 @@ class Soak:
             times.append(self.cycle())
             samples.append(self.counts())
             if i % 50 == 0 or i == cycles:
-                progress(i, times, samples[-1])
+                progress(i, times, {**samples[-1], **{f"{p}_s": round(v, 2) for p, v in self.phase_s[-1].items()}})
         window = 100 if cycles >= 1000 else max(1, cycles // 10)
         # Peaks per window, not two single samples: some counts swing by design
         # (a parent's chain grows by a layer per checkpoint until it is merged at
@@ -105,8 +126,12 @@ class Soak:
         leaked = {k: max(0, last[k] - base[k]) for k in last if k != "rss_bytes"}
         leaked["rss_bytes"] = max(0, last["rss_bytes"] - base["rss_bytes"] - RSS_SLACK)
         first, final = statistics.median(times[:window]), statistics.median(times[-window:])
+        # Which step slowed down, if the whole did.
+        phases = {p: statistics.median(x[p] for x in self.phase_s[-window:])
+                  / max(1e-9, statistics.median(x[p] for x in self.phase_s[:window])) for p in PHASES}
         return {"cycles": cycles, "clones": self.clones, "mode": self.mode, "leaks": leaked,
                 "leaked_total": sum(1 for v in leaked.values() if v), "slowdown_last_vs_first": final / first,
+                "slowdown_by_phase": phases,
                 "first_cycle_s": first, "last_cycle_s": final, "window": window,
                 "after_warmup": base, "at_end": last, "cycle_s": times}
 
@@ -128,7 +153,8 @@ def print_tables(result: dict) -> None:
     console.print(t)
     console.print(f"cycle time: first {result['window']} median {result['first_cycle_s']:.2f} s, last "
                   f"{result['window']} median {result['last_cycle_s']:.2f} s: slowdown "
-                  f"{result['slowdown_last_vs_first']:.3f}x")
+                  f"{result['slowdown_last_vs_first']:.3f}x ("
+                  + ", ".join(f"{p} {v:.2f}x" for p, v in result["slowdown_by_phase"].items()) + ")")
 
 
 def main() -> int:
