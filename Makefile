@@ -33,23 +33,25 @@ deps: $(STAMP)/debs $(STAMP)/python
 image: deps
 	sfmpi image build
 
-# libsfclone, the C client of the guest clone API: native/build/.
-native: $(STAMP)/debs
+# libsfclone, the C client of the guest clone API: native/build/; the extension
+# sfmpi._native (the memory server and memtap, native/memory/) next to the package.
+native: deps
 	$(MAKE) -C native
+	$(PYTHON) setup.py -q build_ext --inplace
 
 unit: deps native
 	$(PYTHON) -m pytest tests/unit -q
 
-integration: deps image
+integration: deps image native
 	$(PYTHON) -m pytest tests/integration -q
 
 test: deps image native
 	$(PYTHON) -m pytest tests -q
 
-demo: deps image
+demo: deps image native
 	$(PYTHON) examples/demo.py
 
-bench: deps image
+bench: deps image native
 	$(PYTHON) bench/fork.py
 
 clean:

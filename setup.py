@@ -1,7 +1,29 @@
-from setuptools import setup
+import subprocess
+
+from setuptools import Extension, setup
 
 # hostd/'s sub-packages, one concern each (docs/architecture.md).
-HOSTD_PARTS = ("daemon", "state", "vm", "fork", "guestapi", "net", "policy")
+HOSTD_PARTS = ("daemon", "state", "vm", "fork", "guestapi", "net", "policy", "memory")
+
+
+def pkg_config(flag: str, package: str) -> list[str]:
+    """libfuse3's flags; on a machine without pkg-config, Debian's paths."""
+    try:
+        out = subprocess.run(["pkg-config", flag, package], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        out = {"--cflags": "-I/usr/include/fuse3", "--libs": "-lfuse3 -lpthread"}[flag]
+    return out.split()
+
+
+# sfmpi._native: the lazy memory path (native/README.md). Imported lazily, so
+# the CLI's --help, job scripts and most unit tests work without it.
+NATIVE = Extension(
+    "sfmpi._native",
+    sources=[f"native/memory/{name}.c" for name in
+             ("protocol", "pagemap", "counters", "server", "fetch", "memtap", "module")],
+    extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", *pkg_config("--cflags", "fuse3")],
+    extra_link_args=pkg_config("--libs", "fuse3"),
+)
 
 # launcher/ and hostd/ sit at the top of the repository (the design card's
 # layout) but install inside the sfmpi package, so nothing generic lands in
@@ -11,7 +33,8 @@ setup(
     version="0.1.0",
     description="SnowFlock-style virtual-machine fork for QEMU/KVM clusters",
     python_requires=">=3.11",
-    packages=["sfmpi", "sfmpi.guest", "sfmpi.launcher", "sfmpi.hostd"] +
+    ext_modules=[NATIVE],
+    packages=["sfmpi", "sfmpi.guest", "sfmpi.native", "sfmpi.launcher", "sfmpi.hostd"] +
              [f"sfmpi.hostd.{part}" for part in HOSTD_PARTS],
     package_dir={"sfmpi": "sfmpi", "sfmpi.launcher": "launcher", "sfmpi.hostd": "hostd"},
     install_requires=["qemu.qmp>=0.0.3", "click>=8", "rich>=13", "psutil>=5", "pyroute2>=0.7",

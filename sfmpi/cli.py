@@ -235,18 +235,53 @@ def checkpoint_rm(ckpt_id, as_json) -> None:
 @click.argument("ckpt")
 @click.option("-n", "n", type=int, required=True, help="Number of clones.")
 @click.option("--allow-fewer", is_flag=True, help="Take fewer clones if the host budget cannot hold n.")
+@click.option("--memory", type=click.Choice(["local", "served"]), default="local", show_default=True,
+              help="served: the clones' RAM comes lazily from a memory server through memtap "
+                   "(docs/memory.md), as on a host other than the parent's.")
 @click.option("--json", "as_json", is_flag=True)
-def clone(ckpt, n, allow_fewer, as_json) -> None:
+def clone(ckpt, n, allow_fewer, memory, as_json) -> None:
     """Start N clones from a checkpoint; they resume where the parent was."""
     if n <= 0:
         raise UsageError(f"clone: -n must be at least 1 (got {n})")
-    res = _client().call("clone", checkpoint=ckpt, n=n, allow_fewer=allow_fewer)
+    res = _client().call("clone", checkpoint=ckpt, n=n, allow_fewer=allow_fewer, memory=memory)
 
     def human(r):
         for name in r["clones"]:
             click.echo(name)
         note = f" (asked {r['requested']})" if r["granted"] < r["requested"] else ""
         click.echo(f"{r['granted']} clone(s) running in {r['total_ms'] / 1000:.2f} s{note}", err=True)
+    _emit(res, as_json, human)
+
+
+@main.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+def stats(as_json) -> None:
+    """Counters of the lazy memory path: the memory server and each memtap."""
+    res = _client().call("stats")
+
+    def human(r):
+        from rich.console import Console
+        from rich.table import Table
+        mem = r["memory"]
+        if mem["server"] is None and not mem["memtaps"]:
+            click.echo("no memory served on this host")
+            return
+        if mem["server"] is not None:
+            t = mem["server"]["totals"]
+            click.echo(f"memory server {mem['server']['address']} ({'up' if mem['server']['alive'] else 'DOWN'}): "
+                       f"{t.get('requests', 0)} ranges, {t.get('bytes_sent', 0) / 2**20:.1f} MiB sent, "
+                       f"{t.get('connections', 0)} connections, {t.get('refused', 0)} refused, "
+                       f"{t.get('bad_requests', 0)} bad requests")
+        table = Table(title="memtaps (one per served checkpoint on this host)")
+        for col in ("checkpoint", "clones", "fetched MiB", "ranges", "zero MiB (not sent)", "cache hits MiB",
+                    "errors", "fetch p50/p99 us"):
+            table.add_column(col, justify="right")
+        for m in mem["memtaps"]:
+            table.add_row(m["checkpoint"] + ("" if m["alive"] else " (dead)"), str(len(m["clones"])),
+                          f"{m['fetch_bytes'] / 2**20:.1f}", str(m["fetches"]), f"{m['zero_bytes'] / 2**20:.1f}",
+                          f"{m['cache_hit_bytes'] / 2**20:.1f}", str(m["fetch_errors"]),
+                          f"{m['fetch_p50_us'] or 0:.0f}/{m['fetch_p99_us'] or 0:.0f}")
+        Console().print(table)
     _emit(res, as_json, human)
 
 

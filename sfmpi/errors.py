@@ -92,6 +92,11 @@ class LaunchError(SfmpiError):
     that cannot connect, a clone that died, a signal) ended it."""
 
 
+class LazyMemoryError(SfmpiError):
+    """Lazy memory could not be served: the extension sfmpi._native is not
+    built, or a memory server or memtap failed or went away."""
+
+
 class SectionError(SfmpiError):
     """A parallel section or fork pool could not run: a clone that never came,
     died or fell out of step with the others."""
@@ -105,7 +110,7 @@ BY_NAME: dict[str, type[SfmpiError]] = {
         SfmpiError, UsageError, NotFound, AlreadyExists, CommandError, QemuError,
         CheckpointError, CapacityError, AgentError, HostdError, ImageError,
         RoleError, TicketError, BusyError, CloneError, ProtocolError, NetworkError, LaunchError,
-        SectionError,
+        SectionError, LazyMemoryError,
     )
 }
 

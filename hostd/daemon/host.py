@@ -7,8 +7,10 @@ Parts and what they depend on (docs/architecture.md has the picture):
     policy/  Admission                           <- usage(): live VMs + tickets
     fork/    Checkpointer, Receivers, Cloner, Retention <- vm, net, policy
     guestapi/ TicketBook, CloneApi               <- CloneHost (this module's GuestSide)
+    memory/  ServedMemory (memory server, memtap) <- netns; the cloner asks it for served RAM
 Events: VmRegistry "gone" -> families (leave the network), clone API (finish
-the clone's slot; a parent takes its clones along); "launched" -> clone API
+the clone's slot; a parent takes its clones along), served memory (the last
+clone of a checkpoint takes its memtap along); "launched" -> clone API
 (answer the guest's calls). No part holds a reference back to this object.
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ from ..fork.receiver import Receivers
 from ..fork.retention import Retention
 from ..guestapi.clone_api import CloneApi
 from ..guestapi.tickets import DEFAULT_FAMILY_LIMIT, TicketBook
+from ..memory.farside import FarSide
+from ..memory.served import ServedMemory
 from ..net import netplan
 from ..net.families import Families, NetOptions
 from ..net.namespace import HostNamespace
@@ -127,12 +131,17 @@ class Host:
         self.parents = Parents(self.runtime, self.vms, self.admission, self.families, store)
         self.checkpoints = Checkpointer(paths, store, self.vms, self.runtime, Receivers(self.runtime, self.admission, self.families.in_namespace))
         self.retention = Retention(paths, store, self.vms)
-        self.cloner = Cloner(self.runtime, self.vms, self.admission, self.families, self.checkpoints.find)
+        # Served memory: the memory server on the far side of a veth, memtap here.
+        self.memory = ServedMemory(paths.home / "memory", FarSide(self.netns), near_wrap=self.netns.wrap)
+        self.cloner = Cloner(self.runtime, self.vms, self.admission, self.families, self.checkpoints.find,
+                             served_ram=self.memory.ram_for)
         self.clone_api = CloneApi(GuestSide(self), self.tickets)
         self.vms.on_gone(lambda rec, _reason: self.families.leave_soon(rec.name))
         self.vms.on_gone(self.clone_api.vm_gone)
         self.vms.on_gone(self.retention.vm_gone)
+        self.vms.on_gone(self.memory.vm_gone)
         self.vms.on_launched(self.clone_api.attach)
+        self.runtime.add_explainer(self.memory.explain)
 
     # -- bookkeeping -----------------------------------------------------
     def usage(self) -> Usage:
@@ -199,8 +208,12 @@ class Host:
     def checkpoint_remove(self, ckpt_id: str) -> dict:
         return self.retention.remove(ckpt_id)
 
-    async def clone(self, ref: str, n: int, allow_fewer: bool = False) -> dict:
-        return await self.cloner.clone(ref, n, allow_fewer)
+    async def clone(self, ref: str, n: int, allow_fewer: bool = False, memory: str = "local") -> dict:
+        return await self.cloner.clone(ref, n, allow_fewer, memory)
+
+    def stats(self) -> dict:
+        """Counters of the lazy memory path (memory server, memtaps)."""
+        return {"memory": self.memory.stats()}
 
     # -- recovery and teardown --------------------------------------------
     async def recover(self) -> dict:
@@ -282,6 +295,7 @@ class Host:
             await asyncio.gather(*(self.runtime.stop(r.name) for r in batch), return_exceptions=True)
             stopped += [r.name for r in batch]
         self.runtime.cancel_watchers()
+        await asyncio.to_thread(self.memory.down)   # before the namespaces it runs in go
         await self.families.down()
         shutil.rmtree(self.paths.shm, ignore_errors=True)
         for ram in hugepages.leftover_files(self.paths.shm.name):  # a parent whose stop failed

@@ -164,7 +164,10 @@ class Hostd:
         if op == "checkpoint.rm":
             return m.checkpoint_remove(args["id"])
         if op == "clone":
-            return await m.clone(args["checkpoint"], int(args["n"]), bool(args.get("allow_fewer")))
+            return await m.clone(args["checkpoint"], int(args["n"]), bool(args.get("allow_fewer")),
+                                 str(args.get("memory") or "local"))
+        if op == "stats":
+            return m.stats()
         if op == "down":
             return await m.down()
         if op == "shutdown":

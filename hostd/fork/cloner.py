@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 from sfmpi.errors import AgentError, CloneError, QemuError, SfmpiError, UsageError
 
@@ -40,6 +40,7 @@ log = logging.getLogger("sfmpi.hostd.cloning")
 CLONE_READY_TIMEOUT = 120.0
 # greeting(identity, extras) -> the first message a resumed clone's agent gets.
 Greeting = Callable[[dict, dict], dict]
+ServedRam = Callable[[Checkpoint, list[str]], Awaitable[str]]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,9 @@ class Cloner:
     admission and the families; find(ref) looks up a checkpoint."""
 
     def __init__(self, runtime: VmRuntime, vms: VmRegistry, admission: Admission, families: Families,
-                 find: Callable[[str], Checkpoint]):
+                 find: Callable[[str], Checkpoint], served_ram: ServedRam | None = None):
+        """served_ram(ckpt, clone names): the file served clones map (memtap's), for --memory served."""
+        self.served_ram = served_ram
         self.runtime = runtime
         self.vms = vms
         self.admission = admission
@@ -68,9 +71,11 @@ class Cloner:
         self._template_lock = asyncio.Lock()
 
     # -- host side: `sfmpi clone CKPT -n N` ------------------------------
-    async def clone(self, ref: str, n: int, allow_fewer: bool = False) -> dict:
+    async def clone(self, ref: str, n: int, allow_fewer: bool = False, memory: str = "local") -> dict:
         if not isinstance(n, int) or n <= 0:
             raise UsageError(f"clone: -n must be at least 1 (got {n})")
+        if memory not in ("local", "served") or (memory == "served" and self.served_ram is None):
+            raise UsageError(f"clone: --memory is local or served (got {memory!r})")
         t0 = time.monotonic()
         ckpt = self.find(ref)
         spec = ckpt.spec
@@ -80,9 +85,9 @@ class Cloner:
             fam = await self.families.ensure(ckpt.family or ckpt.vm)
             ids = self._free_ids(fam, granted)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=k) for k in ids]
-            recs = await self._reserve(ckpt, fam, orders, ticket="")
+            recs = await self._reserve(ckpt, fam, orders, ticket="", memory=memory)
         res = await self.start(ckpt, fam, orders, recs, identify_greeting, "identified", t0)
-        return {"checkpoint": ckpt.id, "requested": n, "granted": granted, **res}
+        return {"checkpoint": ckpt.id, "requested": n, "granted": granted, "memory": memory, **res}
 
     # -- in-guest: the clone call of a ticket ----------------------------
     async def clone_for_ticket(self, ckpt: Checkpoint, count: int, ticket: str,
@@ -105,15 +110,20 @@ class Cloner:
             self.families.drop_if_empty(fam)
             raise
 
-    async def _reserve(self, ckpt: Checkpoint, fam: Family, orders: list[Order], ticket: str) -> list[VmRecord]:
+    async def _reserve(self, ckpt: Checkpoint, fam: Family, orders: list[Order], ticket: str,
+                       memory: str = "local") -> list[VmRecord]:
         recs = []
+        ram = str(ckpt.ram_file)
         try:
+            if memory == "served":
+                assert self.served_ram is not None
+                ram = await self.served_ram(ckpt, [o.name for o in orders])
             for o in orders:
                 rec = VmRecord(name=o.name, role=VmRole.CLONE, state=VmState.STARTING,
                                spec=ckpt.spec.to_json(), overlay=self.runtime.new_layer(o.name),
                                checkpoint=ckpt.id, family=fam.name, family_no=fam.number,
                                netid=o.netid, ticket=ticket, backing=(ckpt.disk, *ckpt.disk_chain),
-                               **{**self.runtime.files(o.name), "ram_path": str(ckpt.ram_file)})
+                               **{**self.runtime.files(o.name), "ram_path": ram})
                 self.runtime.reserve(rec)
                 recs.append(rec)
             await self.families.add(fam, [(o.name, o.netid) for o in orders])
@@ -181,7 +191,8 @@ class Cloner:
         # copying the checkpoint's template costs far less than running qemu-img.
         shutil.copyfile(await self._overlay_template(ckpt), rec.overlay)
         nic = Nic(mac=netplan.mac(fam.number, order.netid), tap=netplan.tap_name(fam.number, order.netid))
-        argv = vm_argv(ckpt.spec, name=rec.name, ram_path=str(ckpt.ram_file), share_ram=False,
+        # The checkpoint's RAM file, or memtap's file of it (served memory): mapped privately either way.
+        argv = vm_argv(ckpt.spec, name=rec.name, ram_path=rec.ram_path, share_ram=False,
                        disk=Qcow2Disk(rec.overlay, ephemeral=True), sockets=Sockets(rec.qmp_path, rec.agent_path),
                        serial_log=rec.serial_log, nic=nic, vmgenid=str(uuid.uuid4()), incoming="defer")
         # QEMU reads the device state from an inherited descriptor: no shell and
@@ -215,7 +226,8 @@ class Cloner:
             report = await vm.agent.wait_event(awaited, CLONE_READY_TIMEOUT)
         except AgentError:
             if vm.qemu.exited.is_set():
-                raise QemuError(f"clone {rec.name} died after resuming{vm.qemu.failure_report()}") from None
+                raise QemuError(f"clone {rec.name} died after resuming{self.runtime.explain(rec)}"
+                               f"{vm.qemu.failure_report()}") from None
             raise
         if not report.get("ok"):
             raise CloneError(f"clone {order.index} ({rec.name}): {report.get('error')}")

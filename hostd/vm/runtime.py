@@ -14,7 +14,7 @@ import os
 import shutil
 from typing import Callable
 
-from sfmpi.errors import AgentError, NotFound, QemuError, UsageError
+from sfmpi.errors import AgentError, NotFound, QemuError, SfmpiError, UsageError
 from sfmpi.paths import Paths
 
 from ..guestapi.channel import AgentChannel, OutputSink
@@ -35,6 +35,16 @@ class VmRuntime:
         self.store = store          # counters only (layer names)
         self.vms = registry
         self._watchers: set[asyncio.Task] = set()
+        self._explainers: list[Callable[[VmRecord], str]] = []
+
+    def add_explainer(self, explain: Callable[[VmRecord], str]) -> None:
+        """explain(rec): why a VM that died unexpectedly died, if a part knows ('' if not)."""
+        self._explainers.append(explain)
+
+    def explain(self, rec: VmRecord) -> str:
+        """'; why' for each part that knows why the VM died, or ''."""
+        whys = [w for w in (e(rec) for e in self._explainers) if w]
+        return "".join(f"; {w}" for w in whys)
 
     # -- names -----------------------------------------------------------
     def files(self, name: str) -> dict:
@@ -92,7 +102,7 @@ class VmRuntime:
         await vm.qemu.exited.wait()
         if vm.qemu.stopping or self.vms.find(vm.name) is not vm:
             return
-        report = vm.qemu.failure_report()
+        report = self.explain(vm.rec) + vm.qemu.failure_report()
         log.warning("VM %s: QEMU exited unexpectedly (code %s)%s", vm.name, vm.qemu.returncode, report)
         self.vms.detach(vm.name)
         if vm.agent is not None:
@@ -124,9 +134,10 @@ class VmRuntime:
         """End a VM that failed to come up (exc: why) or was only ever transient
         (a receiver): nothing of it may stay behind but, after a failure, its logs."""
         vm = self.vms.detach(name)
-        report = ""
+        report = why = ""
         if vm is not None:
-            report = vm.qemu.failure_report()
+            why = self.explain(vm.rec)
+            report = why + vm.qemu.failure_report()
             if vm.agent is not None:
                 await vm.agent.close()
             await vm.qemu.stop()
@@ -137,6 +148,9 @@ class VmRuntime:
             self.vms.delete(name)
         if isinstance(exc, AgentError) and report and isinstance(exc.args[0], str) and report not in exc.args[0]:
             exc.args = (exc.args[0] + report,)
+        elif isinstance(exc, SfmpiError) and why and exc.args and isinstance(exc.args[0], str) \
+                and why not in exc.args[0]:
+            exc.args = (exc.args[0] + why,)   # QEMU's own report is in it already
 
     async def stop(self, name: str) -> dict:
         vm = self.vms.find(name)
@@ -170,5 +184,6 @@ class VmRuntime:
             return await vm.agent.exec(argv, sink, env=env, cwd=cwd)
         except AgentError:
             if vm.qemu.exited.is_set():
-                raise QemuError(f"VM {name} died while running {argv[0]}{vm.qemu.failure_report()}")
+                raise QemuError(f"VM {name} died while running {argv[0]}{self.explain(vm.rec)}"
+                                 f"{vm.qemu.failure_report()}")
             raise

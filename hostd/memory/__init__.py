@@ -1,0 +1,1 @@
+"""Lazy memory: clones whose RAM a memory server serves through memtap (native/memory/)."""

@@ -1,0 +1,168 @@
+"""Served memory: clones whose RAM is a remote checkpoint's, fetched lazily.
+
+For a served clone hostd needs, per checkpoint, the page map of its non-zero
+pages (made once, next to the checkpoint: ram.map), the checkpoint on a
+memory server with a fresh token, and a memtap mounting it; the clone's QEMU
+then maps memtap's file privately instead of the local RAM file. Clones of
+one checkpoint share one memtap (and the page cache of its file); when the
+last of them is gone, memtap stops and the server forgets the checkpoint.
+
+A clone whose memory cannot be fetched (the server died or stalls, memtap
+died) gets SIGBUS from the kernel on its next fault of an uncached page and
+dies: explain() says why, for its record and the error the user sees.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sfmpi.errors import LazyMemoryError
+from sfmpi.native import load as load_native
+
+from ..fork.manifest import Checkpoint
+from ..state.records import VmRecord
+from .daemons import Memtap, MemoryServer, Wrap, detach
+from .farside import FarSide
+
+log = logging.getLogger("sfmpi.hostd.memory")
+
+MEMORY_MODES = ("local", "served")
+PAGE_MAP = "ram.map"
+# How long memtap waits for one reply: a stalled server fails the fault (and
+# its clone) after this, never hangs it.
+FETCH_TIMEOUT_MS = int(os.environ.get("SFMPI_FETCH_TIMEOUT_MS", "10000"))
+
+
+def page_map_of(ckpt: Checkpoint) -> Path:
+    """The checkpoint's map of non-zero pages, made on first use (a C scan:
+    holes skipped, data pages compared with zero)."""
+    path = ckpt.dir / PAGE_MAP
+    if not path.exists():
+        tmp = path.with_name(f".{PAGE_MAP}.tmp")
+        pages = load_native().scan(str(ckpt.ram_file), str(tmp))
+        os.replace(tmp, path)
+        log.info("checkpoint %s: %d pages with data of %d", ckpt.id, pages, ckpt.ram_file.stat().st_size // 4096)
+    return path
+
+
+@dataclass
+class Served:
+    checkpoint: str
+    memtap: Memtap
+    users: set[str] = field(default_factory=set)
+
+
+class ServedMemory:
+    """ram_for(ckpt, clones) / vm_gone(rec) / explain(rec) / stats() / down()."""
+
+    def __init__(self, directory: Path, far: FarSide, near_wrap: Wrap):
+        self.dir = Path(directory)
+        self.far = far
+        self.near_wrap = near_wrap
+        self.server: MemoryServer | None = None
+        self.served: dict[str, Served] = {}
+        self.retired: list[Served] = []       # memtaps still mapped by clones of a failed checkpoint
+        self._lock = asyncio.Lock()
+
+    async def ram_for(self, ckpt: Checkpoint, clones: list[str]) -> str:
+        """The file the clones map: memtap's, for this checkpoint."""
+        async with self._lock:
+            s = self.served.get(ckpt.id)
+            if s is not None and not s.memtap.alive():
+                await asyncio.to_thread(self._retire, s)
+                s = None
+            if s is None:
+                s = await asyncio.to_thread(self._serve, ckpt)
+                self.served[ckpt.id] = s
+            s.users.update(clones)
+            return str(s.memtap.ram)
+
+    def _server(self) -> MemoryServer:
+        if self.server is None or not self.server.alive():
+            if self.server is not None:
+                self.server.stop()
+            self.far.ensure()
+            server = MemoryServer(self.dir / "server", self.far.wrap)
+            server.start(self.far.server_ip)
+            self.server = server
+        return self.server
+
+    def _serve(self, ckpt: Checkpoint) -> Served:
+        page_map = page_map_of(ckpt)
+        server = self._server()
+        token = secrets.token_hex(32)
+        try:
+            server.remove(ckpt.id)            # a memtap that died left it there
+        except LazyMemoryError:
+            pass
+        server.add(ckpt.id, token, ckpt.ram_file, page_map)
+        memtap = Memtap(self.dir / "memtap" / ckpt.id, self.near_wrap, ckpt.id)
+        try:
+            memtap.start(server.address, server.port, token, page_map, FETCH_TIMEOUT_MS)
+        except BaseException:
+            server.remove(ckpt.id)
+            raise
+        return Served(ckpt.id, memtap)
+
+    def _retire(self, s: Served) -> None:
+        s.memtap.stop()
+        if self.server is not None and self.server.alive():
+            try:
+                self.server.remove(s.checkpoint)
+            except LazyMemoryError as exc:
+                log.warning("checkpoint %s: %s", s.checkpoint, exc)
+
+    def vm_gone(self, rec: VmRecord, _reason: str = "") -> None:
+        """A clone ended: the last of a checkpoint's clones takes its memtap along."""
+        for key, s in list(self.served.items()):
+            if rec.name in s.users:
+                s.users.discard(rec.name)
+                if not s.users:
+                    del self.served[key]
+                    asyncio.get_running_loop().run_in_executor(None, self._retire, s)
+
+    def explain(self, rec: VmRecord) -> str:
+        """Why a served clone died, if its memory is the reason; else ''."""
+        for s in self.served.values():
+            if rec.name in s.users:
+                why = s.memtap.why_failed()
+                if why:
+                    return f"its memory could not be fetched: {why}"
+        return ""
+
+    def stats(self) -> dict:
+        out: dict = {"server": None, "memtaps": []}
+        if self.server is not None:
+            slots = self.server.counters()
+            out["server"] = {"address": f"{self.server.address}:{self.server.port}", "alive": self.server.alive(),
+                             "totals": next((s.fields for s in slots if s.id == "*"), {}),
+                             "checkpoints": {s.id: s.fields for s in slots if s.id != "*"}}
+        for s in self.served.values():
+            for slot in s.memtap.counters():
+                out["memtaps"].append({"checkpoint": s.checkpoint, "alive": s.memtap.alive(),
+                                       "clones": sorted(s.users), **slot.fields,
+                                       "fetch_p50_us": slot.latency_quantile_us(0.5),
+                                       "fetch_p99_us": slot.latency_quantile_us(0.99),
+                                       "latency_hist": list(slot.latency_hist)})
+        return out
+
+    def down(self) -> None:
+        """Stop every memtap and the server, delete the far side."""
+        for s in list(self.served.values()):
+            self._retire(s)
+        self.served.clear()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        self.far.delete()
+        sweep_leftovers(self.dir)
+
+
+def sweep_leftovers(directory: Path) -> None:
+    """Mounts that memtaps killed with a hostd left behind."""
+    for mnt in (Path(directory) / "memtap").glob("*/mnt"):
+        detach(mnt)
