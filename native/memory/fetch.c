@@ -209,8 +209,9 @@ static int ask(struct fetcher *f, struct fetch_conn *c, uint64_t offset, uint32_
         return drop(c), -1;
     }
     if (rep.status != MP_OK) {
+        /* A well-formed refusal: the connection is fine, and asking again would get the same. */
         fail(f, "memory server %s:%u: %s", f->host, f->port, mp_status_name(rep.status));
-        return drop(c), -1;
+        return -2;
     }
     if (recv_full(c->fd, dst, length, deadline) < 0) {
         fail(f, "memory server %s:%u: reply cut short (%s)", f->host, f->port, strerror(errno));
