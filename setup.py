@@ -25,6 +25,11 @@ NATIVE = Extension(
     extra_link_args=pkg_config("--libs", "fuse3"),
 )
 
+# Preloaded into the QEMU of a served clone (native/qemu-nothp/nothp.c says why);
+# an Extension only so that it is built and installed next to sfmpi._native.
+NOTHP = Extension("sfmpi._nothp", sources=["native/qemu-nothp/nothp.c"], extra_compile_args=["-Wall", "-Wextra"],
+                  extra_link_args=["-ldl"])
+
 # launcher/ and hostd/ sit at the top of the repository (the design card's
 # layout) but install inside the sfmpi package, so nothing generic lands in
 # site-packages.
@@ -33,7 +38,7 @@ setup(
     version="0.1.0",
     description="SnowFlock-style virtual-machine fork for QEMU/KVM clusters",
     python_requires=">=3.11",
-    ext_modules=[NATIVE],
+    ext_modules=[NATIVE, NOTHP],
     packages=["sfmpi", "sfmpi.guest", "sfmpi.native", "sfmpi.launcher", "sfmpi.hostd"] +
              [f"sfmpi.hostd.{part}" for part in HOSTD_PARTS],
     package_dir={"sfmpi": "sfmpi", "sfmpi.launcher": "launcher", "sfmpi.hostd": "hostd"},

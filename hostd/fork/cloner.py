@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from sfmpi.errors import AgentError, CloneError, QemuError, SfmpiError, UsageError
+from sfmpi.native import nothp_path
 
 from .. import crashpoints
 from ..net import netplan
@@ -195,6 +196,9 @@ class Cloner:
         argv = vm_argv(ckpt.spec, name=rec.name, ram_path=rec.ram_path, share_ram=False,
                        disk=Qcow2Disk(rec.overlay, ephemeral=True), sockets=Sockets(rec.qmp_path, rec.agent_path),
                        serial_log=rec.serial_log, nic=nic, vmgenid=str(uuid.uuid4()), incoming="defer")
+        if rec.ram_path != str(ckpt.ram_file):
+            # Served memory: no huge-page advice, or every fault reads 4 MiB from the server.
+            argv = ["env", f"LD_PRELOAD={nothp_path()}", *argv]
         # QEMU reads the device state from an inherited descriptor: no shell and
         # no `cat` process per clone (QEMU 7.2 has no file: migration URI).
         state_fd = os.open(ckpt.state_file, os.O_RDONLY | os.O_CLOEXEC)

@@ -46,10 +46,10 @@ def memserver_argv(listen: str, control: Path, counters: Path) -> list[str]:
 
 
 def memtap_argv(mount: Path, server: str, port: int, checkpoint: str, token_file: Path, page_map: Path,
-                counters: Path, timeout_ms: int) -> list[str]:
+                counters: Path, timeout_ms: int, read_ahead_kb: int) -> list[str]:
     return [sys.executable, "-m", "sfmpi.native.memtap", "--mount", str(mount), "--server", f"{server}:{port}",
             "--checkpoint", checkpoint, "--token-file", str(token_file), "--page-map", str(page_map),
-            "--counters", str(counters), "--timeout-ms", str(timeout_ms)]
+            "--counters", str(counters), "--timeout-ms", str(timeout_ms), "--read-ahead-kb", str(read_ahead_kb)]
 
 
 def tail(path: Path, lines: int = 3) -> str:
@@ -202,7 +202,8 @@ class Memtap(_Daemon):
         self.ram = self.mount / "ram"
         self.token_file = self.dir / "token"
 
-    def start(self, server: str, port: int, token: str, page_map: Path, timeout_ms: int = 10000) -> None:
+    def start(self, server: str, port: int, token: str, page_map: Path, timeout_ms: int = 10000,
+              read_ahead_kb: int = 0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         detach(self.mount)
         self.mount.mkdir(exist_ok=True)
@@ -210,7 +211,7 @@ class Memtap(_Daemon):
         with os.fdopen(fd, "w") as f:
             f.write(token)
         line = self._start(memtap_argv(self.mount, server, port, self.checkpoint, self.token_file, page_map,
-                                       self.counters_path, timeout_ms))
+                                       self.counters_path, timeout_ms, read_ahead_kb))
         if line != "ready" or not self.ram.exists():
             self.stop()
             raise LazyMemoryError(f"memtap for checkpoint {self.checkpoint} said {line!r}, not ready")

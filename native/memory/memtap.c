@@ -29,6 +29,7 @@ struct memtap {
     struct mc_slot *c;
     uint8_t *cache;              /* anonymous, MAP_NORESERVE: costs only what was fetched */
     uint8_t *present;            /* bit per page: in the cache */
+    uint32_t read_ahead;         /* bytes */
 };
 
 static int page_present(struct memtap *m, uint64_t page) {
@@ -56,10 +57,12 @@ static void ram_attr(struct memtap *m, fuse_ino_t ino, struct stat *st) {
 }
 
 static void op_init(void *data, struct fuse_conn_info *conn) {
-    (void)data;
+    struct memtap *m = data;
     /* The mount option max_read and this must agree, or libfuse aborts. */
     conn->max_read = MP_MAX_REQUEST;
-    conn->max_readahead = MP_MAX_REQUEST;
+    /* The kernel takes the smaller of this and the bdi's read_ahead_kb (128 KiB
+     * unless raised, see raise_read_ahead): together they set what one fault reads. */
+    conn->max_readahead = m->read_ahead;
     conn->max_write = MP_MAX_REQUEST;
 }
 
@@ -169,6 +172,8 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     }
     mc_add(m->c, MC_reads, 1);
     mc_add(m->c, MC_read_bytes, size);
+    if (getenv("SFMPI_MEMTAP_TRACE"))         /* who reads what: for finding a reader that should not */
+        fprintf(stderr, "memtap: read %zu at %lld for pid %d\n", size, (long long)off, (int)fuse_req_ctx(req)->pid);
     fuse_reply_buf(req, (const char *)m->cache + off, size);
 }
 
@@ -283,6 +288,8 @@ int memtap_run(const struct memtap_config *cfg, char *err, size_t errlen, void (
         snprintf(err, errlen, "no memory for a cache of %llu bytes", (unsigned long long)m.map.size);
         goto out;
     }
+    m.read_ahead = cfg->read_ahead_kb < 0 ? MP_MAX_REQUEST
+                   : (uint32_t)(cfg->read_ahead_kb > 1024 ? 1024 : cfg->read_ahead_kb) * 1024u;
     char *argv[] = {"memtap", "-o", "max_read=1048576,fsname=sfmpi-memtap,subtype=sfmpi-memtap", NULL};
     struct fuse_args args = FUSE_ARGS_INIT(3, argv);
     se = fuse_session_new(&args, &OPS, sizeof OPS, &m);
@@ -301,7 +308,7 @@ int memtap_run(const struct memtap_config *cfg, char *err, size_t errlen, void (
         goto out;
     }
     mounted = 1;
-    raise_read_ahead(cfg->mountpoint, cfg->read_ahead_kb ? cfg->read_ahead_kb : 1024);
+    raise_read_ahead(cfg->mountpoint, (int)(m.read_ahead / 1024));
     if (ready)
         ready(arg);
     struct fuse_loop_config loop = {.clone_fd = 0, .max_idle_threads = 8};

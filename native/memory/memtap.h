@@ -22,7 +22,7 @@ struct memtap_config {
     const char *counters_path;   /* NULL: none */
     int connections;             /* to the server; 0: 4 */
     int timeout_ms;              /* per request and connect; 0: 10 s */
-    int read_ahead_kb;           /* the mount's read-ahead; 0: 1024 (1 MiB requests) */
+    int read_ahead_kb;           /* what one fault reads beyond its page, 0..1024; < 0: 1024 */
 };
 
 /* Mount, serve until SIGTERM/SIGINT/SIGHUP (or memtap_stop), unmount.

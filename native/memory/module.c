@@ -99,7 +99,7 @@ static PyObject *py_memtap(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *names[] = {"mountpoint", "host", "port", "checkpoint", "token", "page_map", "counters",
                             "connections", "timeout_ms", "read_ahead_kb", "ready", NULL};
-    struct memtap_config cfg = {0};
+    struct memtap_config cfg = {.read_ahead_kb = -1};
     int port = 0;
     PyObject *ready = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "ssissss|iiiO", names, &cfg.mountpoint, &cfg.server_host, &port,

@@ -17,3 +17,14 @@ def load() -> ModuleType:
         raise LazyMemoryError(f"the extension sfmpi._native is not built ({exc}): run `make native` "
                               "(it needs gcc and libfuse3-dev)") from None
     return _native
+
+
+def nothp_path() -> str:
+    """The shim preloaded into a served clone's QEMU (native/qemu-nothp/nothp.c)."""
+    import importlib.machinery
+    from pathlib import Path
+    here = Path(__file__).resolve().parent.parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (here / f"_nothp{suffix}").exists():
+            return str(here / f"_nothp{suffix}")
+    raise LazyMemoryError("sfmpi/_nothp is not built: run `make native`")

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--counters", required=True)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--timeout-ms", type=int, default=10000, help="per request and connect")
-    ap.add_argument("--read-ahead-kb", type=int, default=1024)
+    ap.add_argument("--read-ahead-kb", type=int, default=0, help="what one fault reads beyond its page")
     args = ap.parse_args(argv)
     native = load()
     try:

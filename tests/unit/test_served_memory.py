@@ -199,7 +199,7 @@ def test_wrong_token_is_refused(tmp_path, ram):
 
 def test_command_lines_never_carry_the_token(tmp_path):
     argv = memtap_argv(tmp_path / "mnt", "169.254.252.2", 4000, "ck1", tmp_path / "token", tmp_path / "m",
-                       tmp_path / "c", 500)
+                       tmp_path / "c", 500, 1024)
     assert "--token-file" in argv and all(len(a) < 64 or "/" in a for a in argv)
     assert memserver_argv("169.254.252.2", tmp_path / "s", tmp_path / "c")[-4:] == \
         ["--control", str(tmp_path / "s"), "--counters", str(tmp_path / "c")]
