@@ -49,6 +49,8 @@ def leaks(home: Path, shm: Path, whole_host_network: bool = False) -> list[str]:
             found.append(f"hostd process {p.info['pid']}")
         if (p.info["name"] or "") == "dnsmasq" and str(home) in cmd:
             found.append(f"dnsmasq process {p.info['pid']}")
+        if ("sfmpi.native.memserver" in cmd or "sfmpi.native.memtap" in cmd) and str(home) in cmd:
+            found.append(f"memory daemon {p.info['pid']}: {cmd[:120]}")
     if shm.exists() and any(shm.iterdir()):
         found.append(f"tmpfs files left: {sorted(x.name for x in shm.iterdir())}")
     huge = leftover_files(shm.name)
@@ -57,9 +59,9 @@ def leaks(home: Path, shm: Path, whole_host_network: bool = False) -> list[str]:
     for line in Path("/proc/mounts").read_text().splitlines():
         if str(home) in line or str(shm) in line:
             found.append(f"mount left: {line}")
-    netns = Path("/run/netns") / Paths(home).netns
-    if netns.exists():
-        found.append(f"network namespace {netns.name} left")
+    for netns in (Path("/run/netns") / Paths(home).netns, Path("/run/netns") / f"{Paths(home).netns}-mem"):
+        if netns.exists():
+            found.append(f"network namespace {netns.name} left")
     if (Path("/sys/class/net") / f"sfu{Paths(home).tag}").exists():
         found.append(f"uplink sfu{Paths(home).tag} left")
     if (home / "hostd.sock").exists():

@@ -35,7 +35,7 @@ from ..fork.retention import Retention
 from ..guestapi.clone_api import CloneApi
 from ..guestapi.tickets import DEFAULT_FAMILY_LIMIT, TicketBook
 from ..memory.farside import FarSide
-from ..memory.served import ServedMemory
+from ..memory.served import MEMORY_MODES, ServedMemory
 from ..net import netplan
 from ..net.families import Families, NetOptions
 from ..net.namespace import HostNamespace
@@ -56,6 +56,16 @@ log = logging.getLogger("sfmpi.hostd")
 FAMILY_LIMIT = int(os.environ.get("SFMPI_FAMILY_LIMIT", DEFAULT_FAMILY_LIMIT))
 
 
+def clone_memory_mode() -> str:
+    """Where the RAM of clones forked from inside a guest comes from: `local`
+    (the checkpoint's file), or `served` (through memtap from a memory server,
+    as a clone on another host gets it): SFMPI_CLONE_MEMORY."""
+    mode = os.environ.get("SFMPI_CLONE_MEMORY", "local")
+    if mode not in MEMORY_MODES:
+        raise UsageError(f"SFMPI_CLONE_MEMORY is local or served (got {mode!r})")
+    return mode
+
+
 class GuestSide:
     """The clone API's narrow view of hostd (guestapi.clone_api.CloneHost)."""
 
@@ -65,6 +75,7 @@ class GuestSide:
         self._families, self._runtime, self._retention = host.families, host.runtime, host.retention
         self._quotas = host.quotas
         self._store = host.store
+        self._clone_memory = host.clone_memory
 
     def vm(self, name: str) -> Vm | None:
         return self._vms.find(name)
@@ -93,7 +104,8 @@ class GuestSide:
             raise CheckpointError(f"checkpoint {ckpt_id} is damaged or incomplete") from None
 
     async def clone_for_ticket(self, ckpt, count, ticket, greeting, on_reserved) -> dict:
-        return await self._cloner.clone_for_ticket(ckpt, count, ticket, greeting, on_reserved)
+        return await self._cloner.clone_for_ticket(ckpt, count, ticket, greeting, on_reserved,
+                                                   memory=self._clone_memory)
 
     def identity_of(self, name: str) -> dict:
         fam, rec = self._families.of_vm(name), self._vms.record(name)
@@ -132,6 +144,7 @@ class Host:
         self.checkpoints = Checkpointer(paths, store, self.vms, self.runtime, Receivers(self.runtime, self.admission, self.families.in_namespace))
         self.retention = Retention(paths, store, self.vms)
         # Served memory: the memory server on the far side of a veth, memtap here.
+        self.clone_memory = clone_memory_mode()
         self.memory = ServedMemory(paths.home / "memory", FarSide(self.netns), near_wrap=self.netns.wrap)
         self.cloner = Cloner(self.runtime, self.vms, self.admission, self.families, self.checkpoints.find,
                              served_ram=self.memory.ram_for)

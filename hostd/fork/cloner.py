@@ -92,7 +92,8 @@ class Cloner:
 
     # -- in-guest: the clone call of a ticket ----------------------------
     async def clone_for_ticket(self, ckpt: Checkpoint, count: int, ticket: str,
-                               greeting: Greeting, on_reserved: Callable[[list[str]], None]) -> dict:
+                               greeting: Greeting, on_reserved: Callable[[list[str]], None],
+                               memory: str = "local") -> dict:
         """The ticket reserved the room already; only IDs and names are new here."""
         t0 = time.monotonic()
         async with self.admission.lock:
@@ -100,7 +101,7 @@ class Cloner:
             ids = self._free_ids(fam, count)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=i + 1)
                       for i, k in enumerate(ids)]
-            recs = await self._reserve(ckpt, fam, orders, ticket=ticket)
+            recs = await self._reserve(ckpt, fam, orders, ticket=ticket, memory=memory)
         on_reserved([r.name for r in recs])
         return await self.start(ckpt, fam, orders, recs, greeting, "cloned", t0)
 

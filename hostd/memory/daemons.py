@@ -84,7 +84,7 @@ class _Daemon:
     def _start(self, argv: list[str]) -> str:
         """Run argv; its first stdout line (the ready line)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as logf:
+        with open(self.log_path, "wb") as logf:   # this run only: why_failed reads its last line
             try:
                 self.popen = subprocess.Popen(self.wrap(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                               stderr=logf, start_new_session=True)

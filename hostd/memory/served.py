@@ -14,6 +14,7 @@ dies: explain() says why, for its record and the error the user sees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -70,7 +71,7 @@ class ServedMemory:
         self.near_wrap = near_wrap
         self.server: MemoryServer | None = None
         self.served: dict[str, Served] = {}
-        self.retired: list[Served] = []       # memtaps still mapped by clones of a failed checkpoint
+        self._deaths: dict[str, str] = {}     # clone -> why its memory failed, once it is gone
         self._lock = asyncio.Lock()
 
     async def ram_for(self, ckpt: Checkpoint, clones: list[str]) -> str:
@@ -125,6 +126,11 @@ class ServedMemory:
         """A clone ended: the last of a checkpoint's clones takes its memtap along."""
         for key, s in list(self.served.items()):
             if rec.name in s.users:
+                why = s.memtap.why_failed()
+                if why:   # for an error reported after this (the exec that saw the clone die)
+                    self._deaths[rec.name] = why
+                    while len(self._deaths) > 256:
+                        self._deaths.pop(next(iter(self._deaths)))
                 s.users.discard(rec.name)
                 if not s.users:
                     del self.served[key]
@@ -132,23 +138,23 @@ class ServedMemory:
 
     def explain(self, rec: VmRecord) -> str:
         """Why a served clone died, if its memory is the reason; else ''."""
+        why = self._deaths.get(rec.name, "")
         for s in self.served.values():
             if rec.name in s.users:
-                why = s.memtap.why_failed()
-                if why:
-                    return f"its memory could not be fetched: {why}"
-        return ""
+                why = s.memtap.why_failed() or why
+        return f"its memory could not be fetched: {why}" if why else ""
 
     def stats(self) -> dict:
         out: dict = {"server": None, "memtaps": []}
         if self.server is not None:
             slots = self.server.counters()
             out["server"] = {"address": f"{self.server.address}:{self.server.port}", "alive": self.server.alive(),
+                             "pid": self.server.pid,
                              "totals": next((s.fields for s in slots if s.id == "*"), {}),
                              "checkpoints": {s.id: s.fields for s in slots if s.id != "*"}}
         for s in self.served.values():
             for slot in s.memtap.counters():
-                out["memtaps"].append({"checkpoint": s.checkpoint, "alive": s.memtap.alive(),
+                out["memtaps"].append({"checkpoint": s.checkpoint, "alive": s.memtap.alive(), "pid": s.memtap.pid,
                                        "clones": sorted(s.users), **slot.fields,
                                        "fetch_p50_us": slot.latency_quantile_us(0.5),
                                        "fetch_p99_us": slot.latency_quantile_us(0.99),
@@ -168,6 +174,19 @@ class ServedMemory:
 
 
 def sweep_leftovers(directory: Path) -> None:
-    """Mounts that memtaps killed with a hostd left behind."""
+    """What an earlier hostd of this state directory left: its memory daemons
+    (known by their command line, which names this directory) and mounts."""
+    import psutil
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if any(m in (p.info["cmdline"] or []) for m in ("sfmpi.native.memserver", "sfmpi.native.memtap"))
+            and any(str(directory) in a for a in p.info["cmdline"] or [])]
+    for p in mine:
+        log.warning("stopping a memory daemon %d an earlier hostd left", p.pid)
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _gone, alive = psutil.wait_procs(mine, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
     for mnt in (Path(directory) / "memtap").glob("*/mnt"):
         detach(mnt)

@@ -81,7 +81,7 @@ def test_bad_choice_rejected_by_click(cli, env):
 
 COMMANDS = [[], ["image"], ["image", "build"], ["vm"], ["vm", "start"], ["vm", "exec"], ["vm", "list"],
             ["vm", "stop"], ["checkpoint"], ["checkpoint", "take"], ["checkpoint", "ls"], ["checkpoint", "rm"],
-            ["clone"], ["down"], ["hostd"]]
+            ["clone"], ["stats"], ["down"], ["hostd"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "main")

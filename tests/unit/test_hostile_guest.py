@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sfmpi import errors
@@ -445,6 +445,11 @@ def deep(draw) -> Line:
     opener, closer = draw(st.sampled_from([("[", "]"), ('{"a": ', "}")]))
     value = Raw(opener * depth + "1" + closer * depth)
     answered = depth + 1 <= 4 * schemas.MAX_DEPTH   # brackets on the line, the outer object's included
+    # A line too deep and also too long is refused for its length first, and
+    # that refusal is answered (it starts with its request id).
+    size = depth * (len(opener) + len(closer)) + 40
+    assume(abs(size - schemas.MAX_LINE) > 100)
+    answered = answered or size > schemas.MAX_LINE
     return Line({"req": ID, "op": "ticket", "n": value}, "error" if answered else "none")
 
 
