@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 from sfmpi import proc
-from sfmpi.errors import CheckpointError
+from sfmpi.errors import CheckpointError, QemuError
 
-from ..vm.cmdline import DISK_DEVICE, overlay_argv
+from ..vm.cmdline import DISK_DEVICE, DISK_NODE, overlay_argv
 from ..vm.qemu import QemuProcess
 
 
@@ -77,6 +77,30 @@ async def backing_chain(layer: str) -> list[str]:
     return [entry["filename"] for entry in json.loads(out)][1:]
 
 
+async def drop_detached_nodes(vm: QemuProcess) -> list[str]:
+    """Delete the block nodes hostd made (the command line's -blockdev, each
+    checkpoint's blockdev-add) that no chain uses any more.
+
+    A node made that way belongs to the monitor: block-stream takes the merged
+    layers out of the chain, but QEMU keeps them open until blockdev-del, so
+    each checkpoint left an open file (of a layer already deleted: its disk
+    space never came back) and a node in the graph, and every later snapshot
+    got slower (a 1,000-cycle soak: the checkpoint step 7.8x slower at the
+    end). A node still in use refuses blockdev-del; that refusal is the test."""
+    top, _ = await top_disk(vm)
+    nodes = [n["node-name"] for n in await vm.execute("query-named-block-nodes", {"flat": True})]
+    ours = [n for n in dict.fromkeys(nodes) if n.startswith(DISK_NODE) and n != top]
+    dropped = []
+    # A format node before the file node under it (disk0 before disk0-file).
+    for node in sorted(ours, key=lambda n: n.endswith("-file")):
+        try:
+            await vm.execute("blockdev-del", {"node-name": node}, timeout=10)
+            dropped.append(node)
+        except QemuError:
+            pass            # in use: part of the chain
+    return dropped
+
+
 async def stream_into_top(vm: QemuProcess, base: str, timeout: float = 600.0) -> None:
     """Copy every layer between the active one and `base` into the active layer
     (QEMU's block-stream job, while the guest runs), so the VM's chain becomes
@@ -93,4 +117,5 @@ async def stream_into_top(vm: QemuProcess, base: str, timeout: float = 600.0) ->
             if ev["event"] == "BLOCK_JOB_ERROR" or ev["data"].get("error"):
                 raise CheckpointError(f"VM {vm.name}: merging disk layers failed: "
                                       f"{ev['data'].get('error', ev['data'])}")
-            return
+            break
+    await drop_detached_nodes(vm)

@@ -75,6 +75,13 @@ def test_a_long_lived_parents_chain_stays_bounded(cli, parent):
     # Layers: the parent's chain and the two checkpoints' chains, nothing more.
     layers = len(list(cli.paths.disks.glob("*.qcow2")))
     assert layers <= layers_before + 2 * (CHAIN_BOUND + 1), (layers_before, layers)
+    # And QEMU let go of the merged layers: no deleted layer held open, no more
+    # open layers than its chain (a node left in its graph per checkpoint was a leak).
+    pid = next(r["pid"] for r in cli.json("vm", "list") if r["name"] == parent)
+    held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    held = [f for f in held if ".qcow2" in f]
+    assert not [f for f in held if f.endswith("(deleted)")], held
+    assert len(held) <= CHAIN_BOUND + 2, held    # active + frozen layers + the image
     # The merged disk still holds what the guest wrote, and clones of the last checkpoint see it.
     assert cli.exec(parent, "cat /root/generation").stdout.strip() == "49"
     last = max(mine, key=lambda r: r["created"])
