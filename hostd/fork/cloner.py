@@ -230,7 +230,7 @@ class Cloner:
         try:
             report = await vm.agent.wait_event(awaited, CLONE_READY_TIMEOUT)
         except AgentError:
-            if vm.qemu.exited.is_set():
+            if await self.runtime.died_soon(vm):
                 raise QemuError(f"clone {rec.name} died after resuming{self.runtime.explain(rec)}"
                                f"{vm.qemu.failure_report()}") from None
             raise

@@ -183,7 +183,15 @@ class VmRuntime:
         try:
             return await vm.agent.exec(argv, sink, env=env, cwd=cwd)
         except AgentError:
-            if vm.qemu.exited.is_set():
+            if await self.died_soon(vm):
                 raise QemuError(f"VM {name} died while running {argv[0]}{self.explain(vm.rec)}"
-                                 f"{vm.qemu.failure_report()}")
+                                 f"{vm.qemu.failure_report()}") from None
             raise
+
+    @staticmethod
+    async def died_soon(vm: Vm, grace: float = 3.0) -> bool:
+        """Did QEMU exit, or is it exiting? The agent's line closes a moment
+        before QEMU's exit is seen; the error must name the cause, not the symptom."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(vm.qemu.exited.wait(), grace)
+        return vm.qemu.exited.is_set()

@@ -116,7 +116,8 @@ static int dial(struct fetcher *f, uint64_t *size) {
     struct mp_welcome w;
     size_t hlen = mp_encode_hello(hello, f->token, f->id);
     if (send_full(fd, hello, hlen) < 0 || recv_full(fd, raw, sizeof raw, deadline) < 0) {
-        fail(f, "memory server %s:%u: no welcome (%s)", f->host, f->port, strerror(errno));
+        fail(f, "memory server %s:%u: %s", f->host, f->port,
+             errno == ETIMEDOUT ? "no answer within the timeout (to its hello)" : strerror(errno));
         close(fd);
         return -1;
     }
