@@ -37,6 +37,25 @@ def served(request):
         assert not left, f"served-memory home left things behind: {left}"
 
 
+@pytest.fixture(autouse=True)
+def no_memtap_left(served):
+    """After each test (its clones stopped): no memtap process, no FUSE mount of this home.
+    The memory server and its namespace live as long as hostd; the module's teardown checks them."""
+    yield
+    import psutil
+    home = str(served.home)
+
+    def left() -> list[str]:
+        procs = [f"memtap {p.pid}" for p in psutil.process_iter(["cmdline"])
+                 if "sfmpi.native.memtap" in (p.info["cmdline"] or []) and any(home in a for a in p.info["cmdline"])]
+        mounts = [line.split()[1] for line in open("/proc/mounts") if home in line]
+        return procs + mounts
+    deadline = time.monotonic() + 30
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left(), left()
+
+
 def memory(cli: Cli) -> dict:
     return cli.json("stats")["memory"]
 
