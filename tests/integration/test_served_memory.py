@@ -91,7 +91,7 @@ def test_a_served_clone_is_the_parent_and_moves_a_fraction_of_its_ram(served):
         server = memory(cli)["server"]
         assert server["checkpoints"][ck]["zero_pages_asked"] == 0        # zero pages never travel
         # The same bytes on both ends, but for a fetch in flight between the two reads.
-        assert 0 <= server["checkpoints"][ck]["bytes_sent"] - m["fetch_bytes"] <= MiB
+        assert abs(server["checkpoints"][ck]["bytes_sent"] - m["fetch_bytes"]) <= MiB
     finally:
         stop_all(cli, names)
     # The last clone takes its memtap along: no mount, no process.
