@@ -49,11 +49,17 @@ def ram(tmp_path) -> tuple[Path, bytes]:
 
 
 @pytest.fixture
-def served(tmp_path, ram):
+def page_map(tmp_path, ram) -> tuple[Path, int]:
+    """The RAM file's page map, and how many pages have data."""
+    path = tmp_path / "ram.map"
+    return path, load().scan(str(ram[0]), str(path))
+
+
+@pytest.fixture
+def served(tmp_path, ram, page_map):
     """A server serving the RAM file and a memtap mounting it."""
     path, data = ram
-    page_map = tmp_path / "ram.map"
-    nonzero = load().scan(str(path), str(page_map))
+    page_map, nonzero = page_map
     server = MemoryServer(tmp_path / "server", same)
     server.start("127.0.0.1")
     token = secrets.token_hex(32)
@@ -159,10 +165,8 @@ def _bad_server(behaviour: str) -> tuple[socket.socket, threading.Thread]:
 
 
 @pytest.mark.parametrize("behaviour", ["garbage", "stall"])
-def test_memtap_facing_no_real_server_fails_in_bounded_time(tmp_path, ram, behaviour):
-    path, _ = ram
-    page_map = tmp_path / "ram.map"
-    load().scan(str(path), str(page_map))
+def test_memtap_facing_no_real_server_fails_in_bounded_time(tmp_path, page_map, behaviour):
+    page_map, _ = page_map
     lsock, _ = _bad_server(behaviour)
     tap = Memtap(tmp_path / "memtap", same, "ck1")
     t0 = time.monotonic()
@@ -178,10 +182,9 @@ def test_memtap_facing_no_real_server_fails_in_bounded_time(tmp_path, ram, behav
     assert not mounted(tap.mount)
 
 
-def test_wrong_token_is_refused(tmp_path, ram):
+def test_wrong_token_is_refused(tmp_path, ram, page_map):
     path, _ = ram
-    page_map = tmp_path / "ram.map"
-    load().scan(str(path), str(page_map))
+    page_map, _ = page_map
     server = MemoryServer(tmp_path / "server", same)
     server.start("127.0.0.1")
     tap = Memtap(tmp_path / "memtap", same, "ck1")
