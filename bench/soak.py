@@ -43,6 +43,19 @@ RSS_SLACK = 32 << 20
 DB_SLACK = 1 << 20
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """A process's descriptors by kind: sockets, pipes, anon inodes, and files by directory."""
+    kinds: dict[str, int] = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue   # closed while we looked
+        kind = target.split(":")[0] if ":" in target and not target.startswith("/") else str(Path(target).parent)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def files_under(path: Path) -> int:
     return sum(1 for _ in path.rglob("*")) if path.exists() else 0
 
@@ -56,10 +69,12 @@ class Soak:
         self.image, self.clones, self.mode = image, clones, mode
         self.pool = ThreadPoolExecutor(max_workers=clones)
         self.phase_s: list[dict] = []
+        self.fds: list[dict] = []   # per sample, by kind: says what a rise in open_files is
 
     def counts(self) -> dict:
-        hostd = psutil.Process(self.client.call("ping")["pid"])
         status = self.client.call("ping")
+        hostd = psutil.Process(status["pid"])
+        self.fds.append(fd_kinds(hostd.pid))
         shm = str(self.paths.shm) + "/"
         qemus = sum(1 for p in psutil.process_iter(["name", "cmdline"])
                     if "qemu-system" in (p.info["name"] or "") and any(shm in a for a in p.info["cmdline"] or []))
@@ -123,7 +138,8 @@ class Soak:
         # Peaks per window, not two single samples: some counts swing by design
         # (a parent's chain grows by a layer per checkpoint until it is merged at
         # CHAIN_BOUND), and a leak is a peak that keeps rising.
-        early = samples[min(WARMUP, len(samples) - 1):][:window]
+        start = min(WARMUP, len(samples) - 1)
+        early = samples[start:][:window]
         base = {k: max(s[k] for s in early) for k in samples[-1]}
         last = {k: max(s[k] for s in samples[-window:]) for k in samples[-1]}
         leaked = {k: max(0, last[k] - base[k]) for k in last if k not in ("rss_bytes", "db_bytes")}
@@ -133,7 +149,11 @@ class Soak:
         # Which step slowed down, if the whole did.
         phases = {p: statistics.median(x[p] for x in self.phase_s[-window:])
                   / max(1e-9, statistics.median(x[p] for x in self.phase_s[:window])) for p in PHASES}
-        return {"cycles": cycles, "clones": self.clones, "mode": self.mode, "leaks": leaked,
+        def peak(indices) -> int:
+            return max(indices, key=lambda i: samples[i]["open_files"])
+        early_peak, last_peak = peak(range(start, start + len(early))), peak(range(len(samples) - window, len(samples)))
+        return {"cycles": cycles, "clones": self.clones,
+                "fds_at_peak": {"first": self.fds[early_peak], "last": self.fds[last_peak]}, "mode": self.mode, "leaks": leaked,
                 "leaked_total": sum(1 for v in leaked.values() if v), "slowdown_last_vs_first": final / first,
                 "slowdown_by_phase": phases,
                 "first_cycle_s": first, "last_cycle_s": final, "window": window,
