@@ -163,6 +163,7 @@ def family_subnet(ip: str) -> str:
 
 
 def whoami() -> dict:
-    """This VM's ID (0: parent), role, family, IP, MAC and hostname."""
+    """This VM's ID (0: parent), role, family, IP, MAC, hostname and host (the
+    physical host it runs on: clones of one fork may run on several)."""
     ans = call("whoami")
     return {k: v for k, v in ans.items() if k not in ("v", "ok")}

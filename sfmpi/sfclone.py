@@ -105,9 +105,9 @@ def members(ticket, as_json):
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 def whoami(as_json):
-    """This VM's ID, role, family, IP and hostname."""
+    """This VM's ID, role, family, IP, hostname and the host it runs on."""
     me = api.whoami()
-    _emit(me, as_json, f"{me['id']} {me['role']} {me['family']} {me['ip']} {me['hostname']}")
+    _emit(me, as_json, f"{me['id']} {me['role']} {me['family']} {me['ip']} {me['hostname']} {me.get('host') or '-'}")
 
 
 def run() -> None:

@@ -35,6 +35,9 @@ def _base(text: str) -> ipaddress.IPv4Address:
 
 
 BASE = _base(os.environ.get("SFMPI_FAMILY_BASE", "10.100.0.0"))
+# Every family may come to span hosts (VXLAN: 50 bytes of headers in the
+# underlay's 1500), so every guest NIC gets this MTU from the start.
+MTU = 1450
 MAX_ID = 250  # .252 is the last address; .253/.254 stay free, .255 is broadcast
 PREFIX = 24
 
@@ -108,6 +111,11 @@ def bridge_name(f: int) -> str:
     return f"sfbr{check_family(f)}"
 
 
+def vxlan_name(f: int) -> str:
+    """The family's VXLAN port, present while the family spans hosts ("sfvx38399": 9)."""
+    return f"sfvx{check_family(f)}"
+
+
 def tap_name(f: int, k: int) -> str:
     return f"{tap_prefix(f)}{check_id(k)}"
 
@@ -123,6 +131,7 @@ def identity(f: int, name: str, k: int) -> dict:
         "mac": mac(f, k),
         "ip": str(ip(f, k)),
         "prefix": PREFIX,
+        "mtu": MTU,
         "gateway": str(gateway(f)),
         "hostname": hostname(name, k),
         "family": name,

@@ -48,6 +48,7 @@ VM_DROP_REASONS = {
 # Family-wide counters: (table family, counter name) -> why.
 FAMILY_DROP_REASONS = {
     ("bridge", "unknown_port"): "frame from a bridge port that is no VM of this family",
+    ("bridge", "tunnel_in"): "frame from the family's VXLAN port that no remote VM of the family may send",
     ("inet", "leave_family"): "routed from the family to elsewhere",
     ("inet", "enter_family"): "routed into the family from elsewhere",
     ("inet", "to_host"): "guest to a host service other than DHCP",
@@ -114,7 +115,7 @@ def family_tables(f: int, nat: bool, open_ports: Iterable[OpenPort] = ()) -> str
     nat: the family's VMs may reach anything beyond the host (masqueraded).
     open_ports: routed traffic from outside the family may reach these ports of its VMs.
     """
-    t, br = table_name(f), netplan.bridge_name(f)
+    t, br, vx = table_name(f), netplan.bridge_name(f), netplan.vxlan_name(f)
     counters = "\n".join(
         f"\tcounter {name} {{ comment \"{why}\"; }}"
         for (fam, name), why in FAMILY_DROP_REASONS.items() if fam == "bridge")
@@ -129,7 +130,9 @@ def family_tables(f: int, nat: bool, open_ports: Iterable[OpenPort] = ()) -> str
     # in the map" is recognised by its name (our taps) or by where its frames
     # go: forward into one of our VMs' ports.
     vm_hook = ("\t\tiifname vmap @ports\n"
-               f"\t\tiifname \"{netplan.tap_prefix(f)}*\" counter name \"unknown_port\" drop\n")
+               f"\t\tiifname \"{netplan.tap_prefix(f)}*\" counter name \"unknown_port\" drop\n"
+               f"\t\tiifname \"{netplan.vxlan_name(f)}\" jump tunnel_in\n")
+    tunnel_in = "".join(f"\t\t{rule}\n" for rule in _tunnel_rules(f))
     script = _drop_if_exists("bridge", f) + f"""table bridge {t} {{
 {counters}
 \tmap ports {{
@@ -138,6 +141,8 @@ def family_tables(f: int, nat: bool, open_ports: Iterable[OpenPort] = ()) -> str
 \tset vm_ports {{
 \t\ttype ifname
 \t}}
+\tchain tunnel_in {{
+{tunnel_in}\t}}
 \tchain prerouting {{
 \t\ttype filter hook prerouting priority filter; policy accept;
 {vm_hook}\t}}
@@ -147,7 +152,12 @@ def family_tables(f: int, nat: bool, open_ports: Iterable[OpenPort] = ()) -> str
 \tchain forward {{
 \t\ttype filter hook forward priority filter; policy accept;
 \t\tiifname @vm_ports accept
+\t\tiifname "{vx}" accept
 \t\toifname @vm_ports counter name "unknown_port" drop
+\t}}
+\tchain output {{
+\t\ttype filter hook output priority filter; policy accept;
+\t\toifname "{vx}" drop
 \t}}
 }}
 """
@@ -201,6 +211,27 @@ def _forward_rules(f: int, nat: bool, open_ports: Iterable[OpenPort]) -> list[st
             rules.append(f'oifname "{br}" ip daddr {netplan.subnet(f)} {proto} dport {{ {ports} }} accept')
     return rules + [f'iifname "{br}" counter name "leave_family" drop',
                     f'oifname "{br}" counter name "enter_family" drop']
+
+
+def _tunnel_rules(f: int) -> list[str]:
+    """Chain tunnel_in: frames that arrive over the family's VXLAN port (its VMs
+    on other hosts). Each host has its own gateway and DHCP server for the
+    family, at the same address: those stay on their host (the output chain
+    sends nothing of the host's own across), and from the tunnel only frames of
+    the family's VMs pass; their own host's per-VM rules vouched for them."""
+    plan_mac = netplan.mac(f, 0)[:11] + ":00:00"      # 0a:5f:<f>:00:00, the family's MACs
+    gw_mac, gw, net = netplan.gateway_mac(f), netplan.gateway(f), netplan.subnet(f)
+    drop = 'counter name "tunnel_in" drop'
+    return [f"ether saddr & ff:ff:ff:ff:00:00 != {plan_mac} {drop}",
+            f"ether saddr {gw_mac} {drop}",
+            f"ether type ip6 {drop}",
+            f"arp saddr ip {gw} {drop}",
+            f"arp saddr ip != {net} {drop}",
+            f"ip saddr {gw} {drop}",
+            f"ip saddr != {net} {drop}",
+            f"udp dport {{ 67, 68 }} {drop}",
+            "ether type { ip, arp } accept",
+            drop]
 
 
 def _vm_rules(k: int, mac: str, ip: str) -> list[str]:

@@ -122,7 +122,8 @@ static json_object *whoami(void)
     json_object_object_add(ans, "ok", json_object_new_boolean(1));
     json_object_object_add(ans, "id", json_object_new_int(id));
     json_object_object_add(ans, "role", json_object_new_string(id == 0 ? "parent" : "clone"));
-    const char *keys[] = {"family", "ip", "mac", "hostname", "ticket", NULL};
+    /* host: the physical host the VM runs on (a clone of a fork across hosts may be elsewhere). */
+    const char *keys[] = {"family", "ip", "mac", "hostname", "ticket", "host", NULL};
     for (int i = 0; keys[i]; i++)
         json_object_object_add(ans, keys[i],
                                json_object_object_get_ex(api.identity, keys[i], &v) ? json_object_get(v) : NULL);

@@ -109,6 +109,20 @@ int configure_network(json_object *ident, const struct identity_prep *prep, char
     mask->sin_addr.s_addr = htonl(prefix <= 0 ? 0 : 0xFFFFFFFFu << (32 - prefix));
     if (ioctl(sock, SIOCSIFNETMASK, &ifr) != 0)
         goto out;
+    /* A family network may span hosts over VXLAN, whose header takes 50 of
+     * the underlay's 1500 bytes: a larger frame would be dropped silently. */
+    json_object *mtu_obj;
+    if (json_object_object_get_ex(ident, "mtu", &mtu_obj)) {
+        int mtu = json_object_get_int(mtu_obj);
+        what = "set MTU of";
+        if (mtu < 576 || mtu > 9000) {
+            close(sock);
+            return fail(err, errlen, "bad MTU %d", mtu);
+        }
+        ifr.ifr_mtu = mtu;
+        if (ioctl(sock, SIOCSIFMTU, &ifr) != 0)
+            goto out;
+    }
     what = "bring up";
     if (ioctl(sock, SIOCGIFFLAGS, &ifr) != 0)
         goto out;

@@ -77,7 +77,7 @@ def test_tap_prefixes_do_not_overlap():
 
 def test_identity():
     assert netplan.identity(300, "web", 7) == {
-        "mac": "0a:5f:01:2c:00:07", "ip": "10.101.44.9", "prefix": 24,
+        "mac": "0a:5f:01:2c:00:07", "ip": "10.101.44.9", "prefix": 24, "mtu": 1450,
         "gateway": "10.101.44.1", "hostname": "web-7", "family": "web",
         "family_no": 300, "id": 7,
     }

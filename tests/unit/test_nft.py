@@ -55,8 +55,23 @@ def test_bridge_table_sends_ports_to_their_vm_chains_and_drops_strangers():
     assert script.count("iifname vmap @ports") == 2
     assert script.count('iifname "sft300x*" counter name "unknown_port" drop') == 2
     forward = script[script.index("type filter hook forward priority filter; policy accept;"):]
-    assert forward[1:3] == ["iifname @vm_ports accept",
+    assert forward[1:4] == ["iifname @vm_ports accept", 'iifname "sfvx300" accept',
                             'oifname @vm_ports counter name "unknown_port" drop']
+
+
+def test_the_vxlan_port_lets_in_only_the_familys_vms_and_lets_out_nothing_of_the_host():
+    script = lines(nft.family_tables(F, nat=False))
+    assert script.count('iifname "sfvx300" jump tunnel_in') == 2
+    tunnel = script[script.index("chain tunnel_in {") + 1:]
+    tunnel = tunnel[:tunnel.index("}")]
+    # The family's MACs only (0a:5f:<f>), never its gateway (each host has its own at that address).
+    assert tunnel[0] == 'ether saddr & ff:ff:ff:ff:00:00 != 0a:5f:01:2c:00:00 counter name "tunnel_in" drop'
+    assert 'ether saddr 0a:5f:01:2c:ff:ff counter name "tunnel_in" drop' in tunnel
+    assert 'ip saddr 10.101.44.1 counter name "tunnel_in" drop' in tunnel
+    assert 'udp dport { 67, 68 } counter name "tunnel_in" drop' in tunnel   # each host's own DHCP
+    assert tunnel[-1] == 'counter name "tunnel_in" drop'
+    output = script[script.index("type filter hook output priority filter; policy accept;"):]
+    assert output[1] == 'oifname "sfvx300" drop'
 
 
 def test_inet_table_keeps_traffic_in_the_family():
