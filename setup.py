@@ -3,7 +3,7 @@ import subprocess
 from setuptools import Extension, setup
 
 # hostd/'s sub-packages, one concern each (docs/architecture.md).
-HOSTD_PARTS = ("daemon", "state", "vm", "fork", "guestapi", "net", "policy", "memory")
+HOSTD_PARTS = ("daemon", "state", "vm", "fork", "guestapi", "net", "policy", "memory", "master", "cluster")
 
 
 def pkg_config(flag: str, package: str) -> list[str]:

@@ -108,17 +108,32 @@ class Checkpoint:
             if manifest.stat().st_size > 1 << 20:
                 raise ValueError("larger than 1 MiB")
             d = json.loads(manifest.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path.name}: manifest is corrupt ({exc})") from exc
+        ckpt = cls.parse(d, path)
+        ckpt.verify()
+        return ckpt
+
+    @classmethod
+    def parse(cls, d, path: Path, remote: bool = False) -> "Checkpoint":
+        """A manifest's JSON (from its file, or from another host) as a checkpoint
+        at `path`, its types checked. remote: the disk and RAM stay on the host
+        that sent it (NBD, memory server), so no path of that host is taken in."""
+        try:
             if not isinstance(d, dict):
                 raise TypeError("not a JSON object")
             if d.get("format") != FORMAT or d.get("version") not in READABLE_VERSIONS:
                 raise CheckpointError(f"checkpoint {path.name}: not a {FORMAT} v{VERSION} manifest")
             fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
             fields["path"] = str(path)
-            fields["disk"] = _disk_path(path, fields["disk"])
-            chain = fields.get("disk_chain", ())
-            if not isinstance(chain, (list, tuple)):
-                raise TypeError("disk_chain is not a list")
-            fields["disk_chain"] = tuple(_disk_path(path, p) for p in chain)
+            if remote:
+                fields["disk"], fields["disk_chain"] = "", ()
+            else:
+                fields["disk"] = _disk_path(path, fields["disk"])
+                chain = fields.get("disk_chain", ())
+                if not isinstance(chain, (list, tuple)):
+                    raise TypeError("disk_chain is not a list")
+                fields["disk_chain"] = tuple(_disk_path(path, p) for p in chain)
             ckpt = cls(**fields)
             _check_types(ckpt)
             MachineSpec.from_json(ckpt.machine)
@@ -126,8 +141,14 @@ class Checkpoint:
             raise
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {path.name}: manifest is corrupt ({exc})") from exc
-        ckpt.verify()
         return ckpt
+
+    def verify_state(self) -> None:
+        """The device state is the one the manifest describes (size, checksum)."""
+        if not self.state_file.is_file() or self.state_file.stat().st_size != self.state_size:
+            raise CheckpointError(f"checkpoint {self.id}: device state has the wrong size")
+        if sha256_file(self.state_file) != self.state_sha256:
+            raise CheckpointError(f"checkpoint {self.id}: device state checksum does not match")
 
     def verify(self) -> None:
         name = self.id

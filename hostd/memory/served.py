@@ -58,19 +58,34 @@ def page_map_of(ckpt: Checkpoint) -> Path:
 @dataclass
 class Served:
     checkpoint: str
-    memtap: Memtap
+    memtap: Memtap | None          # None: served to other hosts only (export)
     users: set[str] = field(default_factory=set)
+    token: str = ""
+    remote: bool = False           # a memtap of another host's server (ram_from)
+
+
+def _unwrapped(argv: list[str]) -> list[str]:
+    return argv
 
 
 class ServedMemory:
-    """ram_for(ckpt, clones) / vm_gone(rec) / explain(rec) / stats() / down()."""
+    """ram_for(ckpt, clones) / export(ckpt, users) / ram_from(...) / release(name) /
+    vm_gone(rec) / explain(rec) / stats() / down().
 
-    def __init__(self, directory: Path, far: FarSide, near_wrap: Wrap):
+    Alone on a machine, the memory server runs on the far side (farside.py) and
+    memtap in hostd's families' namespace. In a cluster (`listen` = this host's
+    address on the hosts' network) both run in hostd's own namespace: the
+    server where every host's memtap can reach it, memtap where it reaches any
+    host's server; FUSE mounts do not care about network namespaces."""
+
+    def __init__(self, directory: Path, far: FarSide | None, near_wrap: Wrap, listen: str | None = None):
         self.dir = Path(directory)
         self.far = far
-        self.near_wrap = near_wrap
+        self.listen = listen
+        self.near_wrap = near_wrap if listen is None else _unwrapped
         self.server: MemoryServer | None = None
-        self.served: dict[str, Served] = {}
+        self.served: dict[str, Served] = {}      # checkpoint -> this host's memtap of it
+        self.exported: dict[str, Served] = {}    # checkpoint -> served to other hosts' memtaps
         self._deaths: dict[str, str] = {}     # clone -> why its memory failed, once it is gone
         self._lock = asyncio.Lock()
 
@@ -91,13 +106,28 @@ class ServedMemory:
         if self.server is None or not self.server.alive():
             if self.server is not None:
                 self.server.stop()
-            self.far.ensure()
-            server = MemoryServer(self.dir / "server", self.far.wrap)
-            server.start(self.far.server_ip)
+            if self.listen is not None:
+                server = MemoryServer(self.dir / "server", _unwrapped)
+                server.start(self.listen)
+            else:
+                assert self.far is not None
+                self.far.ensure()
+                server = MemoryServer(self.dir / "server", self.far.wrap)
+                server.start(self.far.server_ip)
             self.server = server
         return self.server
 
     def _serve(self, ckpt: Checkpoint) -> Served:
+        page_map, server, token = self._export(ckpt)
+        memtap = Memtap(self.dir / "memtap" / ckpt.id, self.near_wrap, ckpt.id)
+        try:
+            memtap.start(server.address, server.port, token, page_map, FETCH_TIMEOUT_MS, READ_AHEAD_KB)
+        except BaseException:
+            server.remove(ckpt.id)
+            raise
+        return Served(ckpt.id, memtap, token=token)
+
+    def _export(self, ckpt: Checkpoint) -> tuple[Path, MemoryServer, str]:
         page_map = page_map_of(ckpt)
         server = self._server()
         token = secrets.token_hex(32)
@@ -106,16 +136,56 @@ class ServedMemory:
         except LazyMemoryError:
             pass
         server.add(ckpt.id, token, ckpt.ram_file, page_map)
-        memtap = Memtap(self.dir / "memtap" / ckpt.id, self.near_wrap, ckpt.id)
-        try:
-            memtap.start(server.address, server.port, token, page_map, FETCH_TIMEOUT_MS, READ_AHEAD_KB)
-        except BaseException:
-            server.remove(ckpt.id)
-            raise
-        return Served(ckpt.id, memtap)
+        return page_map, server, token
+
+    # -- across hosts ------------------------------------------------------
+    async def export(self, ckpt: Checkpoint, users: list[str]) -> dict:
+        """Serve a checkpoint to memtaps on other hosts, for clones `users`
+        (it stays served until release() let go of the last of them): where the
+        server is, the token, and the page map a clone host needs."""
+        async with self._lock:
+            s = self.exported.get(ckpt.id)
+            if s is None or self.server is None or not self.server.alive():
+                page_map, server, token = await asyncio.to_thread(self._export, ckpt)
+                s = self.exported[ckpt.id] = Served(ckpt.id, None, token=token)
+            s.users.update(users)
+            assert self.server is not None
+            return {"address": self.server.address, "port": self.server.port, "token": s.token,
+                    "page_map": str(page_map_of(ckpt))}
+
+    async def ram_from(self, ckpt_id: str, address: str, port: int, token: str, page_map: Path,
+                       clones: list[str]) -> str:
+        """On a clone host: the file clones map, from another host's memory server."""
+        async with self._lock:
+            s = self.served.get(ckpt_id)
+            if s is not None and not s.memtap.alive():
+                await asyncio.to_thread(self._retire, s)
+                s = None
+            if s is None:
+                memtap = Memtap(self.dir / "memtap" / ckpt_id, self.near_wrap, ckpt_id)
+                await asyncio.to_thread(memtap.start, address, port, token, page_map, FETCH_TIMEOUT_MS,
+                                        READ_AHEAD_KB)
+                s = self.served[ckpt_id] = Served(ckpt_id, memtap, token=token, remote=True)
+            s.users.update(clones)
+            return str(s.memtap.ram)
+
+    def release(self, name: str) -> None:
+        """A clone on another host ended: the checkpoint it used may stop being served."""
+        for key, s in list(self.exported.items()):
+            s.users.discard(name)
+            if not s.users:
+                del self.exported[key]
+                if self.server is not None and self.server.alive() and key not in self.served:
+                    try:
+                        self.server.remove(key)
+                    except LazyMemoryError as exc:
+                        log.warning("checkpoint %s: %s", key, exc)
 
     def _retire(self, s: Served) -> None:
-        s.memtap.stop()
+        if s.memtap is not None:
+            s.memtap.stop()
+        if s.remote or s.checkpoint in self.exported:
+            return                            # not ours to forget, or still wanted elsewhere
         if self.server is not None and self.server.alive():
             try:
                 self.server.remove(s.checkpoint)
@@ -166,6 +236,7 @@ class ServedMemory:
         for s in list(self.served.values()):
             self._retire(s)
         self.served.clear()
+        self.exported.clear()
         if self.server is not None:
             self.server.stop()
             self.server = None

@@ -251,10 +251,12 @@ class FamilyNetwork:
                 if taps.match(link.get_attr("IFLA_IFNAME") or ""):
                     with contextlib.suppress(NetlinkError):  # gone meanwhile
                         ipr.link("del", index=link["index"])
-            index = _index(ipr, self.bridge)
-            if index is not None:
-                with contextlib.suppress(NetlinkError):
-                    ipr.link("del", index=index)
+            # The tunnel to other hosts of the family (tunnel.py), if it spanned any.
+            for name in (netplan.vxlan_name(self.f), self.bridge):
+                index = _index(ipr, name)
+                if index is not None:
+                    with contextlib.suppress(NetlinkError):
+                        ipr.link("del", index=index)
 
     def __enter__(self) -> "FamilyNetwork":
         return self.up()

@@ -16,6 +16,7 @@ QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT_NAME = "org.sfmpi.0"
 RAM_BACKEND_ID = "ram0"
 DISK_NODE = "disk0"
+NBD_TLS_ID = "nbdtls0"
 DISK_DEVICE = "vblk0"
 NET_ID = "net0"
 NIC_DEVICE = "nic0"
@@ -50,6 +51,19 @@ class Qcow2Disk:
     # would only make each other wait. Reads by later clones of a checkpointed
     # clone go through the host's page cache either way.
     ephemeral: bool = False
+    # Where reads of clusters the overlay lacks go, when not to the backing
+    # file its header names (a local layer): a remote clone's NBD backing.
+    backing: NbdBacking | None = None
+
+
+@dataclass(frozen=True)
+class NbdBacking:
+    """A frozen disk on another host, exported read-only over NBD with TLS: a
+    remote clone's overlay reads through to it (hostd/cluster/nbd.py)."""
+    host: str
+    port: int
+    export: str
+    tls_dir: str          # QEMU's tls-creds-x509 directory (ca-cert.pem, client-cert.pem, client-key.pem)
 
 
 @dataclass(frozen=True)
@@ -126,9 +140,19 @@ def disk_args(disk: Qcow2Disk | NullDisk) -> list[str]:
         blockdev = f"driver=null-co,node-name={DISK_NODE},size={disk.size}"
         return ["-blockdev", blockdev, "-device", f"virtio-blk-pci,drive={DISK_NODE},id={DISK_DEVICE}"]
     no_flush = ",cache.no-flush=on" if disk.ephemeral else ""
+    remote: list[str] = []
+    backing = ""
+    if disk.backing is not None:
+        b = disk.backing
+        remote = ["-object", f"tls-creds-x509,id={NBD_TLS_ID},endpoint=client,dir={opt(b.tls_dir)}",
+                  "-blockdev", f"driver=nbd,server.type=inet,server.host={opt(b.host)},server.port={int(b.port)},"
+                               f"export={opt(b.export)},tls-creds={NBD_TLS_ID},read-only=on,"
+                               f"node-name={DISK_NODE}-backing"]
+        backing = f",backing={DISK_NODE}-backing"
     return [
+        *remote,
         "-blockdev", f"driver=file,filename={opt(disk.path)},node-name={DISK_NODE}-file{no_flush}",
-        "-blockdev", f"driver=qcow2,file={DISK_NODE}-file,node-name={DISK_NODE}",
+        "-blockdev", f"driver=qcow2,file={DISK_NODE}-file,node-name={DISK_NODE}{backing}",
         "-device", f"virtio-blk-pci,drive={DISK_NODE},id={DISK_DEVICE}",
     ]
 
@@ -189,6 +213,14 @@ def vm_argv(
     if incoming is not None:
         argv += ["-incoming", incoming]
     return argv
+
+
+def remote_overlay_argv(path: str, backing: NbdBacking, size: int, qemu_img: str = "qemu-img") -> list[str]:
+    """An overlay on a remote frozen disk (raw over NBD). -u: the backing is not
+    opened here (it needs TLS credentials QEMU's command line gives it), so the
+    size is given; the header's backing name is for people, QEMU gets the node."""
+    url = f"nbd://{backing.host}:{int(backing.port)}/{backing.export}"
+    return [qemu_img, "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", url, path, str(int(size))]
 
 
 def overlay_argv(path: str, backing: str, qemu_img: str = "qemu-img") -> list[str]:

@@ -73,6 +73,10 @@ def make_home(tag: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"sfmpi-{tag}-", dir="/tmp")).resolve()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "lab: a lab of hosts in network namespaces (no VMs); `-m lab` runs only these")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
