@@ -3,7 +3,7 @@ import subprocess
 from setuptools import Extension, setup
 
 # hostd/'s sub-packages, one concern each (docs/architecture.md).
-HOSTD_PARTS = ("daemon", "state", "vm", "fork", "guestapi", "net", "policy", "memory", "master", "cluster")
+HOSTD_PARTS = ("daemon", "state", "vm", "fork", "guestapi", "net", "policy", "memory", "master", "cluster", "lab")
 
 
 def pkg_config(flag: str, package: str) -> list[str]:
