@@ -20,11 +20,14 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from sfmpi.errors import CheckpointError, NotFound, SfmpiError, UsageError
 from sfmpi.paths import Paths
 
+from ..cluster.config import ClusterConfig
+from ..cluster.spanning import Spanning
 from ..fork.capture import resume_after_migration
 from ..fork.checkpointer import Checkpointer
 from ..fork.disks import backing_chain, top_disk
@@ -125,14 +128,17 @@ class GuestSide:
 
 
 class Host:
-    def __init__(self, paths: Paths, store: Store, budget: Budget):
+    def __init__(self, paths: Paths, store: Store, budget: Budget, cluster: ClusterConfig | None = None):
         self.paths = paths
         self.store = store
         self.budget = budget
+        self.cluster = cluster
+        self.host_name = cluster.host if cluster else socket.gethostname()
         self.vms = VmRegistry(store)
         self.netns = HostNamespace(paths.netns)   # made with the first family
         self.families = Families(paths.home / "net", remembered=self._remembered_options, netns=self.netns,
-                                 uplink=Uplink(uplink_plan(paths.tag), paths.netns))
+                                 uplink=Uplink(uplink_plan(paths.tag), paths.netns),
+                                 first_family=cluster.family_start if cluster else 1)
         # QEMU runs in the families' namespace: it opens its tap there by name.
         self.runtime = VmRuntime(paths, store, self.vms, wrap=self.netns.wrap)
         self.tickets = TicketBook(FAMILY_LIMIT, store)
@@ -140,14 +146,22 @@ class Host:
         self.quotas = Quotas(FamilyQuota.from_env(), budget, self.family_usage,
                              lambda family: sum(1 for r in store.checkpoint_rows() if r["family"] == family),
                              self.tickets.outstanding)
-        self.parents = Parents(self.runtime, self.vms, self.admission, self.families, store)
+        self.parents = Parents(self.runtime, self.vms, self.admission, self.families, store, self.host_name)
         self.checkpoints = Checkpointer(paths, store, self.vms, self.runtime, Receivers(self.runtime, self.admission, self.families.in_namespace))
         self.retention = Retention(paths, store, self.vms)
         # Served memory: the memory server on the far side of a veth, memtap here.
         self.clone_memory = clone_memory_mode()
-        self.memory = ServedMemory(paths.home / "memory", FarSide(self.netns), near_wrap=self.netns.wrap)
+        # In a cluster the server listens on this host's address, for every host's memtaps.
+        self.memory = ServedMemory(paths.home / "memory", FarSide(self.netns), near_wrap=self.netns.wrap,
+                                   listen=cluster.address if cluster else None)
         self.cloner = Cloner(self.runtime, self.vms, self.admission, self.families, self.checkpoints.find,
-                             served_ram=self.memory.ram_for)
+                             served_ram=self.memory.ram_for, host_name=self.host_name)
+        self.span: Spanning | None = None
+        if cluster is not None:
+            self.span = Spanning(cluster, paths, self.cloner, self.families, self.memory, self.runtime, self.vms,
+                                 self.admission)
+            self.cloner.span = self.span
+            self.vms.on_gone(self.span.vm_gone)
         self.clone_api = CloneApi(GuestSide(self), self.tickets)
         self.vms.on_gone(lambda rec, _reason: self.families.leave_soon(rec.name))
         self.vms.on_gone(self.clone_api.vm_gone)
@@ -188,7 +202,7 @@ class Host:
             "family": rec.family, "family_no": rec.family_no or None,
             "netid": rec.netid if rec.family else None,
             "ip": str(netplan.ip(rec.family_no, rec.netid)) if rec.family_no else "",
-            "ticket": rec.ticket, **self.family_options(rec.family).to_json(),
+            "ticket": rec.ticket, "host": self.host_name, **self.family_options(rec.family).to_json(),
         }
 
     # -- operations ------------------------------------------------------
@@ -308,6 +322,8 @@ class Host:
             await asyncio.gather(*(self.runtime.stop(r.name) for r in batch), return_exceptions=True)
             stopped += [r.name for r in batch]
         self.runtime.cancel_watchers()
+        if self.span is not None:
+            await self.span.down()
         await asyncio.to_thread(self.memory.down)   # before the namespaces it runs in go
         await self.families.down()
         shutil.rmtree(self.paths.shm, ignore_errors=True)

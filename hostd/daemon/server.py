@@ -25,6 +25,8 @@ from sfmpi.paths import Paths
 
 from ..policy.admission import Budget
 from ..state.store import Store
+from ..cluster.config import ClusterConfig
+from ..cluster.spanning import Membership
 from .host import Host
 from .lock import HostLock
 
@@ -57,7 +59,8 @@ class Hostd:
         try:
             self.paths.ensure()
             store = Store(self.paths.db)
-            self.host = Host(self.paths, store, self.budget)
+            cluster = ClusterConfig.from_env()
+            self.host = Host(self.paths, store, self.budget, cluster)
             recovered = await self.host.recover()
             if recovered["attached"] or recovered["reaped"]:
                 log.info("recovered: attached %s, reaped %s", recovered["attached"], recovered["reaped"])
@@ -70,8 +73,15 @@ class Hostd:
                 loop.add_signal_handler(sig, self.shutdown.set)
             log.info("hostd %d serving %s (budget %d MiB, %d vCPUs)", os.getpid(), self.paths.socket,
                      self.budget.mem_mb, self.budget.vcpus)
+            membership = None
+            if self.host.span is not None:
+                # A host of a cluster: the peer listener, and heartbeats to the master.
+                membership = Membership(self.host.span, self.host.usage, self.budget, self.host.list_vms)
+                await membership.start()
             async with server:
                 await self.shutdown.wait()
+            if membership is not None:
+                await membership.stop()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths.socket)
             store.close()

@@ -29,7 +29,7 @@ from ..net import netplan
 from ..net.families import Families, Family
 from ..policy.admission import Admission
 from ..state.records import VmRecord, VmRole, VmState
-from ..vm.cmdline import Nic, Qcow2Disk, Sockets, vm_argv
+from ..vm.cmdline import NbdBacking, Nic, Qcow2Disk, Sockets, vm_argv
 from ..vm.registry import VmRegistry
 from ..vm.runtime import VmRuntime
 from .capture import set_capabilities
@@ -61,9 +61,15 @@ class Cloner:
     admission and the families; find(ref) looks up a checkpoint."""
 
     def __init__(self, runtime: VmRuntime, vms: VmRegistry, admission: Admission, families: Families,
-                 find: Callable[[str], Checkpoint], served_ram: ServedRam | None = None):
-        """served_ram(ckpt, clone names): the file served clones map (memtap's), for --memory served."""
+                 find: Callable[[str], Checkpoint], served_ram: ServedRam | None = None, host_name: str = ""):
+        """served_ram(ckpt, clone names): the file served clones map (memtap's), for --memory served.
+        host_name: what a clone's whoami says it runs on."""
         self.served_ram = served_ram
+        self.host_name = host_name
+        # Checkpoints of other hosts whose frozen disk is read over NBD (cluster/spanning.py).
+        self.remote_disks: dict[str, NbdBacking] = {}
+        # Set in a cluster: forks whose clones the master places on several hosts.
+        self.span = None
         self.runtime = runtime
         self.vms = vms
         self.admission = admission
@@ -80,6 +86,13 @@ class Cloner:
         t0 = time.monotonic()
         ckpt = self.find(ref)
         spec = ckpt.spec
+        if self.span is not None:
+            placement = await self.span.place(ckpt.family or ckpt.vm, n, spec.mem_mb, spec.cpus, allow_fewer)
+            if set(placement) != {self.span.host}:
+                res = await self._clone_across(ckpt, placement, memory, t0)
+                return {"checkpoint": ckpt.id, "requested": n, "granted": sum(placement.values()),
+                        "memory": memory, "placement": placement, **res}
+            n, allow_fewer = placement[self.span.host], False
         async with self.admission.lock:
             granted = self.admission.admit(n, spec.mem_mb, spec.cpus, allow_fewer,
                                            what=f"clone of checkpoint {ckpt.id}")
@@ -89,6 +102,57 @@ class Cloner:
             recs = await self._reserve(ckpt, fam, orders, ticket="", memory=memory)
         res = await self.start(ckpt, fam, orders, recs, identify_greeting, "identified", t0)
         return {"checkpoint": ckpt.id, "requested": n, "granted": granted, "memory": memory, **res}
+
+    async def _clone_across(self, ckpt: Checkpoint, placement: dict[str, int], memory: str, t0: float) -> dict:
+        """A host-side fork whose clones the master spread over hosts: this
+        host's share as usual, each other host's started there from the
+        checkpoint's descriptor (cluster/spanning.py); all or nothing."""
+        assert self.span is not None
+        spec, here = ckpt.spec, self.span.host
+        local_n = placement.get(here, 0)
+        async with self.admission.lock:
+            if local_n:
+                self.admission.admit(local_n, spec.mem_mb, spec.cpus, False, what=f"clone of checkpoint {ckpt.id}")
+            fam = await self.families.ensure(ckpt.family or ckpt.vm)
+            ids = self._free_ids(fam, sum(placement.values()))
+            orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=k) for k in ids]
+            by_host: dict[str, list[Order]] = {}
+            for host, count in placement.items():
+                by_host[host], orders = orders[:count], orders[count:]
+            recs = await self._reserve(ckpt, fam, by_host[here], ticket="", memory=memory) if local_n else []
+            for host, mine in by_host.items():
+                if host != here:
+                    fam.remote.update({o.name: (o.netid, host) for o in mine})
+        remote = {h: o for h, o in by_host.items() if h != here}
+        try:
+            await self.span.join_family(fam, set(remote))
+            jobs = [self.span.start_remote(ckpt, fam, host, mine) for host, mine in remote.items()]
+            if local_n:
+                jobs.append(self.start(ckpt, fam, by_host[here], recs, identify_greeting, "identified", t0))
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+        except BaseException as exc:
+            results = [exc]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            # start() undid this host's share itself; the other hosts' go too.
+            await self.span.stop_remote(remote)
+            for mine in remote.values():
+                for o in mine:
+                    fam.remote.pop(o.name, None)
+            for rec in recs:
+                await self.runtime.abandon(rec.name, failed[0])
+            self.families.drop_if_empty(fam)
+            raise failed[0]
+        out: dict = {"clones": [], "ids": [], "per_clone": [], "hosts": {}}
+        for host, r in zip([*remote, *([here] if local_n else [])], results):
+            out["clones"] += r["clones"]
+            out["ids"] += r["ids"]
+            out["per_clone"] += r["per_clone"]
+            out["hosts"].update({name: host for name in r["clones"]})
+            for k in ("total_ms", "resumed_ms"):
+                out[k] = max(out.get(k, 0.0), r[k])
+        out["total_ms"] = (time.monotonic() - t0) * 1000.0
+        return out
 
     # -- in-guest: the clone call of a ticket ----------------------------
     async def clone_for_ticket(self, ckpt: Checkpoint, count: int, ticket: str,
@@ -113,18 +177,21 @@ class Cloner:
             raise
 
     async def _reserve(self, ckpt: Checkpoint, fam: Family, orders: list[Order], ticket: str,
-                       memory: str = "local") -> list[VmRecord]:
+                       memory: str = "local", ram: str | None = None) -> list[VmRecord]:
+        """ram: the file the clones map when it is given (another host's checkpoint, through memtap)."""
         recs = []
-        ram = str(ckpt.ram_file)
+        given = ram is not None
+        ram = ram if ram is not None else str(ckpt.ram_file)
         try:
-            if memory == "served":
+            if memory == "served" and not given:
                 assert self.served_ram is not None
                 ram = await self.served_ram(ckpt, [o.name for o in orders])
             for o in orders:
                 rec = VmRecord(name=o.name, role=VmRole.CLONE, state=VmState.STARTING,
                                spec=ckpt.spec.to_json(), overlay=self.runtime.new_layer(o.name),
                                checkpoint=ckpt.id, family=fam.name, family_no=fam.number,
-                               netid=o.netid, ticket=ticket, backing=(ckpt.disk, *ckpt.disk_chain),
+                               netid=o.netid, ticket=ticket,
+                               backing=(ckpt.disk, *ckpt.disk_chain) if ckpt.disk else (),
                                **{**self.runtime.files(o.name), "ram_path": ram})
                 self.runtime.reserve(rec)
                 recs.append(rec)
@@ -195,7 +262,8 @@ class Cloner:
         nic = Nic(mac=netplan.mac(fam.number, order.netid), tap=netplan.tap_name(fam.number, order.netid))
         # The checkpoint's RAM file, or memtap's file of it (served memory): mapped privately either way.
         argv = vm_argv(ckpt.spec, name=rec.name, ram_path=rec.ram_path, share_ram=False,
-                       disk=Qcow2Disk(rec.overlay, ephemeral=True), sockets=Sockets(rec.qmp_path, rec.agent_path),
+                       disk=Qcow2Disk(rec.overlay, ephemeral=True, backing=self.remote_disks.get(ckpt.id)),
+                       sockets=Sockets(rec.qmp_path, rec.agent_path),
                        serial_log=rec.serial_log, nic=nic, vmgenid=str(uuid.uuid4()), incoming="defer")
         if rec.ram_path != str(ckpt.ram_file):
             # Served memory: no huge-page advice, or every fault reads 4 MiB from the server.
@@ -224,7 +292,7 @@ class Cloner:
         t_resumed = time.monotonic()
         crashpoints.reached("clone:resumed")
         ident = {**netplan.identity(fam.number, fam.name, order.netid), "id": order.index,
-                 "netid": order.netid, "ticket": rec.ticket or None}
+                 "netid": order.netid, "ticket": rec.ticket or None, "host": self.host_name}
         assert vm.agent is not None
         await vm.agent.send_op(greeting(ident, self.extras(fam, ckpt)))
         try:

@@ -65,14 +65,17 @@ class Family:
     number: int
     net: FamilyNetwork
     members: dict[str, int] = field(default_factory=dict)   # VM name -> ID
+    # Members on other hosts (a fork across hosts), on the family's first host:
+    # VM name -> (ID, host). Their IDs are taken; their taps are elsewhere.
+    remote: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     @property
     def options(self) -> NetOptions:
         return NetOptions(self.net.nat, self.net.open_ports)
 
     def hosts(self) -> list[list[str]]:
-        return [[netplan.hostname(self.name, k), str(netplan.ip(self.number, k))]
-                for k in sorted(self.members.values())]
+        ids = set(self.members.values()) | {k for k, _host in self.remote.values()}
+        return [[netplan.hostname(self.name, k), str(netplan.ip(self.number, k))] for k in sorted(ids)]
 
 
 class Families:
@@ -81,11 +84,13 @@ class Families:
     hostd's), and nft and dnsmasq are blocking subprocesses."""
 
     def __init__(self, state_dir: Path, remembered: Callable[[str], NetOptions] = lambda name: NetOptions(),
-                 netns: HostNamespace | None = None, uplink: Uplink | None = None):
+                 netns: HostNamespace | None = None, uplink: Uplink | None = None, first_family: int = 1):
         """remembered(name): the options family `name` had last (hostd: from its store).
         netns: the namespace the families live in (hostd's own; None: the caller's),
         with its uplink for NAT and open ports."""
         self.state_dir = state_dir
+        # Where this host's own family numbers start (cluster: disjoint per host, cluster/config.py).
+        self.first_family = netplan.check_family(first_family)
         self.remembered = remembered
         self.netns = netns
         self._netns_ready = False
@@ -136,7 +141,7 @@ class Families:
             return fam
         if options is None:
             options = remembered if remembered is not None else NetOptions()
-        f = number if number is not None else allocate_family()
+        f = number if number is not None else allocate_family(self.first_family)
         net = FamilyNetwork(f, name, self.state_dir, nat=options.nat, open_ports=options.open_ports,
                             manage_forwarding=self.netns is None)
         net.up()
@@ -154,7 +159,7 @@ class Families:
     def free_ids(self, fam: Family, count: int, name_taken=lambda name: False) -> list[int]:
         """The lowest IDs no living member holds (1..250; 0 is the parent's) whose
         VM name (the hostname) is free too: a crashed VM keeps its name until down."""
-        used = set(fam.members.values())
+        used = set(fam.members.values()) | {k for k, _host in fam.remote.values()}
         free = [k for k in range(1, netplan.MAX_ID + 1)
                 if k not in used and not name_taken(netplan.hostname(fam.name, k))][:count]
         if len(free) < count:

@@ -41,7 +41,8 @@ def check_name(name: str) -> str:
 
 class Parents:
     def __init__(self, runtime: VmRuntime, vms: VmRegistry, admission: Admission, families: Families,
-                 store: Store):
+                 store: Store, host_name: str = ""):
+        self.host_name = host_name  # what the guest's whoami says it runs on
         self.runtime = runtime
         self.vms = vms
         self.admission = admission
@@ -103,7 +104,7 @@ class Parents:
         """Give a booted parent its family identity (address, hostname)."""
         fam = self.families.of_vm(vm.name)
         assert fam is not None and vm.agent is not None
-        ident = {**netplan.identity(fam.number, fam.name, 0), "ticket": None}
+        ident = {**netplan.identity(fam.number, fam.name, 0), "ticket": None, "host": self.host_name}
         await vm.agent.send_op({"op": "identify", "identity": ident, "hosts": fam.hosts()})
         report = await vm.agent.wait_event("identified", IDENTIFY_TIMEOUT)
         if not report.get("ok"):

@@ -25,7 +25,7 @@ from sfmpi import api
 ROOT = Path(__file__).resolve().parents[2]
 AGENTD = ROOT / "native/build/sfmpi-agentd"
 IDENT = {"id": 2, "family": "p", "mac": "0a:5f:00:01:00:04", "ip": "10.100.1.6", "prefix": 24,
-         "gateway": "10.100.1.1", "hostname": "p-2", "ticket": "t1"}
+         "gateway": "10.100.1.1", "hostname": "p-2", "ticket": "t1", "host": "lab2", "mtu": 1450}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -256,7 +256,7 @@ def test_a_clone_answer_re_identifies_before_the_program_gets_its_id(ns_guest):
     addrs = subprocess.run(["ip", "-n", g.netns, "-o", "-4", "addr", "show", "d0"], capture_output=True,
                            text=True).stdout
     routes = subprocess.run(["ip", "-n", g.netns, "route"], capture_output=True, text=True).stdout
-    assert "link/ether 0a:5f:00:01:00:04" in link and ",UP" in link
+    assert "link/ether 0a:5f:00:01:00:04" in link and ",UP" in link and "mtu 1450" in link
     assert addrs.count("inet ") == 1 and "inet 10.100.1.6/24" in addrs
     assert "default via 10.100.1.1 dev d0" in routes
     assert (g.root / "etc/machine-id").read_text() == machine_id + "\n"
@@ -265,7 +265,7 @@ def test_a_clone_answer_re_identifies_before_the_program_gets_its_id(ns_guest):
                                                   "10.100.1.6 p-2\n# sfmpi family end\n")
     who = g.call({"v": 1, "op": "whoami"})
     assert who == {"v": 1, "ok": True, "id": 2, "role": "clone", "family": "p", "ip": "10.100.1.6",
-                   "mac": "0a:5f:00:01:00:04", "hostname": "p-2", "ticket": "t1"}
+                   "mac": "0a:5f:00:01:00:04", "hostname": "p-2", "ticket": "t1", "host": "lab2"}
     # The UTS namespace's hostname changed, not the host's.
     assert socket.gethostname() != "p-2"
 

@@ -327,7 +327,8 @@ def test_a_clone_of_three_leaves_three_running_records_with_their_family_ids(tmp
         agent = w.vms.find(name).agent
         (greeting,) = agent.sent
         assert greeting["op"] == "identify"
-        assert greeting["identity"] == {**netplan.identity(FAMILY_NO, "p", k), "id": k, "netid": k, "ticket": None}
+        assert greeting["identity"] == {**netplan.identity(FAMILY_NO, "p", k), "id": k, "netid": k, "ticket": None,
+                                        "host": ""}
         assert greeting["checkpoint"] == {"id": w.ckpt.id, "family": "p"}
         assert agent.waited == ["identified"]
     assert w.runtime.abandoned == []

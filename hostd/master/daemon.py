@@ -1,0 +1,167 @@
+"""The master daemon (`sfmpi master`): the cluster's registry of hosts and its placement.
+
+hostds register with their capacity and send a heartbeat every HEARTBEAT_S
+with what they use; a host silent for DOWN_AFTER_S is marked down and gets no
+clone. A hostd forking across hosts asks `place` where its clones go (policy
+pack or spread, per-family limits); `hosts` and `vms` are for the CLI (the
+`admin` certificate). Every connection is mutual TLS with the cluster's keys
+(hostd/cluster/keys.py): a caller is who its certificate says, and a host may
+only speak for itself.
+
+State (hosts, tickets) is in SQLite (store.py), so a restarted master knows
+its hosts at once; they are up again with their next heartbeat.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from sfmpi.errors import RoleError, UsageError
+
+from ..cluster import keys, wire
+from ..cluster.config import ADMIN_NAME, MASTER_NAME, PEER_PORT
+from .placement import POLICIES, place
+from .store import MasterStore
+
+log = logging.getLogger("sfmpi.master")
+
+HEARTBEAT_S = float(os.environ.get("SFMPI_HEARTBEAT_S", "1"))
+DOWN_AFTER_S = float(os.environ.get("SFMPI_DOWN_AFTER_S", "5"))
+FAMILY_CLONE_LIMIT = int(os.environ.get("SFMPI_MASTER_FAMILY_LIMIT", "64"))
+
+
+def _int(args: dict, key: str, low: int = 0) -> int:
+    v = args.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise UsageError(f"{key} must be an integer >= {low} (got {v!r})")
+    return v
+
+
+def _str(args: dict, key: str, limit: int = 200) -> str:
+    v = args.get(key)
+    if not isinstance(v, str) or not v or len(v) > limit:
+        raise UsageError(f"{key} must be a non-empty string (got {v!r})")
+    return v
+
+
+class Master:
+    def __init__(self, directory: Path, keys_dir: Path, listen: str, port: int, policy: str = "spread"):
+        if policy not in POLICIES:
+            raise UsageError(f"policy is one of {', '.join(POLICIES)} (got {policy!r})")
+        self.dir, self.keys_dir, self.listen, self.port, self.policy = Path(directory), Path(keys_dir), \
+            listen, port, policy
+        self.store: MasterStore | None = None
+        self.server: wire.WireServer | None = None
+        self.shutdown = asyncio.Event()
+        self._client = None
+
+    def _handlers(self) -> dict:
+        return {"ping": self.op_ping, "register": self.op_register, "heartbeat": self.op_heartbeat,
+                "place": self.op_place, "hosts": self.op_hosts, "vms": self.op_vms}
+
+    async def run(self) -> None:
+        os.umask(0o077)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.store = MasterStore(self.dir / "master.db")
+        self._client = keys.client_context(self.keys_dir, MASTER_NAME)
+        self.server = wire.WireServer(keys.server_context(self.keys_dir, MASTER_NAME), self._handlers())
+        port = await self.server.start(self.listen, self.port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.shutdown.set)
+        log.info("master %d on %s:%d (policy %s)", os.getpid(), self.listen, port, self.policy)
+        print(f"listening {port}", flush=True)
+        watcher = asyncio.ensure_future(self._watch())
+        try:
+            await self.shutdown.wait()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await self.server.close()
+            self.store.close()
+
+    async def _watch(self) -> None:
+        """Hosts that stopped answering are marked down: no clone goes there."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = time.time()
+            for name in self.store.mark_stale(now, DOWN_AFTER_S):
+                failed = self.store.fail_host_slots(name)
+                log.warning("host %s missed its heartbeats for %g s: down (tickets with clones there: %s)",
+                            name, DOWN_AFTER_S, ", ".join(failed) or "none")
+            self.store.prune(now, 3600)
+
+    # -- operations ------------------------------------------------------
+    @staticmethod
+    def _as_host(peer: str, args: dict) -> str:
+        name = _str(args, "name", 64)
+        if name != peer:
+            raise RoleError(f"{peer} may not speak for host {name}")
+        return name
+
+    async def op_ping(self, peer: str, _args: dict) -> dict:
+        return {"pid": os.getpid(), "policy": self.policy, "you": peer}
+
+    async def op_register(self, peer: str, args: dict) -> dict:
+        name = self._as_host(peer, args)
+        address = _str(args, "address", 64)
+        wire_port = _int(args, "port", 1)
+        assert self.store is not None
+        self.store.register(name, f"{address}:{wire_port}", _int(args, "mem_mb", 1), _int(args, "vcpus", 1),
+                            time.time())
+        log.info("host %s registered at %s:%d (%d MiB, %d vCPUs)", name, address, wire_port,
+                 args["mem_mb"], args["vcpus"])
+        return {"heartbeat_s": HEARTBEAT_S, "policy": self.policy}
+
+    async def op_heartbeat(self, peer: str, args: dict) -> dict:
+        name = self._as_host(peer, args)
+        assert self.store is not None
+        known = self.store.heartbeat(name, _int(args, "used_mem_mb"), _int(args, "used_vcpus"), time.time())
+        return {"registered": known}
+
+    async def op_place(self, peer: str, args: dict) -> dict:
+        """Where n clones of (mem_mb, cpus) go: {host: count}, with the hosts' addresses."""
+        assert self.store is not None
+        policy = args.get("policy") or self.policy
+        rooms = self.store.room(time.time(), DOWN_AFTER_S)
+        family = _str(args, "family")
+        placement = place(rooms, _int(args, "n", 1), _int(args, "mem_mb", 1), _int(args, "cpus", 1), policy,
+                          allow_fewer=bool(args.get("allow_fewer")), first=peer,
+                          family_limit=FAMILY_CLONE_LIMIT, family_held={family: self.store.held_by_family(family)})
+        addresses = {h["name"]: h["address"] for h in self.store.hosts()}
+        log.info("placed %s for %s (family %s, policy %s)", placement, peer, family, policy)
+        return {"placement": placement, "addresses": {h: addresses[h] for h in placement}}
+
+    async def op_hosts(self, _peer: str, _args: dict) -> list[dict]:
+        assert self.store is not None
+        return self.store.hosts()
+
+    async def op_vms(self, peer: str, _args: dict) -> list[dict]:
+        """Every up host's VMs, each with its host (what `vm list` shows through the master)."""
+        if peer != ADMIN_NAME:
+            raise RoleError(f"only {ADMIN_NAME} lists the cluster's VMs (not {peer})")
+        assert self.store is not None
+        hosts = [h for h in self.store.hosts() if h["state"] == "up"]
+
+        async def of(h: dict) -> list[dict]:
+            host, _, port = h["address"].rpartition(":")
+            try:
+                vms = await wire.call(host, int(port or PEER_PORT), self._client, h["name"], "vm.list", timeout=15)
+            except Exception as exc:  # one host's trouble does not hide the others
+                return [{"host": h["name"], "error": str(exc)}]
+            return [{**vm, "host": h["name"]} for vm in vms]
+        rows: list[dict] = []
+        for part in await asyncio.gather(*(of(h) for h in hosts)):
+            rows += part
+        return rows
+
+
+def serve(directory: Path, keys_dir: Path, listen: str, port: int, policy: str) -> None:
+    asyncio.run(Master(directory, keys_dir, listen, port, policy).run())
