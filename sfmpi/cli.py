@@ -12,7 +12,15 @@ from .errors import SfmpiError, UsageError
 
 
 def _client():
+    """hostd of this host, or of the lab host --host / SFMPI_HOST names (never started on demand:
+    a lab host's hostd runs in its namespace, started by `lab up`)."""
     from .client import HostdClient
+    host = (click.get_current_context(silent=True).find_root().obj or {}).get("host") \
+        if click.get_current_context(silent=True) else None
+    if host:
+        from .hostd.lab.lab import host_home
+        from .paths import Paths
+        return HostdClient(Paths(host_home(host)), autostart=False)
     return HostdClient()
 
 
@@ -40,8 +48,12 @@ class SfmpiGroup(click.Group):
 
 @click.group(cls=SfmpiGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Log what sfmpi does.")
-def main(verbose: bool) -> None:
+@click.option("--host", "host", envvar="SFMPI_HOST", default=None, metavar="NAME",
+              help="Drive the hostd of lab host NAME (default: this host's).")
+@click.pass_context
+def main(ctx, verbose: bool, host) -> None:
     """sfmpi: fork running QEMU/KVM virtual machines (SnowFlock-style)."""
+    ctx.obj = {"host": host}
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -140,21 +152,29 @@ def vm_exec(name, argv) -> None:
 
 
 @vm.command("list")
+@click.option("--all", "all_hosts", is_flag=True, help="Every host's VMs, through the lab's master.")
 @click.option("--json", "as_json", is_flag=True)
-def vm_list(as_json) -> None:
-    """VMs this host runs."""
-    # Starts hostd if needed: a new hostd re-attaches to VMs a previous one left.
-    rows = _client().call("vm.list")
+def vm_list(all_hosts, as_json) -> None:
+    """VMs this host runs (with --all: every host of the lab)."""
+    if all_hosts:
+        from .hostd.lab.lab import Lab
+        rows = Lab().admin("vms")
+    else:
+        # Starts hostd if needed: a new hostd re-attaches to VMs a previous one left.
+        rows = _client().call("vm.list")
 
     def human(rows):
         if not rows:
             click.echo("no VMs")
             return
-        fmt = "{:<28} {:<8} {:<8} {:>7} {:>5} {:>4}  {}"
-        click.echo(fmt.format("NAME", "ROLE", "STATE", "PID", "MEM", "CPU", "FROM / ERROR"))
+        fmt = "{:<28} {:<8} {:<8} {:<8} {:>7} {:>5} {:>4}  {}"
+        click.echo(fmt.format("NAME", "HOST", "ROLE", "STATE", "PID", "MEM", "CPU", "FROM / ERROR"))
         for r in rows:
-            click.echo(fmt.format(r["name"], r["role"], r["state"], r["pid"] or "-", r["mem_mb"], r["cpus"],
-                                  r["error"] or r["checkpoint"]))
+            if "name" not in r:   # a host that did not answer the master
+                click.echo(f"{r.get('host')}: {r.get('error')}")
+                continue
+            click.echo(fmt.format(r["name"], r.get("host") or "-", r["role"], r["state"], r["pid"] or "-",
+                                  r["mem_mb"], r["cpus"], r["error"] or r["checkpoint"]))
     _emit(rows, as_json, human)
 
 
@@ -321,6 +341,10 @@ def hostd_cmd(mem_budget, vcpu_budget) -> None:
         budget = Budget(budget.mem_mb, vcpu_budget)
     serve(Paths.from_env(), budget)
 
+
+from .cli_cluster import add_cluster_commands  # noqa: E402 - registers on main
+
+add_cluster_commands(main)
 
 if __name__ == "__main__":
     main()

@@ -315,7 +315,7 @@ class Membership:
 
     async def _register(self) -> float:
         ans = await self.span.master("register", name=self.span.host, address=self.span.config.address,
-                                     port=PEER_PORT, mem_mb=self.budget.mem_mb, vcpus=self.budget.vcpus)
+                                     peer_port=PEER_PORT, mem_mb=self.budget.mem_mb, vcpus=self.budget.vcpus)
         return float(ans.get("heartbeat_s", 1.0))
 
     async def _beat(self) -> None:
@@ -332,6 +332,9 @@ class Membership:
                 registered = bool(ans.get("registered"))
             except SfmpiError as exc:
                 log.warning("master: %s", exc)
+                registered = False
+            except Exception:  # a bug: logged, and the heartbeats go on
+                log.exception("heartbeat to the master")
                 registered = False
             await asyncio.sleep(interval)
 

@@ -112,7 +112,7 @@ class Master:
     async def op_register(self, peer: str, args: dict) -> dict:
         name = self._as_host(peer, args)
         address = _str(args, "address", 64)
-        wire_port = _int(args, "port", 1)
+        wire_port = _int(args, "peer_port", 1)
         assert self.store is not None
         self.store.register(name, f"{address}:{wire_port}", _int(args, "mem_mb", 1), _int(args, "vcpus", 1),
                             time.time())
