@@ -176,7 +176,7 @@ class Spanning:
         mem = descriptor.get("memory") or {}
         disk = descriptor.get("disk") or {}
         backing = NbdBacking(host=str(disk.get("host")), port=int(disk.get("port")), export=ckpt_id,
-                             tls_dir=str(self.config.keys / f"qemu-{self.host}"))
+                             tls_dir=str(self.config.keys / f"qemu-{self.host}"), server_name=origin)
         template = ckpt.overlay_template
         if not template.exists():
             partial = template.with_name(template.name + ".partial")

@@ -32,6 +32,7 @@ from ..state.records import VmRecord, VmRole, VmState
 from ..vm.cmdline import NbdBacking, Nic, Qcow2Disk, Sockets, vm_argv
 from ..vm.registry import VmRegistry
 from ..vm.runtime import VmRuntime
+from ..vm.tap import open_tap
 from .capture import set_capabilities
 from .disks import make_overlay_template
 from .manifest import Checkpoint
@@ -259,7 +260,12 @@ class Cloner:
         # A fresh qcow2 overlay is the same bytes for every clone of a checkpoint:
         # copying the checkpoint's template costs far less than running qemu-img.
         shutil.copyfile(await self._overlay_template(ckpt), rec.overlay)
-        nic = Nic(mac=netplan.mac(fam.number, order.netid), tap=netplan.tap_name(fam.number, order.netid))
+        remote_disk = self.remote_disks.get(ckpt.id)
+        tap = netplan.tap_name(fam.number, order.netid)
+        # A clone whose disk is on another host runs in hostd's own namespace,
+        # where the hosts' network is; its tap, opened in the families', is passed in.
+        tap_fd = await self.families.in_namespace(open_tap, tap) if remote_disk is not None else None
+        nic = Nic(mac=netplan.mac(fam.number, order.netid), tap=None if tap_fd is not None else tap, tap_fd=tap_fd)
         # The checkpoint's RAM file, or memtap's file of it (served memory): mapped privately either way.
         argv = vm_argv(ckpt.spec, name=rec.name, ram_path=rec.ram_path, share_ram=False,
                        disk=Qcow2Disk(rec.overlay, ephemeral=True, backing=self.remote_disks.get(ckpt.id)),
@@ -272,9 +278,12 @@ class Cloner:
         # no `cat` process per clone (QEMU 7.2 has no file: migration URI).
         state_fd = os.open(ckpt.state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            vm = await self.runtime.launch(rec, argv, pass_fds=(state_fd,))
+            vm = await self.runtime.launch(rec, argv, pass_fds=(state_fd,) + ((tap_fd,) if tap_fd is not None else ()),
+                                           in_families_netns=tap_fd is None)
         finally:
             os.close(state_fd)
+            if tap_fd is not None:
+                os.close(tap_fd)
         crashpoints.reached("clone:launched")
         t_started = time.monotonic()
         qemu = vm.qemu

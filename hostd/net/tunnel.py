@@ -39,8 +39,9 @@ def _ip(text: str) -> str:
 def create_argvs(netns: str, f: int, local_ip: str) -> list[list[str]]:
     """The VXLAN port of family f, on its bridge in `netns`, sending from local_ip. Pure."""
     vx, inside = netplan.vxlan_name(f), ["ip", "-n", netns]
-    return [["ip", "link", "add", vx, "type", "vxlan", "id", str(f), "local", _ip(local_ip),
-             "dstport", str(VXLAN_PORT), "nolearning", "netns", netns],
+    # netns before type: what follows type are the vxlan's own options.
+    return [["ip", "link", "add", vx, "netns", netns, "type", "vxlan", "id", str(f), "local", _ip(local_ip),
+             "dstport", str(VXLAN_PORT), "nolearning"],
             # The guests' MTU (netplan.MTU) is what fits: no fragmentation in the tunnel.
             [*inside, "link", "set", vx, "mtu", str(netplan.MTU)],
             [*inside, "link", "set", vx, "master", netplan.bridge_name(f), "up"]]

@@ -64,6 +64,7 @@ class NbdBacking:
     port: int
     export: str
     tls_dir: str          # QEMU's tls-creds-x509 directory (ca-cert.pem, client-cert.pem, client-key.pem)
+    server_name: str      # the exporting host's name: its certificate's, checked instead of the address
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def disk_args(disk: Qcow2Disk | NullDisk) -> list[str]:
         b = disk.backing
         remote = ["-object", f"tls-creds-x509,id={NBD_TLS_ID},endpoint=client,dir={opt(b.tls_dir)}",
                   "-blockdev", f"driver=nbd,server.type=inet,server.host={opt(b.host)},server.port={int(b.port)},"
-                               f"export={opt(b.export)},tls-creds={NBD_TLS_ID},read-only=on,"
+                               f"export={opt(b.export)},tls-creds={NBD_TLS_ID},tls-hostname={opt(b.server_name)},read-only=on,"
                                f"node-name={DISK_NODE}-backing"]
         backing = f",backing={DISK_NODE}-backing"
     return [

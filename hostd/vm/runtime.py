@@ -67,9 +67,11 @@ class VmRuntime:
 
     # -- start -----------------------------------------------------------
     async def launch(self, rec: VmRecord, argv: list[str], pass_fds: tuple[int, ...] = (),
-                     agent: bool = True, state: VmState | None = None) -> Vm:
-        """Start QEMU for the reserved record `rec`, connect its agent, watch it."""
-        qemu = QemuProcess(rec.name, self.wrap(argv), rec.qmp_path, rec.log_path, rec.serial_log, pass_fds)
+                     agent: bool = True, state: VmState | None = None, in_families_netns: bool = True) -> Vm:
+        """Start QEMU for the reserved record `rec`, connect its agent, watch it.
+        in_families_netns False: QEMU stays in hostd's own namespace (it reaches
+        the hosts' network, for a remote disk) and gets its tap as a descriptor."""
+        qemu = QemuProcess(rec.name, self.wrap(argv) if in_families_netns else argv, rec.qmp_path, rec.log_path, rec.serial_log, pass_fds)
         vm = Vm(rec=rec, qemu=qemu)
         self.vms.add(vm)
         await qemu.start(on_spawned=lambda pid: self.vms.update(vm, pid=pid))

@@ -32,3 +32,18 @@ def open_unattached_tap(name_pattern: str = "sfrx%d") -> int:
         os.close(fd)
         raise NetworkError(f"cannot create a tap device: {exc.strerror}") from None
     return fd
+
+
+def open_tap(name: str) -> int:
+    """An open descriptor of the existing (persistent) tap `name`, in the calling
+    thread's namespace: a QEMU outside that namespace can still use it."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetworkError(f"cannot open /dev/net/tun: {exc.strerror}") from None
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError as exc:
+        os.close(fd)
+        raise NetworkError(f"cannot open tap {name}: {exc.strerror}") from None
+    return fd

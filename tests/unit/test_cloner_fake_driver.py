@@ -136,7 +136,8 @@ class FakeRuntime:
     def reserve(self, rec: VmRecord) -> None:
         self.vms.reserve(rec)
 
-    async def launch(self, rec: VmRecord, argv: list[str], pass_fds: tuple[int, ...] = ()) -> Vm:
+    async def launch(self, rec: VmRecord, argv: list[str], pass_fds: tuple[int, ...] = (),
+                     in_families_netns: bool = True) -> Vm:
         for fd in pass_fds:
             os.fstat(fd)  # the device state's descriptor is open while QEMU starts
         assert self.vms.store.get_vm(rec.name) is not None, "launched before its record was reserved"
