@@ -93,3 +93,21 @@ def down_and_leaks(client, home: Path) -> list[str]:
     left = leaks(paths.home, paths.shm)
     shutil.rmtree(home, ignore_errors=True)
     return left
+
+
+def lab_leaks(lab_home: Path, host_homes: list[Path]) -> list[str]:
+    """After `lab down`: each host's leaks as above, and the lab's own: its
+    namespaces, its master, NBD servers and files."""
+    from sfmpi.hostd.lab.network import LabNetwork
+    found = []
+    for home in host_homes:
+        found += leaks(home, Paths(home).shm)
+    found += [f"lab namespace {n} left" for n in LabNetwork(1).leftovers()]
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(lab_home) in cmd and ("sfmpi.cli master" in cmd or "qemu-storage-daemon" in cmd
+                                     or "sfmpi.cli hostd" in cmd):
+            found.append(f"lab process {p.info['pid']}: {cmd[:120]}")
+    if lab_home.exists():
+        found.append(f"lab directory {lab_home} left")
+    return found
