@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Remote (served) memory: what a clone moves, what a fault costs, what serving costs the fork.
 
-    python3 bench/remote.py [--json] [--repeats 3] [--touches 2000]
+    python3 bench/remote.py [--json] [--repeats 3] [--touches 2000] [--lab]
 
 One 512 MiB parent; its clones' RAM comes from a memory server in another
 network namespace, across a veth pair, through memtap (docs/memory.md):
@@ -16,6 +16,8 @@ network namespace, across a veth pair, through memtap (docs/memory.md):
 3. Time to 8 clones answering, served vs local, alternating, median of --repeats.
 JSON keys: remote_bytes_share_idle, remote_bytes_share_mpi, fetch_p50_us,
 fetch_p99_us, served_vs_local_clone8.
+With --lab: the fork across the hosts of a lab instead (bench/remote_lab.py):
+fork8_spread_vs_local, remote_bytes_per_host.
 """
 from __future__ import annotations
 
@@ -88,7 +90,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--touches", type=int, default=2000)
     ap.add_argument("--image", default=None)
+    ap.add_argument("--lab", action="store_true", help="the fork across a lab of 3 hosts (bench/remote_lab.py)")
     args = ap.parse_args()
+    if args.lab:
+        return lab_main(args)
     home = Path(tempfile.mkdtemp(prefix="sfmpi-remote-", dir="/tmp"))
     os.environ["SFMPI_HOME"] = str(home)
     os.environ["SFMPI_CLONE_MEMORY"] = "served"     # sfmpirun's clones too
@@ -148,6 +153,22 @@ def main() -> int:
         print(json.dumps(res, indent=2))
     elif "error" not in res:
         print_table(res)
+    if res.get("error"):
+        print(f"FAILED: {res['error']}", file=sys.stderr)
+    if res["host_leaks"]:
+        print(f"LEFT AFTER DOWN: {res['host_leaks']}", file=sys.stderr)
+    return 1 if res.get("error") or res["host_leaks"] else 0
+
+
+def lab_main(args) -> int:
+    from remote_lab import print_lab_table, run_lab
+
+    from sfmpi.cli import _default_image
+    res = run_lab(args.image or _default_image(), args.repeats)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    elif "error" not in res:
+        print_lab_table(res)
     if res.get("error"):
         print(f"FAILED: {res['error']}", file=sys.stderr)
     if res["host_leaks"]:

@@ -258,12 +258,15 @@ def checkpoint_rm(ckpt_id, as_json) -> None:
 @click.option("--memory", type=click.Choice(["local", "served"]), default="local", show_default=True,
               help="served: the clones' RAM comes lazily from a memory server through memtap "
                    "(docs/memory.md), as on a host other than the parent's.")
+@click.option("--policy", type=click.Choice(["spread", "pack"]), default=None,
+              help="In a cluster: how the master places the clones over hosts (default: the master's).")
 @click.option("--json", "as_json", is_flag=True)
-def clone(ckpt, n, allow_fewer, memory, as_json) -> None:
+def clone(ckpt, n, allow_fewer, memory, policy, as_json) -> None:
     """Start N clones from a checkpoint; they resume where the parent was."""
     if n <= 0:
         raise UsageError(f"clone: -n must be at least 1 (got {n})")
-    res = _client().call("clone", checkpoint=ckpt, n=n, allow_fewer=allow_fewer, memory=memory)
+    res = _client().call("clone", checkpoint=ckpt, n=n, allow_fewer=allow_fewer, memory=memory,
+                         **({"policy": policy} if policy else {}))
 
     def human(r):
         for name in r["clones"]:

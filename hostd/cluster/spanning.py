@@ -99,8 +99,10 @@ class Spanning:
         task.add_done_callback(self._tasks.discard)
 
     # -- parent's host ----------------------------------------------------
-    async def place(self, family: str, n: int, mem_mb: int, cpus: int, allow_fewer: bool) -> dict[str, int]:
-        ans = await self.master("place", family=family, n=n, mem_mb=mem_mb, cpus=cpus, allow_fewer=allow_fewer)
+    async def place(self, family: str, n: int, mem_mb: int, cpus: int, allow_fewer: bool,
+                    policy: str | None = None) -> dict[str, int]:
+        ans = await self.master("place", family=family, n=n, mem_mb=mem_mb, cpus=cpus, allow_fewer=allow_fewer,
+                                policy=policy)
         self.addresses.update(ans["addresses"])
         return {str(h): int(c) for h, c in ans["placement"].items()}
 

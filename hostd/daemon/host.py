@@ -235,8 +235,11 @@ class Host:
     def checkpoint_remove(self, ckpt_id: str) -> dict:
         return self.retention.remove(ckpt_id)
 
-    async def clone(self, ref: str, n: int, allow_fewer: bool = False, memory: str = "local") -> dict:
-        return await self.cloner.clone(ref, n, allow_fewer, memory)
+    async def clone(self, ref: str, n: int, allow_fewer: bool = False, memory: str = "local",
+                    policy: str | None = None) -> dict:
+        if policy is not None and self.span is None:
+            raise UsageError("clone: --policy places clones over the hosts of a cluster; this hostd is alone")
+        return await self.cloner.clone(ref, n, allow_fewer, memory, policy)
 
     def stats(self) -> dict:
         """Counters of the lazy memory path (memory server, memtaps)."""

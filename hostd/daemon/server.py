@@ -175,7 +175,7 @@ class Hostd:
             return m.checkpoint_remove(args["id"])
         if op == "clone":
             return await m.clone(args["checkpoint"], int(args["n"]), bool(args.get("allow_fewer")),
-                                 str(args.get("memory") or "local"))
+                                 str(args.get("memory") or "local"), args.get("policy"))
         if op == "stats":
             return m.stats()
         if op == "down":

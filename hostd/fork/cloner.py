@@ -79,7 +79,8 @@ class Cloner:
         self._template_lock = asyncio.Lock()
 
     # -- host side: `sfmpi clone CKPT -n N` ------------------------------
-    async def clone(self, ref: str, n: int, allow_fewer: bool = False, memory: str = "local") -> dict:
+    async def clone(self, ref: str, n: int, allow_fewer: bool = False, memory: str = "local",
+                    policy: str | None = None) -> dict:
         if not isinstance(n, int) or n <= 0:
             raise UsageError(f"clone: -n must be at least 1 (got {n})")
         if memory not in ("local", "served") or (memory == "served" and self.served_ram is None):
@@ -88,7 +89,8 @@ class Cloner:
         ckpt = self.find(ref)
         spec = ckpt.spec
         if self.span is not None:
-            placement = await self.span.place(ckpt.family or ckpt.vm, n, spec.mem_mb, spec.cpus, allow_fewer)
+            placement = await self.span.place(ckpt.family or ckpt.vm, n, spec.mem_mb, spec.cpus, allow_fewer,
+                                              policy)
             if set(placement) != {self.span.host}:
                 res = await self._clone_across(ckpt, placement, memory, t0)
                 return {"checkpoint": ckpt.id, "requested": n, "granted": sum(placement.values()),
