@@ -29,7 +29,7 @@ from pathlib import Path
 from sfmpi import proc
 from sfmpi.errors import CloneError, HostdError, SfmpiError, UsageError
 
-from ..fork.cloner import Order, identify_greeting
+from ..fork.cloner import Order, greeting_from
 from ..fork.manifest import Checkpoint
 from ..net import netplan, tunnel
 from ..vm.cmdline import NbdBacking, remote_overlay_argv
@@ -75,6 +75,9 @@ class Spanning:
         self.addresses: dict[str, str] = {}          # host -> "ip:port" of its peer listener (from the master)
         self.exported: dict[str, set[str]] = {}      # checkpoint -> clones on other hosts using its disk
         self.origin: dict[str, tuple[str, str]] = {}  # clone here -> (parent's host, checkpoint), for clone.gone
+        self.rooms: list[dict] = []                    # every host's room, from the last heartbeat
+        # The clone API's: a clone of one of our tickets on another host exited or is gone.
+        self.member_ended = lambda name, status=None, reason=None: None
         self._tasks: set[asyncio.Task] = set()
 
     # -- talking to others ----------------------------------------------
@@ -106,6 +109,31 @@ class Spanning:
         self.addresses.update(ans["addresses"])
         return {str(h): int(c) for h, c in ans["placement"].items()}
 
+    def remote_room(self, mem_mb: int, cpus: int) -> int:
+        """How many clones of (mem_mb, cpus) the other up hosts could take, as of the last heartbeat."""
+        return sum(min(r["free_mem_mb"] // mem_mb, r["free_vcpus"] // cpus)
+                   for r in self.rooms if r.get("up") and r.get("name") != self.host)
+
+    async def stop_remote_vm(self, host: str, name: str) -> None:
+        await self.peer(host, "clones.stop", names=[name])
+
+    async def forward_exit(self, name: str, status: int) -> bool:
+        """A clone here of another host's ticket called exit: that host finishes
+        its slot; the clone stops here (and clone.gone follows)."""
+        found = self.origin.get(name)
+        if found is None:
+            return False
+        try:
+            await self.peer(found[0], "clone.exited", name=name, status=status)
+        except SfmpiError as exc:
+            log.warning("clone %s: telling %s it exited: %s", name, found[0], exc)
+
+        async def stop() -> None:
+            with contextlib.suppress(SfmpiError):
+                await self.runtime.stop(name)
+        self._spawn(stop())
+        return True
+
     def _ip_of(self, host: str) -> str:
         return self.addresses[host].rpartition(":")[0]
 
@@ -116,7 +144,8 @@ class Spanning:
             await tunnel.span(self.paths.netns, fam.number, self.config.address,
                               {self._ip_of(h) for h in holding})
 
-    async def start_remote(self, ckpt: Checkpoint, fam, host: str, orders: list[Order]) -> dict:
+    async def start_remote(self, ckpt: Checkpoint, fam, host: str, orders: list[Order],
+                           greeting: dict | None = None, ticket: str = "") -> dict:
         names = [o.name for o in orders]
         served = await self.memory.export(ckpt, names)
         disk = await self.nbd.export(ckpt.id, ckpt.disk)
@@ -134,6 +163,7 @@ class Spanning:
         t0 = time.monotonic()
         res = await self.peer(host, "clones.start", timeout=START_TIMEOUT, descriptor=descriptor,
                               family={"name": fam.name, "number": fam.number, "peers": peers},
+                              greeting=greeting or {"kind": "identify"}, ticket=ticket,
                               orders=[{"name": o.name, "netid": o.netid, "index": o.index} for o in orders])
         log.info("%d clones of %s started on %s in %.0f ms", len(orders), ckpt.id, host,
                  (time.monotonic() - t0) * 1000.0)
@@ -157,8 +187,12 @@ class Spanning:
                 await self.nbd.unexport(ckpt_id)
 
     # -- clone host --------------------------------------------------------
-    async def start_here(self, origin: str, descriptor: dict, family: dict, orders: list) -> dict:
+    async def start_here(self, origin: str, descriptor: dict, family: dict, orders: list,
+                         greeting: dict | None = None, ticket: str = "") -> dict:
         t0 = time.monotonic()
+        if not isinstance(greeting or {}, dict) or not isinstance(ticket, str) or len(ticket) > 80:
+            raise UsageError("clones.start: greeting must be an object, ticket a short string")
+        greet, awaited = greeting_from(greeting or {"kind": "identify"})
         if not isinstance(descriptor, dict) or not isinstance(family, dict) or not isinstance(orders, list):
             raise UsageError("clones.start: descriptor, family and orders are required")
         ckpt_id = _checked(_ID_RE, (descriptor.get("manifest") or {}).get("id"), "checkpoint id")
@@ -201,12 +235,12 @@ class Spanning:
                 raise CloneError(f"{self.host} already has VMs {', '.join(taken)}")
             ram = await self.memory.ram_from(ckpt_id, str(mem.get("address")), int(mem.get("port")),
                                              str(mem.get("token")), Path(ckpt.path) / "ram.map", names)
-            recs = await self.cloner._reserve(ckpt, fam, wanted, ticket="", memory="served", ram=ram)
+            recs = await self.cloner._reserve(ckpt, fam, wanted, ticket=ticket, memory="served", ram=ram)
         for name in names:
             self.origin[name] = (origin, ckpt_id)
         await tunnel.span(self.paths.netns, number, self.config.address, set(peers))
         try:
-            return await self.cloner.start(ckpt, fam, wanted, recs, identify_greeting, "identified", t0)
+            return await self.cloner.start(ckpt, fam, wanted, recs, greet, awaited, t0)
         except BaseException:
             for name in names:
                 self.origin.pop(name, None)
@@ -273,7 +307,8 @@ class Spanning:
             return list_vms()
 
         async def clones_start(peer, args):
-            return await self.start_here(peer, args.get("descriptor"), args.get("family"), args.get("orders"))
+            return await self.start_here(peer, args.get("descriptor"), args.get("family"), args.get("orders"),
+                                         args.get("greeting"), args.get("ticket") or "")
 
         async def clones_stop(peer, args):
             return await self.stop_here(args.get("names"))
@@ -287,9 +322,22 @@ class Spanning:
             if fam_host is not None and fam_host != peer:
                 raise UsageError(f"{peer} does not hold clone {name}")
             await self.remote_gone(name)
+            self.member_ended(name, reason=str(args.get("reason") or "gone")[:500])
+            return {}
+
+        async def clone_exited(peer, args):
+            name, status = args.get("name"), args.get("status")
+            if not isinstance(name, str) or isinstance(status, bool) or not isinstance(status, int) \
+                    or not 0 <= status <= 255:
+                raise UsageError("clone.exited: name and a status 0..255")
+            holder = next((h for f in self.families.by_name.values() for n, (_k, h) in f.remote.items()
+                           if n == name), None)
+            if holder != peer:
+                raise UsageError(f"{peer} does not hold clone {name}")
+            self.member_ended(name, status=status)
             return {}
         return {"ping": ping, "vm.list": vm_list, "clones.start": clones_start, "clones.stop": clones_stop,
-                "clone.gone": clone_gone}
+                "clone.gone": clone_gone, "clone.exited": clone_exited}
 
     async def down(self) -> None:
         await self.nbd.stop()
@@ -332,6 +380,8 @@ class Membership:
                 ans = await self.span.master("heartbeat", name=self.span.host, used_mem_mb=used.mem_mb,
                                              used_vcpus=used.vcpus, timeout=max(2.0, interval * 3))
                 registered = bool(ans.get("registered"))
+                if isinstance(ans.get("rooms"), list):
+                    self.span.rooms = [r for r in ans["rooms"] if isinstance(r, dict)]
             except SfmpiError as exc:
                 log.warning("master: %s", exc)
                 registered = False

@@ -79,12 +79,22 @@ class GuestSide:
         self._quotas = host.quotas
         self._store = host.store
         self._clone_memory = host.clone_memory
+        self._span = host.span
 
     def vm(self, name: str) -> Vm | None:
         return self._vms.find(name)
 
+    def is_member(self, name: str) -> bool:
+        """A VM of a ticket that still runs: here, or on another host of a fork across hosts."""
+        return self._vms.find(name) is not None or any(name in f.remote for f in self._families.by_name.values())
+
+    async def forward_exit(self, name: str, status: int) -> bool:
+        return self._span is not None and await self._span.forward_exit(name, status)
+
     def room(self, family: str, mem_mb: int, cpus: int) -> int:
-        return min(self._admission.room(mem_mb, cpus), self._quotas.room(family, mem_mb, cpus))
+        here = min(self._admission.room(mem_mb, cpus), self._quotas.room(family, mem_mb, cpus))
+        # In a cluster a ticket may also take the other hosts' room (their last heartbeat's).
+        return here + (self._span.remote_room(mem_mb, cpus) if self._span is not None else 0)
 
     def check_ticket_quota(self, family: str) -> None:
         self._quotas.check_ticket(family)
@@ -113,7 +123,11 @@ class GuestSide:
     def identity_of(self, name: str) -> dict:
         fam, rec = self._families.of_vm(name), self._vms.record(name)
         if fam is None or rec is None:
-            return {}
+            remote = next(((f, f.remote[name]) for f in self._families.by_name.values() if name in f.remote), None)
+            if remote is None:
+                return {}
+            fam, (netid, host) = remote
+            return {**netplan.identity(fam.number, fam.name, netid), "host": host}
         return netplan.identity(fam.number, fam.name, rec.netid)
 
     def family_hosts(self, name: str) -> list[list[str]]:
@@ -121,6 +135,10 @@ class GuestSide:
         return fam.hosts() if fam is not None else []
 
     async def stop_vm(self, name: str) -> None:
+        remote = next((f.remote[name][1] for f in self._families.by_name.values() if name in f.remote), None)
+        if remote is not None and self._span is not None:
+            await self._span.stop_remote_vm(remote, name)
+            return
         await self._runtime.stop(name)
 
     def ticket_ended(self, ticket: str) -> None:
@@ -163,6 +181,8 @@ class Host:
             self.cloner.span = self.span
             self.vms.on_gone(self.span.vm_gone)
         self.clone_api = CloneApi(GuestSide(self), self.tickets)
+        if self.span is not None:
+            self.span.member_ended = self.clone_api.member_ended
         self.vms.on_gone(lambda rec, _reason: self.families.leave_soon(rec.name))
         self.vms.on_gone(self.clone_api.vm_gone)
         self.vms.on_gone(self.retention.vm_gone)

@@ -57,6 +57,25 @@ def identify_greeting(ident: dict, extras: dict) -> dict:
     return {"op": "identify", "identity": ident, **extras}
 
 
+def greeting_from(spec: dict) -> tuple[Greeting, str]:
+    """A greeting and the event it is answered with, from its description
+    (which travels to the clone hosts of a fork across hosts):
+    {"kind": "identify"} (host-side clone), or {"kind": "ticket", "re": the
+    pending call's id, "size", "ticket"} (the answer to the guest's clone call)."""
+    if spec.get("kind") == "identify":
+        return identify_greeting, "identified"
+    if spec.get("kind") != "ticket":
+        raise UsageError(f"unknown greeting {spec.get('kind')!r}")
+    re_, size, ticket = spec.get("re"), spec.get("size"), spec.get("ticket")
+    if not isinstance(re_, int) or isinstance(re_, bool) or not isinstance(size, int) or not isinstance(ticket, str):
+        raise UsageError("a ticket greeting needs re, size and ticket")
+
+    def greet(ident: dict, extras: dict) -> dict:
+        return {"re": re_, "ok": True, "id": ident["id"], "size": size, "ticket": ticket, "family": ident["family"],
+                "ip": ident["ip"], "hostname": ident["hostname"], "identity": ident, **extras}
+    return greet, "cloned"
+
+
 class Cloner:
     """Depends on the VM runtime (launch, abandon), the registry, the host's
     admission and the families; find(ref) looks up a checkpoint."""
@@ -106,32 +125,41 @@ class Cloner:
         res = await self.start(ckpt, fam, orders, recs, identify_greeting, "identified", t0)
         return {"checkpoint": ckpt.id, "requested": n, "granted": granted, "memory": memory, **res}
 
-    async def _clone_across(self, ckpt: Checkpoint, placement: dict[str, int], memory: str, t0: float) -> dict:
+    async def _clone_across(self, ckpt: Checkpoint, placement: dict[str, int], memory: str, t0: float,
+                            ticket: str = "", greeting: dict | None = None,
+                            on_reserved: Callable[[list[str]], None] | None = None,
+                            index_from_one: bool = False) -> dict:
         """A host-side fork whose clones the master spread over hosts: this
         host's share as usual, each other host's started there from the
         checkpoint's descriptor (cluster/spanning.py); all or nothing."""
         assert self.span is not None
         spec, here = ckpt.spec, self.span.host
         local_n = placement.get(here, 0)
+        greeting = greeting or {"kind": "identify"}
+        greet, awaited = greeting_from(greeting)
         async with self.admission.lock:
-            if local_n:
+            if local_n and not ticket:   # a ticket reserved its room already
                 self.admission.admit(local_n, spec.mem_mb, spec.cpus, False, what=f"clone of checkpoint {ckpt.id}")
             fam = await self.families.ensure(ckpt.family or ckpt.vm)
             ids = self._free_ids(fam, sum(placement.values()))
-            orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=k) for k in ids]
+            orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=i + 1 if index_from_one else k)
+                      for i, k in enumerate(ids)]
             by_host: dict[str, list[Order]] = {}
             for host, count in placement.items():
                 by_host[host], orders = orders[:count], orders[count:]
-            recs = await self._reserve(ckpt, fam, by_host[here], ticket="", memory=memory) if local_n else []
+            recs = await self._reserve(ckpt, fam, by_host[here], ticket=ticket, memory=memory) if local_n else []
             for host, mine in by_host.items():
                 if host != here:
                     fam.remote.update({o.name: (o.netid, host) for o in mine})
         remote = {h: o for h, o in by_host.items() if h != here}
+        if on_reserved is not None:
+            # Every clone's slot, on whichever host, before any of them runs.
+            on_reserved([o.name for mine in by_host.values() for o in mine])
         try:
             await self.span.join_family(fam, set(remote))
-            jobs = [self.span.start_remote(ckpt, fam, host, mine) for host, mine in remote.items()]
+            jobs = [self.span.start_remote(ckpt, fam, host, mine, greeting, ticket) for host, mine in remote.items()]
             if local_n:
-                jobs.append(self.start(ckpt, fam, by_host[here], recs, identify_greeting, "identified", t0))
+                jobs.append(self.start(ckpt, fam, by_host[here], recs, greet, awaited, t0))
             results = await asyncio.gather(*jobs, return_exceptions=True)
         except BaseException as exc:
             results = [exc]
@@ -159,10 +187,19 @@ class Cloner:
 
     # -- in-guest: the clone call of a ticket ----------------------------
     async def clone_for_ticket(self, ckpt: Checkpoint, count: int, ticket: str,
-                               greeting: Greeting, on_reserved: Callable[[list[str]], None],
+                               greeting: dict, on_reserved: Callable[[list[str]], None],
                                memory: str = "local") -> dict:
-        """The ticket reserved the room already; only IDs and names are new here."""
+        """The ticket reserved the room already; only IDs and names are new here.
+        greeting: its spec (greeting_from). In a cluster the master may spread
+        the clones over hosts, as for a host-side clone."""
         t0 = time.monotonic()
+        if self.span is not None:
+            spec = ckpt.spec
+            placement = await self.span.place(ckpt.family or ckpt.vm, count, spec.mem_mb, spec.cpus, False)
+            if set(placement) != {self.span.host}:
+                return await self._clone_across(ckpt, placement, memory, t0, ticket=ticket, greeting=greeting,
+                                                on_reserved=on_reserved, index_from_one=True)
+        greet, awaited = greeting_from(greeting)
         async with self.admission.lock:
             fam = await self.families.ensure(ckpt.family or ckpt.vm)
             ids = self._free_ids(fam, count)
@@ -170,7 +207,7 @@ class Cloner:
                       for i, k in enumerate(ids)]
             recs = await self._reserve(ckpt, fam, orders, ticket=ticket, memory=memory)
         on_reserved([r.name for r in recs])
-        return await self.start(ckpt, fam, orders, recs, greeting, "cloned", t0)
+        return await self.start(ckpt, fam, orders, recs, greet, awaited, t0)
 
     def _free_ids(self, fam: Family, count: int) -> list[int]:
         try:

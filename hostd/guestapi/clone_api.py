@@ -36,8 +36,10 @@ class CloneHost(Protocol):
     def check_checkpoint_quota(self, family: str) -> None: ...
     async def checkpoint(self, name: str, mode: str, guest_req: int | None, ticket: str) -> "Checkpoint": ...
     def checkpoint_of_family(self, ckpt_id: str, family: str) -> "Checkpoint": ...
-    async def clone_for_ticket(self, ckpt: "Checkpoint", count: int, ticket: str, greeting: Callable,
+    async def clone_for_ticket(self, ckpt: "Checkpoint", count: int, ticket: str, greeting: dict,
                                on_reserved: Callable[[list[str]], None]) -> dict: ...
+    def is_member(self, name: str) -> bool: ...
+    async def forward_exit(self, name: str, status: int) -> bool: ...
     def identity_of(self, name: str) -> dict: ...
     def family_hosts(self, name: str) -> list[list[str]]: ...
     async def stop_vm(self, name: str) -> None: ...
@@ -148,11 +150,13 @@ class CloneApi:
 
     async def op_exit(self, vm: "Vm", _req, msg: dict) -> None:
         found = self._clone_slot(vm)
-        if found is None:
-            raise RoleError(f"exit: VM {vm.rec.name} is not a clone (only clones call exit)")
         status = msg.get("status", 0)
         if not isinstance(status, int) or isinstance(status, bool) or not 0 <= status <= 255:
             raise UsageError(f"exit: status must be an integer 0..255 (got {status!r})")
+        if found is None and await self.host.forward_exit(vm.rec.name, status):
+            return None      # a clone of another host's ticket: that host has its slot
+        if found is None:
+            raise RoleError(f"exit: VM {vm.rec.name} is not a clone (only clones call exit)")
         _t, slot = found
         slot.finish(status=status)
         # Not inside this request's task: stopping the VM cancels its requests.
@@ -181,7 +185,7 @@ class CloneApi:
         out = []
         for s in self.tickets.slots.get(t.id, []):
             # A VM stopped a moment ago may be gone before its slot is finished.
-            gone = not s.ended.is_set() and self.host.vm(s.vm) is None
+            gone = not s.ended.is_set() and not self.host.is_member(s.vm)
             ident = self.host.identity_of(s.vm) if not (s.ended.is_set() or gone) else {}
             state = ("failed" if gone else "running" if not s.ended.is_set()
                      else "exited" if s.failure is None else "failed")
@@ -217,10 +221,8 @@ class CloneApi:
         try:
             res = await self.host.clone_for_ticket(
                 ckpt, count=t.granted, ticket=t.id, on_reserved=register,
-                greeting=lambda ident, extras: {"re": req_id, "ok": True, "id": ident["id"],
-                                               "size": t.granted, "ticket": t.id, "family": ident["family"],
-                                               "ip": ident["ip"], "hostname": ident["hostname"],
-                                               "identity": ident, **extras})
+                # A description, not a function: it may travel to the clone hosts of a fork across hosts.
+                greeting={"kind": "ticket", "re": req_id, "size": t.granted, "ticket": t.id})
         except BaseException as exc:
             # Whatever failed (a bug too), the ticket is spent, not left cloning
             # with its room held, and no clone of it runs on.
@@ -248,6 +250,12 @@ class CloneApi:
                 "timings": {"checkpoint_ms": (t0 - t_request) * 1000.0, "clones_ms": res["total_ms"],
                             "resumed_ms": (t0 - t_request) * 1000.0 + res["resumed_ms"],
                             "total_ms": (time.monotonic() - t_request) * 1000.0}}
+
+    def member_ended(self, name: str, status: int | None = None, reason: str | None = None) -> None:
+        """A clone of a ticket on another host exited (status) or is gone (reason)."""
+        found = self.tickets.slot_of(name)
+        if found is not None:
+            found[1].finish(status=status, failure=None if status is not None else reason or "gone")
 
     def vm_gone(self, rec: VmRecord, reason: str) -> None:
         """A VM ended (stopped, crashed): finish its slot; a parent takes its clones along."""

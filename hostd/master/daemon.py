@@ -124,7 +124,10 @@ class Master:
         name = self._as_host(peer, args)
         assert self.store is not None
         known = self.store.heartbeat(name, _int(args, "used_mem_mb"), _int(args, "used_vcpus"), time.time())
-        return {"registered": known}
+        # Every host's room, so a hostd can grant a guest's ticket without a round trip.
+        rooms = [{"name": r.name, "free_mem_mb": r.free_mem_mb, "free_vcpus": r.free_vcpus, "up": r.up}
+                 for r in self.store.room(time.time(), DOWN_AFTER_S)]
+        return {"registered": known, "rooms": rooms}
 
     async def op_place(self, peer: str, args: dict) -> dict:
         """Where n clones of (mem_mb, cpus) go: {host: count}, with the hosts' addresses."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -90,3 +91,61 @@ def test_a_parent_on_lab1_forks_six_clones_spread_over_three_hosts(lab):
         assert stats["memory"]["memtaps"] == []
     remaining = json.loads(sfmpi("vm", "list", "--all", "--json", env=env).stdout)
     assert [(r["name"], r["host"]) for r in remaining] == [("p", "lab1")]
+
+
+GUEST_FORK = r'''
+import json, socket, sfmpi
+t = sfmpi.request_ticket(6)
+i = sfmpi.clone(t)
+if i == 0:
+    statuses = sfmpi.join(t)
+    print(json.dumps({"granted": t.granted, "statuses": {str(k): v for k, v in statuses.items()},
+                      "failures": statuses.failures}))
+else:
+    me = sfmpi.whoami()
+    # Tell the parent where this clone runs, through its exit status: 10 * host number + ID.
+    sfmpi.exit(10 * int(me["host"][3:]) + i)
+'''
+
+
+def _put(env, host, vm, path, text):
+    sfmpi("vm", "exec", vm, "--", "sh", "-c", f"cat > {path} <<'SFMPI_EOF'\n{text}\nSFMPI_EOF", host=host, env=env)
+
+
+def test_a_clone_call_in_the_guest_spreads_its_clones_over_the_hosts(lab):
+    env = lab
+    _put(env, "lab1", "p", "/root/fork.py", GUEST_FORK)
+    out = sfmpi("vm", "exec", "p", "--", "python3", "/root/fork.py", host="lab1", env=env).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["granted"] == 6 and res["failures"] == {}
+    # Clone IDs 1..6 of the ticket, 2 on each host (spread): the status says which host.
+    hosts = sorted(status // 10 for status in res["statuses"].values())
+    assert sorted(int(k) for k in res["statuses"]) == [1, 2, 3, 4, 5, 6]
+    assert hosts == [1, 1, 2, 2, 3, 3]
+    assert all(status % 10 == int(k) for k, status in res["statuses"].items())
+    everywhere = json.loads(sfmpi("vm", "list", "--all", "--json", env=env).stdout)
+    assert [(r["name"], r["host"]) for r in everywhere] == [("p", "lab1")]
+
+
+@pytest.mark.parametrize("flavour", ["mpich", "openmpi"])
+def test_sfmpirun_runs_ranks_on_every_host(lab, flavour):
+    env = lab
+
+    def served() -> dict:
+        return json.loads(sfmpi("stats", "--json", host="lab1", env=env).stdout)["memory"]["server"]["checkpoints"]
+    before = served()
+    examples = Path(__file__).resolve().parents[2] / "examples" / "mpi"
+    _put(env, "lab1", "p", "/root/cpi.c", (examples / "cpi.c").read_text())
+    sfmpi("vm", "exec", "p", "--", "sh", "-c", f"cd /root && test -x cpi_{flavour} || "
+          f"mpicc.{flavour} -O2 -o cpi_{flavour} cpi.c -lm", host="lab1", env=env)
+    p = sfmpi("vm", "exec", "p", "--", "sh", "-c", f"cd /root && sfmpirun -n 6 ./cpi_{flavour} 100000",
+              host="lab1", env=env, check=False)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^pi is approximately 3\.14159", p.stdout, re.M)
+    ranks = dict(re.findall(r"^rank (\d) of 6 on (\S+)$", p.stdout, re.M))
+    assert sorted(ranks) == ["0", "1", "2", "3", "4", "5"]
+    # Each rank on its own VM; clones on other hosts: lab1's memory server served the job's checkpoint
+    # (clones on lab1 map its RAM file directly).
+    assert len(set(ranks.values())) == 6
+    job = {ck: c for ck, c in served().items() if ck not in before}
+    assert len(job) == 1 and next(iter(job.values()))["bytes_sent"] > 0, job

@@ -445,7 +445,7 @@ def guest_side(w) -> GuestSide:
         return Checkpoint.load(w.ckpt.path)
     host = SimpleNamespace(
         vms=w.vms, admission=w.admission, cloner=w.cloner, families=w.families, runtime=w.runtime,
-        store=w.store, checkpoints=SimpleNamespace(take_for_guest=take_for_guest), clone_memory="local",
+        store=w.store, checkpoints=SimpleNamespace(take_for_guest=take_for_guest), clone_memory="local", span=None,
         retention=SimpleNamespace(ticket_ended=lambda ticket: None),
         quotas=SimpleNamespace(room=lambda family, mem_mb, cpus: 1 << 16, check_ticket=lambda family: None,
                                check_checkpoint=lambda family: None))

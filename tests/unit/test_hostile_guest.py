@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 
 from sfmpi import errors
 from sfmpi.errors import CheckpointError, CloneError, NotFound
+from sfmpi.hostd.fork.cloner import greeting_from
 from sfmpi.hostd.guestapi import schemas
 from sfmpi.hostd.guestapi.channel import AgentChannel
 from sfmpi.hostd.guestapi.clone_api import CloneApi
@@ -99,6 +100,12 @@ class FakeHost:
     def vm(self, name):
         return self.vms.get(name)
 
+    def is_member(self, name):
+        return name in self.vms
+
+    async def forward_exit(self, name, status):
+        return False
+
     def room(self, family, mem_mb, cpus):
         assert isinstance(mem_mb, int) and isinstance(cpus, int)
         return HOST_ROOM
@@ -143,7 +150,8 @@ class FakeHost:
             raise RuntimeError("a bug in hostd (fault injected)")
         for k, name in enumerate(names, 1):
             ident = {"id": k, "family": PARENT, "ip": f"10.100.7.{k + 2}", "hostname": name}
-            self.greetings[ticket].append(greeting(ident, {"time": 0.0}))
+            greet, _awaited = greeting_from(greeting)
+            self.greetings[ticket].append(greet(ident, {"time": 0.0}))
         return {"total_ms": 3.0, "resumed_ms": 2.0}
 
     def identity_of(self, name):
