@@ -7,7 +7,10 @@ RAM comes from lab1's memory server through their host's memtap (one per
 host, shared by its clones), their disk over NBD. Bytes moved per remote host:
 what its memtap fetched. All hosts share this machine's 2 cores: ratios, not
 absolute times, carry over to real hosts.
-JSON keys: fork8_spread_vs_local, fork8_spread_s, fork8_local_s, remote_bytes_per_host.
+Then `sfmpirun -n 8 ./cpi` inside the parent with the master's policy
+spread (ranks on 3 hosts) against pack (all on lab1), alternating.
+JSON keys: fork8_spread_vs_local, fork8_spread_s, fork8_local_s, remote_bytes_per_host,
+mpi8_spread_vs_local, mpi8_spread_s, mpi8_local_s.
 """
 from __future__ import annotations
 
@@ -63,12 +66,40 @@ def run_lab(image: str, repeats: int) -> dict:
         res["runs_s"] = times
         res["remote_bytes_per_host"] = statistics.median(moved)
         res["remote_bytes_share_per_host"] = res["remote_bytes_per_host"] / (GUEST_MB << 20)
+        res.update(mpi_runs(lab, lab1, repeats))
     except Exception as exc:  # noqa: BLE001 - reported with the leak check
         res["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         lab.down()
         res["host_leaks"] = lab_leaks(home, homes)
     return res
+
+
+def guest(client: HostdClient, vm: str, script: str) -> str:
+    out: list[bytes] = []
+    code = client.call("vm.exec", name=vm, argv=["sh", "-c", script],
+                       on_output=lambda fd, data: out.append(data))["code"]
+    if code != 0:
+        raise RuntimeError(f"{script!r} in {vm} exited {code}: {b''.join(out)[-300:]!r}")
+    return b"".join(out).decode(errors="replace")
+
+
+def mpi_runs(lab: Lab, lab1: HostdClient, repeats: int) -> dict:
+    """sfmpirun -n 8 cpi in the parent, spread over 3 hosts vs packed on one."""
+    src = (Path(__file__).resolve().parent.parent / "examples" / "mpi" / "cpi.c").read_text()
+    guest(lab1, "bp", f"cat > /root/cpi.c <<'EOF'\n{src}\nEOF\ncd /root && mpicc.mpich -O2 -o cpi cpi.c -lm")
+    times: dict[str, list[float]] = {"spread": [], "pack": []}
+    for i in range(repeats):
+        for policy in (("spread", "pack") if i % 2 == 0 else ("pack", "spread")):
+            lab.admin("policy", policy=policy)
+            t0 = time.monotonic()
+            out = guest(lab1, "bp", "cd /root && sfmpirun -n 8 ./cpi 1000000")
+            times[policy].append(time.monotonic() - t0)
+            if "pi is approximately" not in out:
+                raise RuntimeError(f"sfmpirun printed no pi: {out[-300:]!r}")
+    lab.admin("policy", policy="spread")
+    spread, pack = statistics.median(times["spread"]), statistics.median(times["pack"])
+    return {"mpi8_spread_s": spread, "mpi8_local_s": pack, "mpi8_spread_vs_local": spread / pack, "mpi8_runs_s": times}
 
 
 def print_lab_table(r: dict) -> None:
@@ -83,4 +114,6 @@ def print_lab_table(r: dict) -> None:
     t.add_row("spread / one host", f"{r['fork8_spread_vs_local']:.2f}x", "<= 1.5x")
     t.add_row("RAM moved per remote host (its memtap's fetches)",
               f"{r['remote_bytes_per_host'] / 2**20:.1f} MiB = {100 * r['remote_bytes_share_per_host']:.1f}%", "")
+    t.add_row("sfmpirun -n 8 cpi, spread over 3 hosts / all on one",
+              f"{r['mpi8_spread_s']:.2f} s / {r['mpi8_local_s']:.2f} s = {r['mpi8_spread_vs_local']:.2f}x", "")
     Console(width=110).print(t)

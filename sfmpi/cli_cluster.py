@@ -74,6 +74,14 @@ def lab_status(as_json) -> None:
                        f"used {h['used_mem_mb']} MiB {h['used_vcpus']} vCPUs")
 
 
+@lab.command("policy")
+@click.argument("policy", type=click.Choice(["spread", "pack"]))
+def lab_policy(policy) -> None:
+    """How the master places clones from now on (a request's `clone --policy` still wins)."""
+    from .hostd.lab.lab import Lab
+    click.echo(Lab().admin("policy", policy=policy)["policy"])
+
+
 @click.group()
 def cluster() -> None:
     """A cluster of real hosts (docs/cluster.md)."""

@@ -62,7 +62,7 @@ class Master:
 
     def _handlers(self) -> dict:
         return {"ping": self.op_ping, "register": self.op_register, "heartbeat": self.op_heartbeat,
-                "place": self.op_place, "hosts": self.op_hosts, "vms": self.op_vms}
+                "place": self.op_place, "hosts": self.op_hosts, "vms": self.op_vms, "policy": self.op_policy}
 
     async def run(self) -> None:
         os.umask(0o077)
@@ -141,6 +141,17 @@ class Master:
         addresses = {h["name"]: h["address"] for h in self.store.hosts()}
         log.info("placed %s for %s (family %s, policy %s)", placement, peer, family, policy)
         return {"placement": placement, "addresses": {h: addresses[h] for h in placement}}
+
+    async def op_policy(self, peer: str, args: dict) -> dict:
+        """The default placement from now on (admin only): `sfmpi lab policy pack|spread`."""
+        if peer != ADMIN_NAME:
+            raise RoleError(f"only {ADMIN_NAME} sets the placement policy (not {peer})")
+        policy = args.get("policy")
+        if policy not in POLICIES:
+            raise UsageError(f"policy is one of {', '.join(POLICIES)} (got {policy!r})")
+        self.policy = policy
+        log.info("placement policy now %s", policy)
+        return {"policy": policy}
 
     async def op_hosts(self, _peer: str, _args: dict) -> list[dict]:
         assert self.store is not None

@@ -82,7 +82,7 @@ def test_bad_choice_rejected_by_click(cli, env):
 COMMANDS = [[], ["image"], ["image", "build"], ["vm"], ["vm", "start"], ["vm", "exec"], ["vm", "list"],
             ["vm", "stop"], ["checkpoint"], ["checkpoint", "take"], ["checkpoint", "ls"], ["checkpoint", "rm"],
             ["clone"], ["stats"], ["down"], ["hostd"], ["master"], ["lab"], ["lab", "up"], ["lab", "down"],
-            ["lab", "status"], ["cluster"], ["cluster", "init"]]
+            ["lab", "status"], ["lab", "policy"], ["cluster"], ["cluster", "init"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "main")

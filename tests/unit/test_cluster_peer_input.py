@@ -84,6 +84,11 @@ def test_the_master_lets_a_host_speak_only_for_itself(tmp_path):
         asyncio.run(master.op_register("lab2", {**args, "mem_mb": -5}))
     with pytest.raises(RoleError, match="only admin"):
         asyncio.run(master.op_vms("lab2", {}))
+    with pytest.raises(RoleError, match="only admin"):
+        asyncio.run(master.op_policy("lab2", {"policy": "pack"}))
+    with pytest.raises(UsageError):
+        asyncio.run(master.op_policy("admin", {"policy": "random"}))
+    assert asyncio.run(master.op_policy("admin", {"policy": "pack"})) == {"policy": "pack"}
 
 
 def test_a_placement_over_the_masters_hosts_follows_its_policy(tmp_path):
