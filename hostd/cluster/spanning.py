@@ -175,6 +175,16 @@ class Spanning:
                 await self.peer(host, "clones.stop", names=[o.name for o in orders])
         await asyncio.gather(*(stop(h, o) for h, o in by_host.items()))
 
+    async def hosts_down(self, down: set[str]) -> None:
+        """The master says these hosts stopped answering: our clones there are
+        lost (their tickets' slots fail; the rest of each job goes on)."""
+        for fam in list(self.families.by_name.values()):
+            for name, (_k, host) in list(fam.remote.items()):
+                if host in down:
+                    log.warning("clone %s is lost with host %s", name, host)
+                    await self.remote_gone(name)
+                    self.member_ended(name, reason=f"its host {host} stopped answering")
+
     async def remote_gone(self, name: str) -> None:
         """A clone of ours on another host ended: let go of what was served for it."""
         for fam in self.families.by_name.values():
@@ -382,6 +392,7 @@ class Membership:
                 registered = bool(ans.get("registered"))
                 if isinstance(ans.get("rooms"), list):
                     self.span.rooms = [r for r in ans["rooms"] if isinstance(r, dict)]
+                    await self.span.hosts_down({str(r.get("name")) for r in self.span.rooms if not r.get("up")})
             except SfmpiError as exc:
                 log.warning("master: %s", exc)
                 registered = False

@@ -153,6 +153,16 @@ class Lab:
             raise
         return rec
 
+    def _restart_hostd(self, name: str, rec: dict) -> None:
+        env = hostd_env(name, self.home, self.keys)
+        popen = _spawn(LabNetwork(1).wrap(name, [sys.executable, "-m", "sfmpi.cli", "hostd"]), env,
+                       self.home / name / "hostd.log")
+        rec["hosts"][name]["pid"] = popen.pid
+        from sfmpi.client import HostdClient
+        from sfmpi.paths import Paths
+        client = HostdClient(Paths(Path(env["SFMPI_HOME"])), autostart=False)
+        _wait(f"hostd of {name} (restarted to clean up)", client.running, popen, self.home / name / "hostd.log")
+
     def _answers(self, op: str) -> bool:
         try:
             self.admin(op, timeout=2)
@@ -174,6 +184,10 @@ class Lab:
         for name, h in rec["hosts"].items():
             client = HostdClient(Paths(Path(h["home"])), autostart=False)
             try:
+                if not client.running() and Path(h["home"]).exists() and LabNetwork(1).exists():
+                    # A host whose hostd died: a new one reaps what the old one left
+                    # (QEMUs, memtaps, its families' namespace), then goes down with it.
+                    self._restart_hostd(name, rec)
                 if client.running():
                     pid = client.call("ping")["pid"]
                     stopped += client.call("down")["stopped"]
