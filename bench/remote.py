@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import mmap
 import os
 import random
@@ -35,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import report  # noqa: E402
 from sfmpi.client import HostdClient  # noqa: E402
 from sfmpi.paths import Paths  # noqa: E402
 from tests.leakcheck import down_and_leaks  # noqa: E402
@@ -149,15 +149,7 @@ def main() -> int:
         res["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         res["host_leaks"] = down_and_leaks(client, home)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    elif "error" not in res:
-        print_table(res)
-    if res.get("error"):
-        print(f"FAILED: {res['error']}", file=sys.stderr)
-    if res["host_leaks"]:
-        print(f"LEFT AFTER DOWN: {res['host_leaks']}", file=sys.stderr)
-    return 1 if res.get("error") or res["host_leaks"] else 0
+    return report(res, args.json, print_table)
 
 
 def lab_main(args) -> int:
@@ -165,15 +157,7 @@ def lab_main(args) -> int:
 
     from sfmpi.cli import _default_image
     res = run_lab(args.image or _default_image(), args.repeats)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    elif "error" not in res:
-        print_lab_table(res)
-    if res.get("error"):
-        print(f"FAILED: {res['error']}", file=sys.stderr)
-    if res["host_leaks"]:
-        print(f"LEFT AFTER DOWN: {res['host_leaks']}", file=sys.stderr)
-    return 1 if res.get("error") or res["host_leaks"] else 0
+    return report(res, args.json, print_lab_table)
 
 
 def print_table(r: dict) -> None:

@@ -30,6 +30,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import report  # noqa: E402
 from sfmpi.client import HostdClient  # noqa: E402
 from sfmpi.hostd.net import netplan  # noqa: E402
 from sfmpi.paths import Paths  # noqa: E402
@@ -203,15 +204,7 @@ def main() -> int:
         result = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         result["host_leaks"] = soak.down()
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "cycle_s"}, indent=2))
-    elif "error" not in result:
-        print_tables(result)
-    if result.get("error"):
-        print(f"FAILED: {result['error']}", file=sys.stderr)
-    if result["host_leaks"]:
-        print(f"LEFT AFTER DOWN: {result['host_leaks']}", file=sys.stderr)
-    return 1 if result.get("error") or result["host_leaks"] or result.get("leaked_total") else 0
+    return report(result, args.json, print_tables, failed=bool(result.get("leaked_total")), json_skip=("cycle_s",))
 
 
 if __name__ == "__main__":
