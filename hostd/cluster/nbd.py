@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -149,11 +148,3 @@ class NbdExports:
             self.popen = None
         self.exports.clear()
 
-
-def port_free(address: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((address, port))
-            return True
-        except OSError:
-            return False

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -43,12 +44,23 @@ START_TIMEOUT = 240.0
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 MAX_STATE = 64 << 20
 MAX_MAP = 16 << 20
+MAX_HOSTS = 1024
 
 
 def _checked(pattern: re.Pattern, value, what: str) -> str:
     if not isinstance(value, str) or not pattern.match(value):
         raise UsageError(f"{what} {value!r} is not acceptable")
     return value
+
+
+def _peers(value) -> set[str]:
+    """Other hosts' underlay addresses, as a peer sends them."""
+    if not isinstance(value, list) or len(value) > MAX_HOSTS or not all(isinstance(p, str) for p in value):
+        raise UsageError(f"peers must be a list of at most {MAX_HOSTS} addresses")
+    try:
+        return {str(ipaddress.IPv4Address(p)) for p in value}
+    except ValueError:
+        raise UsageError(f"peers must be IPv4 addresses (got {value!r:.200})") from None
 
 
 def _b64(value, limit: int, what: str) -> bytes:
@@ -138,11 +150,30 @@ class Spanning:
         return self.addresses[host].rpartition(":")[0]
 
     async def join_family(self, fam, hosts: set[str]) -> None:
-        """This host's bridge of the family floods to every host that holds its VMs."""
+        """This host's bridge of the family floods to every host that holds its
+        VMs. Hosts that held some before and get none of the new clones learn
+        of the new hosts here (those that get clones learn with clones.start)."""
         holding = {h for _k, h in fam.remote.values()} | hosts
-        if holding:
-            await tunnel.span(self.paths.netns, fam.number, self.config.address,
-                              {self._ip_of(h) for h in holding})
+        if not holding:
+            return
+        await tunnel.span(self.paths.netns, fam.number, self.config.address, {self._ip_of(h) for h in holding})
+        everyone = {self.config.address} | {self._ip_of(h) for h in holding}
+        await asyncio.gather(*(
+            self.peer(h, "family.peers", name=fam.name, number=fam.number,
+                      peers=sorted(everyone - {self._ip_of(h)}))
+            for h in sorted(holding - hosts) if hosts))
+
+    async def family_peers_here(self, origin: str, name, number, peers) -> dict:
+        """The parent's host of a family with clones here says which hosts it now spans."""
+        fam_name = _checked(_ID_RE, name, "family name")
+        number = netplan.check_family(number)
+        addresses = _peers(peers)
+        fam = self.families.by_name.get(fam_name)
+        if fam is None or fam.number != number or \
+                not any(self.origin.get(vm, ("",))[0] == origin for vm in fam.members):
+            raise UsageError(f"{origin} holds no family {fam_name} (number {number}) with clones on {self.host}")
+        await tunnel.span(self.paths.netns, number, self.config.address, addresses)
+        return {"peers": sorted(addresses)}
 
     async def start_remote(self, ckpt: Checkpoint, fam, host: str, orders: list[Order],
                            greeting: dict | None = None, ticket: str = "") -> dict:
@@ -208,9 +239,7 @@ class Spanning:
         ckpt_id = _checked(_ID_RE, (descriptor.get("manifest") or {}).get("id"), "checkpoint id")
         fam_name = _checked(_ID_RE, family.get("name"), "family name")
         number = netplan.check_family(family.get("number"))
-        peers = family.get("peers")
-        if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
-            raise UsageError("clones.start: peers must be a list of addresses")
+        peers = _peers(family.get("peers"))
         if not orders or len(orders) > netplan.MAX_ID:
             raise UsageError("clones.start: 1..250 clones")
         wanted = [Order(name=_checked(_ID_RE, o.get("name"), "VM name"), netid=netplan.check_id(o.get("netid")),
@@ -248,7 +277,7 @@ class Spanning:
             recs = await self.cloner._reserve(ckpt, fam, wanted, ticket=ticket, memory="served", ram=ram)
         for name in names:
             self.origin[name] = (origin, ckpt_id)
-        await tunnel.span(self.paths.netns, number, self.config.address, set(peers))
+        await tunnel.span(self.paths.netns, number, self.config.address, peers)
         try:
             return await self.cloner.start(ckpt, fam, wanted, recs, greet, awaited, t0)
         except BaseException:
@@ -320,6 +349,9 @@ class Spanning:
             return await self.start_here(peer, args.get("descriptor"), args.get("family"), args.get("orders"),
                                          args.get("greeting"), args.get("ticket") or "")
 
+        async def family_peers(peer, args):
+            return await self.family_peers_here(peer, args.get("name"), args.get("number"), args.get("peers"))
+
         async def clones_stop(peer, args):
             return await self.stop_here(args.get("names"))
 
@@ -327,9 +359,8 @@ class Spanning:
             name = args.get("name")
             if not isinstance(name, str):
                 raise UsageError("clone.gone: name")
-            fam_host = next((h for f in self.families.by_name.values() for n, (_k, h) in f.remote.items()
-                             if n == name), None)
-            if fam_host is not None and fam_host != peer:
+            held = self.families.remote_member(name)
+            if held is not None and held[2] != peer:
                 raise UsageError(f"{peer} does not hold clone {name}")
             await self.remote_gone(name)
             self.member_ended(name, reason=str(args.get("reason") or "gone")[:500])
@@ -340,13 +371,13 @@ class Spanning:
             if not isinstance(name, str) or isinstance(status, bool) or not isinstance(status, int) \
                     or not 0 <= status <= 255:
                 raise UsageError("clone.exited: name and a status 0..255")
-            holder = next((h for f in self.families.by_name.values() for n, (_k, h) in f.remote.items()
-                           if n == name), None)
-            if holder != peer:
+            held = self.families.remote_member(name)
+            if held is None or held[2] != peer:
                 raise UsageError(f"{peer} does not hold clone {name}")
             self.member_ended(name, status=status)
             return {}
         return {"ping": ping, "vm.list": vm_list, "clones.start": clones_start, "clones.stop": clones_stop,
+                "family.peers": family_peers,
                 "clone.gone": clone_gone, "clone.exited": clone_exited}
 
     async def down(self) -> None:
@@ -407,3 +438,8 @@ class Membership:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.server.close()
+        # Down at once in the master's eyes: no clone is placed here meanwhile.
+        try:
+            await self.span.master("leave", name=self.span.host, timeout=3.0)
+        except SfmpiError as exc:
+            log.info("could not tell the master this host leaves: %s", exc)

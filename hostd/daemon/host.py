@@ -86,7 +86,7 @@ class GuestSide:
 
     def is_member(self, name: str) -> bool:
         """A VM of a ticket that still runs: here, or on another host of a fork across hosts."""
-        return self._vms.find(name) is not None or any(name in f.remote for f in self._families.by_name.values())
+        return self._vms.find(name) is not None or self._families.remote_member(name) is not None
 
     async def forward_exit(self, name: str, status: int) -> bool:
         return self._span is not None and await self._span.forward_exit(name, status)
@@ -123,10 +123,10 @@ class GuestSide:
     def identity_of(self, name: str) -> dict:
         fam, rec = self._families.of_vm(name), self._vms.record(name)
         if fam is None or rec is None:
-            remote = next(((f, f.remote[name]) for f in self._families.by_name.values() if name in f.remote), None)
+            remote = self._families.remote_member(name)
             if remote is None:
                 return {}
-            fam, (netid, host) = remote
+            fam, netid, host = remote
             return {**netplan.identity(fam.number, fam.name, netid), "host": host}
         return netplan.identity(fam.number, fam.name, rec.netid)
 
@@ -135,9 +135,9 @@ class GuestSide:
         return fam.hosts() if fam is not None else []
 
     async def stop_vm(self, name: str) -> None:
-        remote = next((f.remote[name][1] for f in self._families.by_name.values() if name in f.remote), None)
+        remote = self._families.remote_member(name)
         if remote is not None and self._span is not None:
-            await self._span.stop_remote_vm(remote, name)
+            await self._span.stop_remote_vm(remote[2], name)
             return
         await self._runtime.stop(name)
 

@@ -27,7 +27,7 @@ from sfmpi.errors import HostdError, NotFound, UsageError
 from ..cluster import keys, wire
 from ..cluster.config import ADMIN_NAME, MASTER_NAME, MASTER_PORT
 from . import topology
-from ..net.namespace import _setns
+from ..net.namespace import enter_thread
 from .network import LabNetwork
 
 log = logging.getLogger("sfmpi.lab")
@@ -213,11 +213,7 @@ def in_namespace(netns: str, fn):
 
     def run() -> None:
         try:
-            fd = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(fd)
-            finally:
-                os.close(fd)
+            enter_thread(NETNS_DIR / netns)
             out["value"] = fn()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             out["error"] = exc

@@ -59,9 +59,13 @@ class Master:
         self.server: wire.WireServer | None = None
         self.shutdown = asyncio.Event()
         self._client = None
+        # Heartbeats sent while this master was not running were heard by
+        # nobody: a host counts as silent only from this master's start on,
+        # else a restart after DOWN_AFTER_S would fail every host's clones.
+        self.started = time.time()
 
     def _handlers(self) -> dict:
-        return {"ping": self.op_ping, "register": self.op_register, "heartbeat": self.op_heartbeat,
+        return {"ping": self.op_ping, "register": self.op_register, "heartbeat": self.op_heartbeat, "leave": self.op_leave,
                 "place": self.op_place, "hosts": self.op_hosts, "vms": self.op_vms, "policy": self.op_policy}
 
     async def run(self) -> None:
@@ -76,6 +80,7 @@ class Master:
             loop.add_signal_handler(sig, self.shutdown.set)
         log.info("master %d on %s:%d (policy %s)", os.getpid(), self.listen, port, self.policy)
         print(f"listening {port}", flush=True)
+        self.started = time.time()
         watcher = asyncio.ensure_future(self._watch())
         try:
             await self.shutdown.wait()
@@ -87,16 +92,28 @@ class Master:
             self.store.close()
 
     async def _watch(self) -> None:
-        """Hosts that stopped answering are marked down: no clone goes there."""
-        assert self.store is not None
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            now = time.time()
-            for name in self.store.mark_stale(now, DOWN_AFTER_S):
-                failed = self.store.fail_host_slots(name)
-                log.warning("host %s missed its heartbeats for %g s: down (tickets with clones there: %s)",
-                            name, DOWN_AFTER_S, ", ".join(failed) or "none")
-            self.store.prune(now, 3600)
+            try:
+                self.sweep(time.time())
+            except Exception:  # a bug or a sick disk: logged, and the watch goes on
+                log.exception("marking silent hosts down")
+
+    def sweep(self, now: float) -> list[str]:
+        """Hosts that stopped answering are marked down (no clone goes there)
+        and their tickets' slots there fail; the names of those hosts."""
+        assert self.store is not None
+        down = self.store.mark_stale(now, DOWN_AFTER_S, heard_since=self.started)
+        for name in down:
+            failed = self.store.fail_host_slots(name)
+            log.warning("host %s missed its heartbeats for %g s: down (tickets with clones there: %s)",
+                        name, DOWN_AFTER_S, ", ".join(failed) or "none")
+        self.store.prune(now, 3600)
+        return down
+
+    def _rooms(self) -> list:
+        assert self.store is not None
+        return self.store.room(time.time(), DOWN_AFTER_S, heard_since=self.started)
 
     # -- operations ------------------------------------------------------
     @staticmethod
@@ -126,14 +143,24 @@ class Master:
         known = self.store.heartbeat(name, _int(args, "used_mem_mb"), _int(args, "used_vcpus"), time.time())
         # Every host's room, so a hostd can grant a guest's ticket without a round trip.
         rooms = [{"name": r.name, "free_mem_mb": r.free_mem_mb, "free_vcpus": r.free_vcpus, "up": r.up}
-                 for r in self.store.room(time.time(), DOWN_AFTER_S)]
+                 for r in self._rooms()]
         return {"registered": known, "rooms": rooms}
+
+    async def op_leave(self, peer: str, args: dict) -> dict:
+        """A hostd stopping cleanly: down at once, not DOWN_AFTER_S later."""
+        name = self._as_host(peer, args)
+        assert self.store is not None
+        left = self.store.mark_down(name)
+        if left:
+            failed = self.store.fail_host_slots(name)
+            log.info("host %s left (tickets with clones there: %s)", name, ", ".join(failed) or "none")
+        return {"left": left}
 
     async def op_place(self, peer: str, args: dict) -> dict:
         """Where n clones of (mem_mb, cpus) go: {host: count}, with the hosts' addresses."""
         assert self.store is not None
         policy = args.get("policy") or self.policy
-        rooms = self.store.room(time.time(), DOWN_AFTER_S)
+        rooms = self._rooms()
         family = _str(args, "family")
         placement = place(rooms, _int(args, "n", 1), _int(args, "mem_mb", 1), _int(args, "cpus", 1), policy,
                           allow_fewer=bool(args.get("allow_fewer")), first=peer,

@@ -126,13 +126,22 @@ class MasterStore:
         columns = [c[0] for c in cur.description]
         return [dict(zip(columns, row)) for row in cur.fetchall()]
 
-    def mark_stale(self, now: float, timeout: float) -> list[str]:
-        """Hosts up but silent since before now - timeout become down; their names."""
+    def mark_stale(self, now: float, timeout: float, heard_since: float = 0.0) -> list[str]:
+        """Hosts up but silent since before now - timeout become down; their
+        names. heard_since: when the master started listening (a host is not
+        silent for the time nobody could hear it)."""
+        if heard_since > now - timeout:
+            return []
         with self._transaction():
             names = [r[0] for r in self.db.execute(
                 "SELECT name FROM hosts WHERE state = 'up' AND last_seen < ? ORDER BY name", (now - timeout,))]
             self.db.executemany("UPDATE hosts SET state = 'down' WHERE name = ?", [(n,) for n in names])
         return names
+
+    def mark_down(self, name: str) -> bool:
+        """A host that said it is leaving; False if it was not up."""
+        return self.db.execute("UPDATE hosts SET state = 'down' WHERE name = ? AND state = 'up'",
+                               (name,)).rowcount > 0
 
     def remove(self, name: str) -> bool:
         """Forget a host (its tickets' slots stay: fail_host_slots first)."""
@@ -228,21 +237,22 @@ class MasterStore:
             return self.db.execute(f"DELETE FROM tickets WHERE {done}", (now - keep_seconds,)).rowcount
 
     # -- placement input -------------------------------------------------
-    def room(self, now: float, timeout: float) -> list[HostRoom]:
+    def room(self, now: float, timeout: float, heard_since: float = 0.0) -> list[HostRoom]:
         """Every host's free room for placement.place(), by name.
 
         free = capacity - heartbeat usage - reservations of live tickets not
         yet running. The heartbeat counts the VMs a host runs; a granted or
         cloning ticket's clones are not there yet, so its reservation stands in
         for them. A host silent past the timeout is not up, even before
-        mark_stale() writes it down. Between a ticket becoming running and the
+        mark_stale() writes it down, unless the master started listening
+        (heard_since) less than the timeout ago. Between a ticket becoming running and the
         next heartbeat its clones are counted by neither: callers that set
         'running' only once the clones show in a heartbeat avoid that gap.
         """
         rooms = []
         for host in self.hosts():
             mem, cpus = self._reserved(host["name"], NOT_YET_RUNNING)
-            up = host["state"] == "up" and host["last_seen"] >= now - timeout
+            up = host["state"] == "up" and max(host["last_seen"], heard_since) >= now - timeout
             rooms.append(HostRoom(name=host["name"],
                                   free_mem_mb=max(0, host["mem_mb"] - host["used_mem_mb"] - mem),
                                   free_vcpus=max(0, host["vcpus"] - host["used_vcpus"] - cpus),

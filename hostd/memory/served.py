@@ -158,6 +158,13 @@ class ServedMemory:
         """On a clone host: the file clones map, from another host's memory server."""
         async with self._lock:
             s = self.served.get(ckpt_id)
+            if s is not None and s.memtap.alive() and s.token != token:
+                # A new token means the parent's host serves the checkpoint
+                # afresh (its memory server was restarted): this memtap's
+                # server is gone, and so is every fetch its clones could make.
+                log.warning("checkpoint %s is served anew from %s:%d; its old memtap goes (clones %s)",
+                            ckpt_id, address, port, ", ".join(sorted(s.users)) or "none")
+                await asyncio.to_thread(s.memtap.stop)
             if s is not None and not s.memtap.alive():
                 await asyncio.to_thread(self._retire, s)
                 s = None

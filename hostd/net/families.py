@@ -115,6 +115,14 @@ class Families:
         """fn(*args) on the families' thread, inside their namespace (a tap opened there is there)."""
         return await self._run(fn, *args)
 
+    def remote_member(self, name: str) -> tuple[Family, int, str] | None:
+        """(family, ID, host) of a clone of ours that runs on another host; else None."""
+        for fam in self.by_name.values():
+            if name in fam.remote:
+                netid, host = fam.remote[name]
+                return fam, netid, host
+        return None
+
     def of_vm(self, vm: str) -> Family | None:
         for fam in self.by_name.values():
             if vm in fam.members:

@@ -41,10 +41,15 @@ def enter_argv(netns_path: str, argv: list[str]) -> list[str]:
     return ["nsenter", f"--net={netns_path}", "--", *argv]
 
 
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise NetworkError(f"setns into hostd's network namespace failed: {os.strerror(err)}")
+def enter_thread(netns_path: str | os.PathLike) -> None:
+    """Move the calling thread (only it) into the network namespace at netns_path."""
+    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetworkError(f"setns into network namespace {netns_path} failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def _sysctl(path: str, value: str) -> None:
@@ -83,11 +88,7 @@ class HostNamespace:
 
     def enter_this_thread(self) -> None:
         """Move the calling thread (only it) into the namespace."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(fd)
-        finally:
-            os.close(fd)
+        enter_thread(self.path)
         self.configure_from_inside()
 
     def wrap(self, argv: list[str]) -> list[str]:

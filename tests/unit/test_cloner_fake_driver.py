@@ -234,6 +234,9 @@ class FakeFamilies:
     def of_vm(self, vm: str) -> Family | None:
         return next((f for f in self.by_name.values() if vm in f.members), None)
 
+    def remote_member(self, name: str):
+        return next(((f, *f.remote[name]) for f in self.by_name.values() if name in f.remote), None)
+
     def is_up(self, name: str) -> bool:
         return name in self.by_name
 

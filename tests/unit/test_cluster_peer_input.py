@@ -141,3 +141,51 @@ def test_the_tunnel_of_a_family_is_made_from_the_hosts_network_into_the_families
     assert tunnel.parse_flood_peers(shown) == {"172.31.254.2", "172.31.254.3"}
     with pytest.raises(NetworkError):
         tunnel.fdb_argvs("sfmpi-ab", 7, {"172.31.254.3; reboot"}, set())
+
+
+def test_the_master_sweep_downs_silent_hosts_and_a_leaving_host_at_once(tmp_path, monkeypatch):
+    import time
+
+    from sfmpi.hostd.master import daemon
+    monkeypatch.setattr(daemon, "DOWN_AFTER_S", 5.0)
+    master = Master(tmp_path / "m", tmp_path / "keys", "127.0.0.1", 0)
+    master.store = MasterStore(tmp_path / "master.db")
+    for name in ("lab1", "lab2", "lab3"):
+        asyncio.run(master.op_register(name, {"name": name, "address": "172.31.254.9", "peer_port": 7441,
+                                              "mem_mb": 1024, "vcpus": 4}))
+    master.store.add_ticket("t1", "p", "lab1", 256, 1, {"lab1": 1, "lab2": 2}, time.time())
+    with pytest.raises(RoleError):
+        asyncio.run(master.op_leave("lab1", {"name": "lab3"}))
+    assert asyncio.run(master.op_leave("lab3", {"name": "lab3"})) == {"left": True}
+    rooms = asyncio.run(master.op_heartbeat("lab1", {"name": "lab1", "used_mem_mb": 0, "used_vcpus": 0}))["rooms"]
+    assert {r["name"]: r["up"] for r in rooms} == {"lab1": True, "lab2": True, "lab3": False}
+    # lab2 falls silent: a sweep after the timeout downs it and fails its slots.
+    assert master.sweep(time.time() + 1.0) == []
+    master.store.heartbeat("lab1", 0, 0, time.time() + 6.0)
+    assert master.sweep(time.time() + 6.0) == ["lab2"]
+    assert master.store.ticket("t1")["failed"] == {"lab1": 0, "lab2": 2}
+
+
+@pytest.mark.parametrize("name,number,peers,match", [
+    ("a/b", 1, ["172.31.254.3"], "family name"),
+    ("p", 0, ["172.31.254.3"], "family number"),
+    ("p", 1, "172.31.254.3", "peers"),
+    ("p", 1, ["172.31.254.3", 7], "peers"),
+    ("p", 1, ["evil.example"], "IPv4"),
+    ("p", 1, ["172.31.254.3"] * 2000, "at most"),
+])
+def test_a_malformed_family_peers_is_refused(span, name, number, peers, match):
+    with pytest.raises(UsageError, match=match):
+        asyncio.run(span.family_peers_here("lab1", name, number, peers))
+
+
+def test_family_peers_only_from_the_host_whose_clones_run_here(span):
+    """A host may re-point a family's tunnel only if clones of its own run here
+    in that family (else any member could splice itself into another's network)."""
+    from sfmpi.hostd.net.families import Family
+    fam = Family(name="p", number=1, net=None, members={"p-3": 3})
+    span.families = type("Fams", (), {"by_name": {"p": fam}})()
+    span.origin["p-3"] = ("lab1", "p-ck1")
+    for origin, number in (("lab3", 1), ("lab1", 2)):
+        with pytest.raises(UsageError, match="holds no family p"):
+            asyncio.run(span.family_peers_here(origin, "p", number, ["172.31.254.3"]))

@@ -167,3 +167,24 @@ def test_reopening_keeps_the_state(tmp_path):
     assert again.version == SCHEMA_VERSION
     assert again.hosts() == hosts and again.ticket("t1") == ticket
     again.close()
+
+
+def test_a_restarted_master_counts_silence_only_from_its_start(store):
+    """Heartbeats sent while no master ran were heard by nobody: right after a
+    restart every host that was up stays up, until it has been silent for the
+    timeout under this master."""
+    store.register("lab1", "10.0.0.1:7000", 4096, 8, now=100.0)
+    store.register("lab2", "10.0.0.2:7000", 4096, 8, now=100.0)
+    store.mark_down("lab2")
+    started = 500.0                       # the master was away for 400 s
+    assert store.mark_stale(now=501.0, timeout=5.0, heard_since=started) == []
+    assert [(r.name, r.up) for r in store.room(now=501.0, timeout=5.0, heard_since=started)] == \
+        [("lab1", True), ("lab2", False)]  # a host that had left stays down
+    assert store.mark_stale(now=506.0, timeout=5.0, heard_since=started) == ["lab1"]
+    assert not store.room(now=506.0, timeout=5.0, heard_since=started)[0].up
+
+
+def test_mark_down_is_for_a_host_that_was_up(store):
+    store.register("lab1", "10.0.0.1:7000", 4096, 8, now=100.0)
+    assert store.mark_down("lab1") and not store.mark_down("lab1") and not store.mark_down("ghost")
+    assert store.hosts()[0]["state"] == "down"
