@@ -2,8 +2,8 @@
 namespace with its own hostd, and the master in the lab's own namespace.
 
 Each host's hostd has its own state directory (SFMPI_LAB_HOME/labN: state,
-checkpoints, its RAM directory under /dev/shm and its family namespace follow
-from it), runs in its host's network namespace only (nsenter --net: FUSE
+checkpoints, its RAM directory under /dev/shm (a tmpfs of its own, ramdir.py)
+and its family namespace follow from it), runs in its host's network namespace only (nsenter --net: FUSE
 mounts and files stay visible to the machine), and is told its place in the
 cluster by its environment (cluster/config.py). The lab's record (lab.json)
 says where each host's hostd is, for `--host NAME` / SFMPI_HOST.
@@ -23,11 +23,13 @@ import time
 from pathlib import Path
 
 from sfmpi.errors import HostdError, NotFound, UsageError
+from sfmpi.paths import Paths
 
 from ..cluster import keys, wire
 from ..cluster.config import ADMIN_NAME, MASTER_NAME, MASTER_PORT
-from . import topology
 from ..net.namespace import enter_thread
+from ..policy.admission import host_mem_mb, parse_size_mb
+from . import ramdir, topology
 from .network import LabNetwork
 
 log = logging.getLogger("sfmpi.lab")
@@ -112,9 +114,14 @@ class Lab:
         return in_namespace(topology.LAB_NS, lambda: wire.call_sync(
             str(topology.MASTER_IP), MASTER_PORT, ctx, MASTER_NAME, op, timeout=timeout, **args))
 
-    def up(self, k: int, policy: str = "spread", mem_budget: str | None = None) -> dict:
+    def up(self, k: int, policy: str = "spread", mem_budget: str | None = None,
+           ram_dir_size: str | None = None) -> dict:
+        """ram_dir_size: each host's RAM directory (a tmpfs of its own); by
+        default its memory budget, else half the machine's RAM (the size
+        Linux gives /dev/shm)."""
         if policy not in ("pack", "spread"):
             raise UsageError(f"--policy is pack or spread (got {policy!r})")
+        ram_mb = parse_size_mb(ram_dir_size or mem_budget or f"{host_mem_mb() // 2}M")
         names = topology.host_names(k)
         if read_record(self.home) is not None:
             raise UsageError(f"a lab is already up ({record_path(self.home)}): `sfmpi lab down` first")
@@ -135,10 +142,14 @@ class Lab:
             _wait("the master", lambda: self._answers("ping"), master, master_log)
             for name in names:
                 env = hostd_env(name, self.home, self.keys)
+                ram = Paths(Path(env["SFMPI_HOME"])).shm
+                rec["hosts"][name] = {"home": env["SFMPI_HOME"], "address": env["SFMPI_HOST_ADDRESS"],
+                                      "ram_dir": str(ram)}
+                self._write(rec)
+                ramdir.make(ram, ram_mb, name)
                 argv = [py, "-m", "sfmpi.cli", "hostd"] + (["--mem-budget", mem_budget] if mem_budget else [])
                 popen = _spawn(net.wrap(name, argv), env, self.home / name / "hostd.log")
-                rec["hosts"][name] = {"home": env["SFMPI_HOME"], "address": env["SFMPI_HOST_ADDRESS"],
-                                      "pid": popen.pid}
+                rec["hosts"][name]["pid"] = popen.pid
                 self._write(rec)
                 sock = Path(env["SFMPI_HOME"]) / "hostd.sock"
                 _wait(f"hostd of {name}", sock.exists, popen, self.home / name / "hostd.log")
@@ -159,7 +170,6 @@ class Lab:
                        self.home / name / "hostd.log")
         rec["hosts"][name]["pid"] = popen.pid
         from sfmpi.client import HostdClient
-        from sfmpi.paths import Paths
         client = HostdClient(Paths(Path(env["SFMPI_HOME"])), autostart=False)
         _wait(f"hostd of {name} (restarted to clean up)", client.running, popen, self.home / name / "hostd.log")
 
@@ -178,7 +188,6 @@ class Lab:
     def down(self) -> dict:
         """Every host's VMs and hostd, the master, the namespaces, the lab's files; safe twice."""
         from sfmpi.client import HostdClient, wait_gone
-        from sfmpi.paths import Paths
         rec = read_record(self.home) or {"hosts": {}}
         stopped: list[str] = []
         for name, h in rec["hosts"].items():
@@ -195,6 +204,8 @@ class Lab:
             except Exception as exc:  # noqa: BLE001 - down goes on; the kill below ends it
                 log.warning("lab host %s: down: %s", name, exc)
             _kill(h.get("pid"))
+            if h.get("ram_dir"):
+                ramdir.remove(Path(h["ram_dir"]))
         _kill((rec.get("master") or {}).get("pid"))
         LabNetwork(1).down()
         shutil.rmtree(self.home, ignore_errors=True)

@@ -32,6 +32,31 @@ def parse_size_mb(text: str | int) -> int:
     return int(mb)
 
 
+def ram_dir_free_mb(directory) -> int:
+    """MiB a new RAM file in `directory` (a tmpfs) can still take: the file
+    system's free space less what the sparse files already there may still
+    claim (a file's size beyond its allocated blocks). Without the second part
+    a VM whose RAM is not all touched yet would lose pages to the newcomer and
+    die of SIGBUS later, long after both were admitted."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    with os.scandir(directory) as entries:
+        for e in entries:
+            if e.is_file(follow_symlinks=False):
+                f = e.stat(follow_symlinks=False)
+                free -= max(0, f.st_size - f.st_blocks * 512)
+    return max(0, free) >> 20
+
+
+def check_ram_dir(directory, mem_mb: int, what: str, pending_mb: int = 0) -> None:
+    """CapacityError unless a RAM file of mem_mb MiB fits in directory, besides
+    pending_mb of RAM files admitted but not made yet."""
+    free = max(0, ram_dir_free_mb(directory) - pending_mb)
+    if free < mem_mb:
+        raise CapacityError(f"{what} refused: its RAM directory {directory} has {free} MiB free, "
+                            f"the VM needs {mem_mb} MiB (free space there, or give the tmpfs more)")
+
+
 def host_mem_mb() -> int:
     import psutil
     return psutil.virtual_memory().total >> 20

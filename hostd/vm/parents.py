@@ -19,7 +19,7 @@ from sfmpi.image import Image
 
 from ..net import netplan
 from ..net.families import Families, NetOptions
-from ..policy.admission import Admission
+from ..policy.admission import Admission, check_ram_dir
 from ..state.records import VmRecord, VmRole, VmState
 from ..state.store import Store
 from . import accel as accel_mod
@@ -65,6 +65,8 @@ class Parents:
                            initrd=str(img.initrd), append=img.append, disk_size=img.virtual_size)
         async with self.admission.lock:
             self.admission.admit(1, mem_mb, cpus, what=f"start of VM {name}")
+            if backing == "tmpfs":   # hugetlbfs room was checked by ram_dir()
+                check_ram_dir(ram_dir, mem_mb, what=f"start of VM {name}", pending_mb=self._ram_to_come(ram_dir))
             rec = VmRecord(name=name, role=VmRole.PARENT, state=VmState.STARTING, spec=spec.to_json(),
                            overlay=self.runtime.new_layer(name), image=str(img.disk), family=name, netid=0,
                            backing=(str(img.disk),),
@@ -94,6 +96,12 @@ class Parents:
         rec = self.vms.update(vm, state=VmState.RUNNING)
         return {"rec": rec, "ram_backing": backing, "boot_ms": (time.monotonic() - t0) * 1000.0,
                 "agent_ms": (t_agent - t0) * 1000.0, "system": system, "guest_uptime_s": info.get("uptime")}
+
+    def _ram_to_come(self, ram_dir: Path) -> int:
+        """MiB of parents admitted whose QEMU has not made its RAM file in ram_dir yet."""
+        return sum(r.spec["mem_mb"] for r in self.vms.records()
+                   if r.role == VmRole.PARENT and r.state == VmState.STARTING and r.ram_path
+                   and Path(r.ram_path).parent == ram_dir and not os.path.exists(r.ram_path))
 
     def _ram_path(self, name: str, ram_dir: Path, backing: str) -> str:
         if backing == "tmpfs":

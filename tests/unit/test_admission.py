@@ -75,3 +75,28 @@ def test_budget_default_from_env(monkeypatch):
     monkeypatch.setenv("SFMPI_MEM_BUDGET", "2G")
     monkeypatch.setenv("SFMPI_VCPU_BUDGET", "5")
     assert Budget.default() == Budget(2048, 5)
+
+
+def test_a_ram_directory_counts_what_sparse_files_may_still_claim(tmp_path):
+    """A tmpfs of 64 MiB: a 40 MiB sparse RAM file (a VM that touched 8 MiB of it)
+    leaves room for 24 MiB, not 56; a VM of 32 MiB is refused with the reason."""
+    import subprocess
+
+    from sfmpi.errors import CapacityError
+    from sfmpi.hostd.policy.admission import check_ram_dir, ram_dir_free_mb
+    d = tmp_path / "ram"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M,mode=0700", "sfmpi-test-ramdir", str(d)], check=True)
+    try:
+        assert 63 <= ram_dir_free_mb(d) <= 64
+        with open(d / "vm.ram", "wb") as f:
+            f.truncate(40 << 20)
+            f.write(b"x" * (8 << 20))
+        assert 23 <= ram_dir_free_mb(d) <= 24
+        check_ram_dir(d, 16, "start of VM a")
+        with pytest.raises(CapacityError, match=r"start of VM b refused: its RAM directory .* has 2\d MiB free"):
+            check_ram_dir(d, 32, "start of VM b")
+        with pytest.raises(CapacityError):
+            check_ram_dir(d, 16, "start of VM c", pending_mb=16)
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
