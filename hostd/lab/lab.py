@@ -132,14 +132,7 @@ class Lab:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
             keys.init_cluster(self.keys, [MASTER_NAME, ADMIN_NAME, *names])
             py = sys.executable
-            master_log = self.home / "master" / "master.log"
-            master = _spawn(net.wrap(topology.LAB_NS, [py, "-m", "sfmpi.cli", "master", "--home",
-                                                       str(self.home / "master"), "--keys", str(self.keys),
-                                                       "--listen", str(topology.MASTER_IP), "--policy", policy]),
-                            {}, master_log)
-            rec["master"] = {"pid": master.pid, "address": f"{topology.MASTER_IP}:{MASTER_PORT}"}
-            self._write(rec)
-            _wait("the master", lambda: self._answers("ping"), master, master_log)
+            self._start_master(rec, policy)
             for name in names:
                 env = hostd_env(name, self.home, self.keys)
                 ram = Paths(Path(env["SFMPI_HOME"])).shm
@@ -163,6 +156,26 @@ class Lab:
             self.down()
             raise
         return rec
+
+    def _start_master(self, rec: dict, policy: str) -> None:
+        log_path = self.home / "master" / "master.log"
+        master = _spawn(LabNetwork(1).wrap(topology.LAB_NS, [
+            sys.executable, "-m", "sfmpi.cli", "master", "--home", str(self.home / "master"), "--keys",
+            str(self.keys), "--listen", str(topology.MASTER_IP), "--policy", policy]), {}, log_path)
+        rec["master"] = {"pid": master.pid, "address": f"{topology.MASTER_IP}:{MASTER_PORT}"}
+        self._write(rec)
+        _wait("the master", lambda: self._answers("ping"), master, log_path)
+
+    def restart_master(self) -> int:
+        """The master again, after it died or was stopped (what a service manager
+        does on a real cluster): it finds its hosts in its database, and they
+        are up again with their next heartbeat. Its new PID."""
+        rec = read_record(self.home)
+        if rec is None:
+            raise NotFound(f"no lab is up ({record_path(self.home)})")
+        _kill((rec.get("master") or {}).get("pid"))
+        self._start_master(rec, rec.get("policy", "spread"))
+        return rec["master"]["pid"]
 
     def _restart_hostd(self, name: str, rec: dict) -> None:
         env = hostd_env(name, self.home, self.keys)

@@ -151,6 +151,184 @@ def test_sfmpirun_runs_ranks_on_every_host(lab, flavour):
     assert len(job) == 1 and next(iter(job.values()))["bytes_sent"] > 0, job
 
 
+SECTION6 = r"""
+import json, socket, sfmpi
+with sfmpi.parallel(6) as s:
+    got = s.gather((s.rank, sfmpi.whoami()["host"], socket.gethostname()))
+print(json.dumps({"got": got, "size": s.size}))
+"""
+
+
+def test_a_parallel_section_spreads_over_the_hosts(lab):
+    env = lab
+    _put(env, "lab1", "p", "/root/section6.py", SECTION6)
+    res = json.loads(sfmpi("vm", "exec", "p", "--", "python3", "/root/section6.py", host="lab1",
+                           env=env).stdout.strip().splitlines()[-1])
+    assert res["size"] == 6
+    assert [r for r, _h, _n in res["got"]] == [0, 1, 2, 3, 4, 5]
+    hosts = [h for _r, h, _n in res["got"]]
+    assert hosts[0] == "lab1" and set(hosts) == {"lab1", "lab2", "lab3"}, hosts
+    assert len({n for _r, _h, n in res["got"]}) == 6
+    _no_clones_left(env)
+
+
+def _no_clones_left(env) -> None:
+    import time
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        left = [(r["name"], r["host"]) for r in json.loads(sfmpi("vm", "list", "--all", "--json", env=env).stdout)]
+        if left == [("p", "lab1")]:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"clones left: {left}")
+
+
+def _record(env) -> dict:
+    return json.loads((Path(env["SFMPI_LAB_HOME"]) / "lab.json").read_text())
+
+
+def test_a_clone_host_whose_ram_directory_is_full_still_takes_clones(lab):
+    """lab2's RAM directory (its own tmpfs) is filled to the last block. A parent
+    there is refused before QEMU starts, with the reason; clones from lab1 still
+    start on lab2 and read the parent's memory and disk: their RAM is served by
+    lab1 and their private pages are anonymous memory, nothing of theirs lives in
+    the RAM directory."""
+    env = lab
+    ram = Path(_record(env)["hosts"]["lab2"]["ram_dir"])
+    filler = ram / "filler"
+    st = os.statvfs(ram)
+    subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize), str(filler)], check=True)
+    try:
+        assert os.statvfs(ram).f_bavail == 0
+        p = sfmpi("vm", "start", "q", "--mem", "256M", host="lab2", env=env, check=False)
+        assert p.returncode != 0
+        assert "start of VM q refused: its RAM directory" in p.stderr and "has 0 MiB free" in p.stderr, p.stderr
+        assert "q" not in [r["name"] for r in json.loads(sfmpi("vm", "list", "--json", host="lab2", env=env).stdout)]
+        ck = sfmpi("checkpoint", "p", host="lab1", env=env).stdout.strip()
+        res = json.loads(sfmpi("clone", ck, "-n", "3", "--json", host="lab1", env=env).stdout)
+        on2 = [n for n, h in res["hosts"].items() if h == "lab2"]
+        assert len(on2) == 1, res["hosts"]
+        out = sfmpi("vm", "exec", on2[0], "--", "cat", "/dev/shm/m.txt", "/root/d.txt", host="lab2", env=env).stdout
+        assert out.split() == ["in-memory", "on-disk"]
+        for name, host in res["hosts"].items():
+            sfmpi("vm", "stop", name, host=host, env=env)
+        sfmpi("checkpoint", "rm", ck, host="lab1", env=env)
+    finally:
+        filler.unlink()
+    _no_clones_left(env)
+
+
+def test_the_parent_hosts_memory_server_killed_fails_the_remote_clones_clearly(lab):
+    """lab1's memory server dies while clones on lab2 and lab3 have fetched only
+    part of the checkpoint: the next fault of lab2's clone fails it with the reason
+    and lab1 forgets it; lab1's own clone (it maps the RAM file) goes on; the next
+    fork gets a new server and lab2 a new memtap."""
+    import signal
+    import time
+    env = lab
+    sfmpi("vm", "exec", "p", "--", "sh", "-c", "head -c 48M /dev/urandom > /dev/shm/big", host="lab1", env=env)
+    try:
+        want = sfmpi("vm", "exec", "p", "--", "md5sum", "/dev/shm/big", host="lab1", env=env).stdout.split()[0]
+        ck = sfmpi("checkpoint", "p", host="lab1", env=env).stdout.strip()
+        res = json.loads(sfmpi("clone", ck, "-n", "3", "--json", host="lab1", env=env).stdout)
+        by_host = {h: n for n, h in res["hosts"].items()}
+        assert sorted(by_host) == ["lab1", "lab2", "lab3"]
+        assert sfmpi("vm", "exec", by_host["lab2"], "--", "cat", "/dev/shm/m.txt", host="lab2",
+                     env=env).stdout.strip() == "in-memory"
+        server = json.loads(sfmpi("stats", "--json", host="lab1", env=env).stdout)["memory"]["server"]
+        os.kill(server["pid"], signal.SIGKILL)
+        p = sfmpi("vm", "exec", by_host["lab2"], "--", "md5sum", "/dev/shm/big", host="lab2", env=env,
+                  check=False, timeout=180)
+        assert p.returncode != 0 and "its memory could not be fetched" in p.stderr + p.stdout, (p.stdout, p.stderr)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            names = [r["name"] for r in json.loads(sfmpi("vm", "list", "--all", "--json", env=env).stdout)
+                     if r["state"] == "running"]
+            if by_host["lab2"] not in names:
+                break
+            time.sleep(0.5)
+        assert by_host["lab2"] not in names, names
+        assert sfmpi("vm", "exec", by_host["lab1"], "--", "md5sum", "/dev/shm/big", host="lab1",
+                     env=env).stdout.split()[0] == want
+        for host in ("lab1", "lab3"):
+            sfmpi("vm", "stop", by_host[host], host=host, env=env)
+        sfmpi("vm", "stop", by_host["lab2"], host="lab2", env=env, check=False)   # crashed: its record goes
+        again = json.loads(sfmpi("clone", ck, "-n", "2", "--json", host="lab1", env=env).stdout)
+        name2 = next(n for n, h in again["hosts"].items() if h == "lab2")
+        assert sfmpi("vm", "exec", name2, "--", "md5sum", "/dev/shm/big", host="lab2",
+                     env=env).stdout.split()[0] == want
+        for name, host in again["hosts"].items():
+            sfmpi("vm", "stop", name, host=host, env=env)
+        sfmpi("checkpoint", "rm", ck, host="lab1", env=env)
+    finally:
+        sfmpi("vm", "exec", "p", "--", "rm", "-f", "/dev/shm/big", host="lab1", env=env, check=False)
+    _no_clones_left(env)
+
+
+RESTART_JOB = r"""
+import json, os, time, sfmpi
+t = sfmpi.request_ticket(4)
+i = sfmpi.clone(t)
+if i == 0:
+    statuses = sfmpi.join(t, timeout=400)
+    print(json.dumps({"statuses": {str(k): v for k, v in statuses.items()}, "failures": statuses.failures}))
+else:
+    while not os.path.exists("/dev/shm/go"):
+        time.sleep(0.2)
+    sfmpi.exit(i)
+"""
+
+
+def test_the_master_restarted_mid_ticket(lab):
+    """The master is killed while a ticket's 4 clones run on 3 hosts: a fork asked
+    for meanwhile fails with the reason and leaves nothing; the running clones go
+    on; the master is restarted (its hosts are in its database, none is failed),
+    the clones exit and the parent's join has every status; placement works again."""
+    import signal
+    import time
+
+    import psutil
+
+    from sfmpi.hostd.lab.lab import Lab
+    env = lab
+    _put(env, "lab1", "p", "/root/restart.py", RESTART_JOB)
+    job = subprocess.Popen(["sfmpi", "--host", "lab1", "vm", "exec", "p", "--", "python3", "/root/restart.py"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        running: dict[str, str] = {}
+        while time.monotonic() < deadline and len(running) < 4:
+            running = {r["name"]: h for h in ("lab1", "lab2", "lab3")
+                       for r in json.loads(sfmpi("vm", "list", "--json", host=h, env=env).stdout)
+                       if r["role"] == "clone" and r["state"] == "running"}
+            time.sleep(1)
+        assert sorted(running.values()) == ["lab1", "lab1", "lab2", "lab3"], running
+        psutil.Process(_record(env)["master"]["pid"]).send_signal(signal.SIGKILL)
+        ck = json.loads(sfmpi("checkpoint", "ls", "--json", host="lab1", env=env).stdout)[0]["id"]
+        p = sfmpi("clone", ck, "-n", "3", host="lab1", env=env, check=False)
+        assert p.returncode != 0 and "master" in p.stderr, p.stderr
+        assert len(json.loads(sfmpi("vm", "list", "--json", host="lab1", env=env).stdout)) == 3  # p and 2 clones
+        time.sleep(8)       # longer than a host's heartbeat timeout: the restarted master must not fail them
+        Lab(Path(env["SFMPI_LAB_HOME"])).restart_master()
+        time.sleep(3)
+        for name, host in running.items():
+            sfmpi("vm", "exec", name, "--", "touch", "/dev/shm/go", host=host, env=env)
+        out, err = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["failures"] == {} and res["statuses"] == {"1": 1, "2": 2, "3": 3, "4": 4}, res
+    hosts = json.loads(sfmpi("lab", "status", "--json", env=env).stdout)
+    assert {h["name"]: h["state"] for h in hosts} == {"lab1": "up", "lab2": "up", "lab3": "up"}, hosts
+    again = json.loads(sfmpi("clone", ck, "-n", "3", "--json", host="lab1", env=env).stdout)
+    assert again["placement"] == {"lab1": 1, "lab2": 1, "lab3": 1}
+    for name, host in again["hosts"].items():
+        sfmpi("vm", "stop", name, host=host, env=env)
+    _no_clones_left(env)
+
+
 LOST_HOST_JOB = r'''
 import json, time, sfmpi
 t = sfmpi.request_ticket(6)
