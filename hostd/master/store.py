@@ -8,20 +8,17 @@ tickets with slots on it learn of it (fail_host_slots). A ticket is live while
 granted, cloning or running; ended and failed ones stay for a while as history
 and are pruned, so the file does not grow without bound.
 
-The schema has a version (SQLite's user_version), as in hostd/state/store.py:
-opening a database runs the migrations it lacks, in order, each in one
-transaction; a database newer than this code is refused rather than misread.
+The schema is versioned and migrated as hostd's own (hostd/state/sqlite.py).
 """
 from __future__ import annotations
 
 import sqlite3
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from sfmpi.errors import AlreadyExists, HostdError, TicketError, UsageError
+from sfmpi.errors import AlreadyExists, TicketError, UsageError
 
+from ..state.sqlite import VersionedDb
 from .placement import HostRoom
 
 # Each entry takes the schema from version i to i + 1.
@@ -54,46 +51,12 @@ LIVE_STATES = ("granted", "cloning", "running")
 NOT_YET_RUNNING = ("granted", "cloning")
 
 
-class MasterStore:
+class MasterStore(VersionedDb):
+    MIGRATIONS = MIGRATIONS
+    WHAT = "master database"
+
     def __init__(self, path: Path | str):
-        self.db = sqlite3.connect(str(path), isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA foreign_keys=ON")  # per connection: slots go with their ticket
-        self._migrate()
-
-    def _migrate(self) -> None:
-        version = self.version
-        if version > SCHEMA_VERSION:
-            raise HostdError(f"master database {self.path} has schema version {version}; this sfmpi "
-                             f"knows up to {SCHEMA_VERSION} (a newer sfmpi wrote it)")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            with self._transaction():
-                for statement in filter(str.strip, MIGRATIONS[target - 1].split(";")):
-                    self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {target}")
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """Several statements that must land together (a ticket and its slots);
-        IMMEDIATE so a second writer waits instead of failing half-way."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-
-    @property
-    def path(self) -> str:
-        return self.db.execute("PRAGMA database_list").fetchone()[2]
-
-    @property
-    def version(self) -> int:
-        return self.db.execute("PRAGMA user_version").fetchone()[0]
-
-    def close(self) -> None:
-        self.db.close()
+        super().__init__(path, foreign_keys=True)  # slots go with their ticket
 
     # -- hosts -----------------------------------------------------------
     def register(self, name: str, address: str, mem_mb: int, vcpus: int, now: float) -> None:

@@ -17,14 +17,12 @@ have defaults.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from sfmpi.errors import HostdError
-
 from .records import VmRecord, VmRole, VmState
+from .sqlite import VersionedDb
 
 # Each entry takes the schema from version i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -47,41 +45,19 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class Store:
-    def __init__(self, path: Path):
-        self.db = sqlite3.connect(str(path), isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self._migrate()
+class Store(VersionedDb):
+    MIGRATIONS = MIGRATIONS
+    WHAT = "state database"
 
-    def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+    def __init__(self, path: Path):
+        super().__init__(path)
+
+    def _found_version(self) -> int:
+        version = self.version
         if version == 0 and self.db.execute(
                 "SELECT 1 FROM sqlite_master WHERE name = 'vms'").fetchone() is not None:
             version = 1  # a database from before versions: the tables of migration 1
-        if version > SCHEMA_VERSION:
-            raise HostdError(f"state database {self.path} has schema version {version}; this sfmpi "
-                             f"knows up to {SCHEMA_VERSION} (a newer sfmpi wrote it)")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in filter(str.strip, MIGRATIONS[target - 1].split(";")):
-                    self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {target}")
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-
-    @property
-    def path(self) -> str:
-        return self.db.execute("PRAGMA database_list").fetchone()[2]
-
-    @property
-    def version(self) -> int:
-        return self.db.execute("PRAGMA user_version").fetchone()[0]
-
-    def close(self) -> None:
-        self.db.close()
+        return version
 
     # -- VMs (hostd/vm/registry.py is the only writer) -------------------
     def put_vm(self, rec: VmRecord) -> None:
