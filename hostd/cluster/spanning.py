@@ -115,11 +115,31 @@ class Spanning:
 
     # -- parent's host ----------------------------------------------------
     async def place(self, family: str, n: int, mem_mb: int, cpus: int, allow_fewer: bool,
-                    policy: str | None = None) -> dict[str, int]:
+                    policy: str | None = None, ticket: str | None = None,
+                    room_here: int | None = None) -> dict[str, int]:
+        """Where n clones go. With a ticket the master also holds their room on
+        each host until ticket_changed() says they run or ended; room_here caps
+        this host's share at what its own admission would take."""
+        extra = {"ticket": ticket, "room_here": room_here} if ticket else {}
         ans = await self.master("place", family=family, n=n, mem_mb=mem_mb, cpus=cpus, allow_fewer=allow_fewer,
-                                policy=policy)
+                                policy=policy, **extra)
         self.addresses.update(ans["addresses"])
         return {str(h): int(c) for h, c in ans["placement"].items()}
+
+    def ticket_changed(self, t) -> None:
+        """A ticket placed by the master moved on: its copy there follows (cloned:
+        its clones run and count in their hosts' heartbeats; joined or killed: its
+        room is free). A master that does not answer expires it by itself."""
+        state = {"cloned": "running", "joined": "ended", "killed": "ended"}.get(t.state.value)
+        if t.placement is None or state is None:
+            return
+
+        async def tell() -> None:
+            try:
+                await self.master("ticket.state", ticket=t.id, state=state, timeout=5.0)
+            except SfmpiError as exc:
+                log.warning("ticket %s: telling the master it is %s: %s", t.id, state, exc)
+        self._spawn(tell())
 
     def remote_room(self, mem_mb: int, cpus: int) -> int:
         """How many clones of (mem_mb, cpus) the other up hosts could take, as of the last heartbeat."""

@@ -92,9 +92,21 @@ class GuestSide:
         return self._span is not None and await self._span.forward_exit(name, status)
 
     def room(self, family: str, mem_mb: int, cpus: int) -> int:
-        here = min(self._admission.room(mem_mb, cpus), self._quotas.room(family, mem_mb, cpus))
-        # In a cluster a ticket may also take the other hosts' room (their last heartbeat's).
+        """This host's room; in a cluster plus the other hosts' (their last heartbeat's),
+        an upper bound place_ticket() narrows."""
+        here = self._room_here(family, mem_mb, cpus)
         return here + (self._span.remote_room(mem_mb, cpus) if self._span is not None else 0)
+
+    def _room_here(self, family: str, mem_mb: int, cpus: int) -> int:
+        return min(self._admission.room(mem_mb, cpus), self._quotas.room(family, mem_mb, cpus))
+
+    async def place_ticket(self, family: str, n: int, mem_mb: int, cpus: int, ticket: str) -> dict[str, int] | None:
+        """In a cluster the master places a ticket's clones when it is granted and
+        holds their room on every host until the clones run; None on one host."""
+        if self._span is None:
+            return None
+        return await self._span.place(family, n, mem_mb, cpus, allow_fewer=True, ticket=ticket,
+                                      room_here=self._room_here(family, mem_mb, cpus))
 
     def check_ticket_quota(self, family: str) -> None:
         self._quotas.check_ticket(family)
@@ -116,9 +128,9 @@ class GuestSide:
             log.warning("checkpoint %s asked for by family %s: %s", ckpt_id, family, exc)
             raise CheckpointError(f"checkpoint {ckpt_id} is damaged or incomplete") from None
 
-    async def clone_for_ticket(self, ckpt, count, ticket, greeting, on_reserved) -> dict:
+    async def clone_for_ticket(self, ckpt, count, ticket, greeting, on_reserved, placement=None) -> dict:
         return await self._cloner.clone_for_ticket(ckpt, count, ticket, greeting, on_reserved,
-                                                   memory=self._clone_memory)
+                                                   memory=self._clone_memory, placement=placement)
 
     def identity_of(self, name: str) -> dict:
         fam, rec = self._families.of_vm(name), self._vms.record(name)
@@ -159,7 +171,7 @@ class Host:
                                  first_family=cluster.family_start if cluster else 1)
         # QEMU runs in the families' namespace: it opens its tap there by name.
         self.runtime = VmRuntime(paths, store, self.vms, wrap=self.netns.wrap)
-        self.tickets = TicketBook(FAMILY_LIMIT, store)
+        self.tickets = TicketBook(FAMILY_LIMIT, store, host=self.host_name)
         self.admission = Admission(budget, self.usage)
         self.quotas = Quotas(FamilyQuota.from_env(), budget, self.family_usage,
                              lambda family: sum(1 for r in store.checkpoint_rows() if r["family"] == family),
@@ -180,6 +192,7 @@ class Host:
                                  self.admission)
             self.cloner.span = self.span
             self.vms.on_gone(self.span.vm_gone)
+            self.tickets.on_change = self.span.ticket_changed
         self.clone_api = CloneApi(GuestSide(self), self.tickets)
         if self.span is not None:
             self.span.member_ended = self.clone_api.member_ended

@@ -188,14 +188,12 @@ class Cloner:
     # -- in-guest: the clone call of a ticket ----------------------------
     async def clone_for_ticket(self, ckpt: Checkpoint, count: int, ticket: str,
                                greeting: dict, on_reserved: Callable[[list[str]], None],
-                               memory: str = "local") -> dict:
+                               memory: str = "local", placement: dict[str, int] | None = None) -> dict:
         """The ticket reserved the room already; only IDs and names are new here.
-        greeting: its spec (greeting_from). In a cluster the master may spread
-        the clones over hosts, as for a host-side clone."""
+        greeting: its spec (greeting_from). placement: where the master put the
+        ticket's clones when it was granted (a cluster), as for a host-side clone."""
         t0 = time.monotonic()
-        if self.span is not None:
-            spec = ckpt.spec
-            placement = await self.span.place(ckpt.family or ckpt.vm, count, spec.mem_mb, spec.cpus, False)
+        if self.span is not None and placement:
             if set(placement) != {self.span.host}:
                 return await self._clone_across(ckpt, placement, memory, t0, ticket=ticket, greeting=greeting,
                                                 on_reserved=on_reserved, index_from_one=True)

@@ -32,6 +32,9 @@ class CloneHost(Protocol):
 
     def vm(self, name: str) -> "Vm | None": ...
     def room(self, family: str, mem_mb: int, cpus: int) -> int: ...
+
+    async def place_ticket(self, family: str, n: int, mem_mb: int, cpus: int,
+                           ticket: str) -> dict[str, int] | None: ...
     def check_ticket_quota(self, family: str) -> None: ...
     def check_checkpoint_quota(self, family: str) -> None: ...
     async def checkpoint(self, name: str, mode: str, guest_req: int | None, ticket: str) -> "Checkpoint": ...
@@ -110,6 +113,13 @@ class CloneApi:
         room = self.host.room(family, spec["mem_mb"], spec["cpus"])
         t = self.tickets.grant(vm.rec.name, family, msg.get("n"), room,
                                spec["mem_mb"], spec["cpus"], msg.get("timeout"))
+        try:
+            placement = await self.host.place_ticket(family, t.granted, spec["mem_mb"], spec["cpus"], t.id)
+        except BaseException:
+            self.tickets.forget(t)
+            raise
+        if placement is not None:
+            t = self.tickets.placed(t, placement)
         log.info("VM %s: ticket %s grants %d of %d", vm.rec.name, t.id, t.granted, t.requested)
         return {"ticket": t.to_wire()}
 
@@ -220,7 +230,7 @@ class CloneApi:
             self.tickets.register_slots(t, names)
         try:
             res = await self.host.clone_for_ticket(
-                ckpt, count=t.granted, ticket=t.id, on_reserved=register,
+                ckpt, count=t.granted, ticket=t.id, on_reserved=register, placement=t.placement,
                 # A description, not a function: it may travel to the clone hosts of a fork across hosts.
                 greeting={"kind": "ticket", "re": req_id, "size": t.granted, "ticket": t.id})
         except BaseException as exc:

@@ -43,6 +43,9 @@ class Ticket:
     state: TicketState = TicketState.GRANTED
     created: float = field(default_factory=time.time)
     cloned_at: float | None = None   # when its clones were up: the timeout runs from here
+    # In a cluster: where the master placed its clones (host -> count); this
+    # host holds only its own share of them. None: all on this host.
+    placement: dict[str, int] | None = None
 
     def with_(self, **changes) -> "Ticket":
         return replace(self, **changes)
@@ -78,12 +81,15 @@ class CloneSlot:
 class TicketBook:
     """All tickets of this hostd; with a store, each change is written through."""
 
-    def __init__(self, family_limit: int = DEFAULT_FAMILY_LIMIT, store=None):
+    def __init__(self, family_limit: int = DEFAULT_FAMILY_LIMIT, store=None, host: str = ""):
         self.family_limit = family_limit
         self.store = store
+        self.host = host            # this host's name in a cluster (a placement's key)
         self.tickets: dict[str, Ticket] = {}
         self.slots: dict[str, list[CloneSlot]] = {}
         self._seq = 0
+        # Told of every change of state (and of a ticket forgotten): the master's copy follows.
+        self.on_change: Callable[[Ticket], None] = lambda t: None
 
     # -- persistence -------------------------------------------------------
     def _save(self, ticket_id: str) -> None:
@@ -138,7 +144,11 @@ class TicketBook:
         self.expire_unused()
         held = [t for t in self.tickets.values() if t.state in (TicketState.GRANTED, TicketState.CLONING)
                 and (family is None or t.family == family)]
-        return sum(t.granted * t.mem_mb for t in held), sum(t.granted * t.cpus for t in held)
+        return sum(self._here(t) * t.mem_mb for t in held), sum(self._here(t) * t.cpus for t in held)
+
+    def _here(self, t: Ticket) -> int:
+        """Clones of the ticket this host holds room for."""
+        return t.granted if t.placement is None else t.placement.get(self.host, 0)
 
     def expire_unused(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -184,6 +194,13 @@ class TicketBook:
         self._save(ticket.id)
         return ticket
 
+    def placed(self, t: Ticket, placement: dict[str, int]) -> Ticket:
+        """The master placed the ticket's clones (it may grant fewer)."""
+        t = t.with_(placement=dict(placement), granted=sum(placement.values()))
+        self.tickets[t.id] = t
+        self._save(t.id)
+        return t
+
     # -- use -------------------------------------------------------------
     def get(self, ticket_id: object, caller: str) -> Ticket:
         if not isinstance(ticket_id, str) or not ticket_id:
@@ -209,6 +226,7 @@ class TicketBook:
         t = t.with_(state=state, **changes)
         self.tickets[t.id] = t
         self._save(t.id)
+        self.on_change(t)
         return t
 
     def register_slots(self, t: Ticket, vms: list[str]) -> list[CloneSlot]:
@@ -239,7 +257,9 @@ class TicketBook:
         return [t for t in self.tickets.values() if t.owner == owner]
 
     def forget(self, t: Ticket) -> None:
-        self.tickets.pop(t.id, None)
+        gone = self.tickets.pop(t.id, None)
         self.slots.pop(t.id, None)
+        if gone is not None and gone.state in (TicketState.GRANTED, TicketState.CLONING, TicketState.CLONED):
+            self.on_change(gone.with_(state=TicketState.KILLED))
         if self.store is not None:
             self.store.delete_ticket(t.id)

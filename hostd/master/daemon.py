@@ -19,9 +19,10 @@ import logging
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from sfmpi.errors import RoleError, UsageError
+from sfmpi.errors import RoleError, TicketError, UsageError
 
 from ..cluster import keys, wire
 from ..cluster.config import ADMIN_NAME, MASTER_NAME, PEER_PORT
@@ -33,6 +34,9 @@ log = logging.getLogger("sfmpi.master")
 HEARTBEAT_S = float(os.environ.get("SFMPI_HEARTBEAT_S", "1"))
 DOWN_AFTER_S = float(os.environ.get("SFMPI_DOWN_AFTER_S", "5"))
 FAMILY_CLONE_LIMIT = int(os.environ.get("SFMPI_MASTER_FAMILY_LIMIT", "64"))
+# Longer than a hostd keeps an unused ticket (guestapi/tickets.py): its
+# reservation here outlives the hostd's copy only when the end was not heard.
+TICKET_UNUSED_S = 900.0
 
 
 def _int(args: dict, key: str, low: int = 0) -> int:
@@ -66,7 +70,7 @@ class Master:
 
     def _handlers(self) -> dict:
         return {"ping": self.op_ping, "register": self.op_register, "heartbeat": self.op_heartbeat, "leave": self.op_leave,
-                "place": self.op_place, "hosts": self.op_hosts, "vms": self.op_vms, "policy": self.op_policy}
+                "place": self.op_place, "ticket.state": self.op_ticket_state, "hosts": self.op_hosts, "vms": self.op_vms, "policy": self.op_policy}
 
     async def run(self) -> None:
         os.umask(0o077)
@@ -108,6 +112,11 @@ class Master:
             failed = self.store.fail_host_slots(name)
             log.warning("host %s missed its heartbeats for %g s: down (tickets with clones there: %s)",
                         name, DOWN_AFTER_S, ", ".join(failed) or "none")
+        # No one is left to use or end these: their room goes back.
+        for key in self.store.fail_tickets_of_down_hosts(now):
+            log.warning("ticket %s failed: its parent's host is down", key)
+        for key in self.store.expire_granted(now, TICKET_UNUSED_S):
+            log.info("ticket %s expired unused (or its host's word that it ended was lost)", key)
         self.store.prune(now, 3600)
         return down
 
@@ -162,12 +171,43 @@ class Master:
         policy = args.get("policy") or self.policy
         rooms = self._rooms()
         family = _str(args, "family")
-        placement = place(rooms, _int(args, "n", 1), _int(args, "mem_mb", 1), _int(args, "cpus", 1), policy,
+        mem_mb, cpus = _int(args, "mem_mb", 1), _int(args, "cpus", 1)
+        ticket = args.get("ticket")
+        if ticket is not None:
+            # The asking host's own admission has the last word on its share.
+            here = _int(args, "room_here")
+            rooms = [replace(r, free_mem_mb=min(r.free_mem_mb, here * mem_mb), free_vcpus=min(r.free_vcpus, here * cpus))
+                     if r.name == peer else r for r in rooms]
+        placement = place(rooms, _int(args, "n", 1), mem_mb, cpus, policy,
                           allow_fewer=bool(args.get("allow_fewer")), first=peer,
                           family_limit=FAMILY_CLONE_LIMIT, family_held={family: self.store.held_by_family(family)})
+        if ticket is not None:
+            self.store.add_ticket(self._ticket_key(peer, ticket), family, peer, mem_mb, cpus, placement, time.time())
         addresses = {h["name"]: h["address"] for h in self.store.hosts()}
-        log.info("placed %s for %s (family %s, policy %s)", placement, peer, family, policy)
+        log.info("placed %s for %s (family %s, policy %s%s)", placement, peer, family, policy,
+                 f", ticket {ticket}" if ticket else "")
         return {"placement": placement, "addresses": {h: addresses[h] for h in placement}}
+
+    @staticmethod
+    def _ticket_key(peer: str, ticket) -> str:
+        """Ticket ids are a hostd's own: the master's key is host/id, and a host names only its own."""
+        if not isinstance(ticket, str) or not 0 < len(ticket) <= 100 or "/" in ticket:
+            raise UsageError(f"ticket must be a short id (got {ticket!r:.120})")
+        return f"{peer}/{ticket}"
+
+    async def op_ticket_state(self, peer: str, args: dict) -> dict:
+        """The parent's host says a placed ticket's clones run (their hosts'
+        heartbeats count them from now on) or that it ended (its room is free)."""
+        assert self.store is not None
+        key, state = self._ticket_key(peer, args.get("ticket")), args.get("state")
+        if state not in ("running", "ended"):
+            raise UsageError(f"ticket.state: state is running or ended (got {state!r:.40})")
+        t = self.store.ticket(key)
+        if t is None:
+            raise TicketError(f"the master has no ticket {key}")
+        if t["state"] in ("granted", "cloning", "running"):
+            self.store.set_ticket_state(key, state)
+        return {"state": self.store.ticket(key)["state"]}
 
     async def op_policy(self, peer: str, args: dict) -> dict:
         """The default placement from now on (admin only): `sfmpi lab policy pack|spread`."""

@@ -169,6 +169,28 @@ class MasterStore(VersionedDb):
                                 [(ticket_id, host) for ticket_id in ids])
         return ids
 
+    def fail_tickets_of_down_hosts(self, now: float) -> list[str]:
+        """Live tickets whose parent's host is down fail (no one will end them)."""
+        live = ",".join("?" * len(LIVE_STATES))
+        with self._transaction():
+            ids = [r[0] for r in self.db.execute(
+                f"SELECT t.id FROM tickets t JOIN hosts h ON h.name = t.parent_host "
+                f"WHERE h.state = 'down' AND t.state IN ({live}) ORDER BY t.id", LIVE_STATES)]
+            for ticket_id in ids:
+                self.set_ticket_state(ticket_id, "failed", now)
+        return ids
+
+    def expire_granted(self, now: float, older_than: float) -> list[str]:
+        """Tickets granted or cloning for longer than older_than fail: unused,
+        or the word of what became of them was lost."""
+        with self._transaction():
+            ids = [r[0] for r in self.db.execute(
+                "SELECT id FROM tickets WHERE state IN ('granted', 'cloning') AND created_at < ? ORDER BY id",
+                (now - older_than,))]
+            for ticket_id in ids:
+                self.set_ticket_state(ticket_id, "failed", now)
+        return ids
+
     def held_by_family(self, family: str) -> int:
         """Clones the family's live tickets hold, failed ones not counted (a
         failed clone holds no room)."""

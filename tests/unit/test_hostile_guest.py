@@ -110,6 +110,9 @@ class FakeHost:
         assert isinstance(mem_mb, int) and isinstance(cpus, int)
         return HOST_ROOM
 
+    async def place_ticket(self, family, n, mem_mb, cpus, ticket):
+        return None          # one host: no master
+
     def check_ticket_quota(self, family):
         pass
 
@@ -132,7 +135,7 @@ class FakeHost:
             raise NotFound(f"no checkpoint {ckpt_id} in family {family}")
         return ckpt
 
-    async def clone_for_ticket(self, ckpt, count, ticket, greeting, on_reserved):
+    async def clone_for_ticket(self, ckpt, count, ticket, greeting, on_reserved, placement=None):
         assert type(count) is int and 1 <= count <= HOST_ROOM
         names = [f"{PARENT}-{next(self._clone_ids)}" for _ in range(count)]
         for k, name in enumerate(names, 1):
