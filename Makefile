@@ -3,7 +3,7 @@
 
 PYTHON ?= python3
 DEBS := qemu-system-x86 qemu-utils debootstrap nftables iproute2 e2fsprogs util-linux fuse3 libfuse3-dev pkg-config \
-        libjson-c-dev gcc g++ make dnsmasq-base busybox iputils-ping
+        libjson-c-dev gcc g++ make dnsmasq-base busybox iputils-ping libssl-dev
 STAMP := .make
 
 .PHONY: deps image native test unit integration demo bench clean
