@@ -30,6 +30,11 @@ NATIVE = Extension(
 NOTHP = Extension("sfmpi._nothp", sources=["native/qemu-nothp/nothp.c"], extra_compile_args=["-Wall", "-Wextra"],
                   extra_link_args=["-ldl"])
 
+# Preloaded into every clone's QEMU whose parent reports free pages
+# (native/qemu-keepram/keepram.c says why).
+KEEPRAM = Extension("sfmpi._keepram", sources=["native/qemu-keepram/keepram.c"],
+                    extra_compile_args=["-Wall", "-Wextra"], extra_link_args=["-ldl"])
+
 # launcher/ and hostd/ sit at the top of the repository (the design card's
 # layout) but install inside the sfmpi package, so nothing generic lands in
 # site-packages.
@@ -38,7 +43,7 @@ setup(
     version="0.1.0",
     description="SnowFlock-style virtual-machine fork for QEMU/KVM clusters",
     python_requires=">=3.11",
-    ext_modules=[NATIVE, NOTHP],
+    ext_modules=[NATIVE, NOTHP, KEEPRAM],
     packages=["sfmpi", "sfmpi.guest", "sfmpi.native", "sfmpi.launcher", "sfmpi.hostd"] +
              [f"sfmpi.hostd.{part}" for part in HOSTD_PARTS],
     package_dir={"sfmpi": "sfmpi", "sfmpi.launcher": "launcher", "sfmpi.hostd": "hostd"},

@@ -118,8 +118,12 @@ def vm() -> None:
               show_default=True,
               help="Where guest RAM lives: 2 MiB huge pages (a hugetlbfs mount with free pages) keep "
                    "checkpoint pauses short at any RAM size; auto uses them when the host has room.")
+@click.option("--free-page-reporting/--no-free-page-reporting", default=True, show_default=True,
+              help="A virtio-balloon that reports the guest's free pages: they leave the VM's RAM file, "
+                   "so its checkpoints neither keep nor send them.")
 @click.option("--json", "as_json", is_flag=True)
-def vm_start(name, image_path, mem, cpus, accel, timeout, nat, open_ports, ram_backing, as_json) -> None:
+def vm_start(name, image_path, mem, cpus, accel, timeout, nat, open_ports, ram_backing, free_page_reporting,
+             as_json) -> None:
     """Boot a VM from an image and wait until its agent answers."""
     from .hostd.policy.admission import parse_size_mb
     from .hostd.net.nft import parse_open_ports
@@ -127,7 +131,8 @@ def vm_start(name, image_path, mem, cpus, accel, timeout, nat, open_ports, ram_b
     ports = [str(p) for p in parse_open_ports(open_ports)]
     image_path = os.path.abspath(image_path) if image_path else _default_image()
     res = _client().call("vm.start", name=name, image=image_path, mem_mb=parse_size_mb(mem), cpus=cpus,
-                         accel=accel, timeout=timeout, nat=nat, open_ports=ports, ram_backing=ram_backing)
+                         accel=accel, timeout=timeout, nat=nat, open_ports=ports, ram_backing=ram_backing,
+                         free_page_reporting=free_page_reporting)
 
     def human(r):
         net = (["NAT"] if r.get("nat") else []) + [f"open {p}" for p in r.get("open_ports", [])]

@@ -323,7 +323,8 @@ def _configure(rootfs: Path) -> None:
     (rootfs / "etc/hostname").write_text("sfmpi\n")
     (rootfs / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 sfmpi\n")
     (rootfs / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
-    (rootfs / "etc/modules-load.d/sfmpi.conf").write_text("virtio_console\n")
+    # virtio_balloon: the free page reporting of parents (hostd/vm/cmdline.py balloon_args).
+    (rootfs / "etc/modules-load.d/sfmpi.conf").write_text("virtio_console\nvirtio_balloon\n")
     shutil.rmtree(rootfs / "usr/lib/sfmpi", ignore_errors=True)
     pkg = rootfs / GUEST_PYTHON_DIR
     shutil.rmtree(pkg, ignore_errors=True)

@@ -146,7 +146,8 @@ class Hostd:
                                     cpus=int(args.get("cpus", 1)), accel=args.get("accel"),
                                     timeout=float(args.get("timeout", 300)), nat=args.get("nat", False),
                                     open_ports=args.get("open_ports", []),
-                                    ram_backing=args.get("ram_backing", "auto"))
+                                    ram_backing=args.get("ram_backing", "auto"),
+                                    free_page_reporting=args.get("free_page_reporting", True) is True)
         if op == "vm.stop":
             return await m.stop_vm(args["name"])
         if op == "vm.list":

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from sfmpi.errors import AgentError, CloneError, QemuError, SfmpiError, UsageError
-from sfmpi.native import nothp_path
+from sfmpi.native import keepram_path, nothp_path
 
 from .. import crashpoints
 from ..net import netplan
@@ -75,6 +75,18 @@ def greeting_from(spec: dict) -> tuple[Greeting, str]:
                 "ip": ident["ip"], "hostname": ident["hostname"], "identity": ident, **extras}
     return greet, "cloned"
 
+
+
+def clone_preload(argv: list[str], ram_path: str, served: bool, reports_free_pages: bool) -> list[str]:
+    """A clone's QEMU command with the shims it needs preloaded: served memory
+    takes no huge-page advice (else every fault reads 4 MiB from the server);
+    a guest that reports free pages must not punch holes in the RAM file every
+    clone maps (QEMU 7.2 does, even on a private mapping)."""
+    shims = ([nothp_path()] if served else []) + ([keepram_path()] if reports_free_pages else [])
+    if not shims:
+        return argv
+    keep = [f"SFMPI_KEEP_FILE={ram_path}"] if reports_free_pages else []
+    return ["env", f"LD_PRELOAD={':'.join(shims)}", *keep, *argv]
 
 class Cloner:
     """Depends on the VM runtime (launch, abandon), the registry, the host's
@@ -308,9 +320,8 @@ class Cloner:
                        disk=Qcow2Disk(rec.overlay, ephemeral=True, backing=self.remote_disks.get(ckpt.id)),
                        sockets=Sockets(rec.qmp_path, rec.agent_path),
                        serial_log=rec.serial_log, nic=nic, vmgenid=str(uuid.uuid4()), incoming="defer")
-        if rec.ram_path != str(ckpt.ram_file):
-            # Served memory: no huge-page advice, or every fault reads 4 MiB from the server.
-            argv = ["env", f"LD_PRELOAD={nothp_path()}", *argv]
+        argv = clone_preload(argv, rec.ram_path, served=rec.ram_path != str(ckpt.ram_file),
+                             reports_free_pages=ckpt.spec.free_page_reporting)
         # QEMU reads the device state from an inherited descriptor: no shell and
         # no `cat` process per clone (QEMU 7.2 has no file: migration URI).
         state_fd = os.open(ckpt.state_file, os.O_RDONLY | os.O_CLOEXEC)

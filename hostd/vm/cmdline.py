@@ -9,7 +9,7 @@ an incoming migration.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from typing import Literal
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -20,6 +20,7 @@ NBD_TLS_ID = "nbdtls0"
 DISK_DEVICE = "vblk0"
 NET_ID = "net0"
 NIC_DEVICE = "nic0"
+BALLOON_DEVICE = "balloon0"
 # The option ROM QEMU adds for -kernel on q35 (fw_cfg DMA): a RAM block of its own.
 LINUX_BOOT_ROM = "linuxboot_dma.bin"
 
@@ -34,13 +35,19 @@ class MachineSpec:
     initrd: str
     append: str
     disk_size: int  # virtual size of the guest disk, bytes
+    # A virtio-balloon with free page reporting: pages the guest frees leave
+    # its RAM file, so they are neither checkpointed nor ever sent. Part of
+    # the spec because a clone must have the parent's devices; False for a
+    # checkpoint of a parent started before it existed.
+    free_page_reporting: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "MachineSpec":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        fields = cls.__dataclass_fields__
+        return cls(**{k: d[k] for k in fields if k in d or fields[k].default is MISSING})
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,14 @@ def nic_args(nic: Nic) -> list[str]:
     return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={NET_ID},mac={opt(nic.mac)},id={NIC_DEVICE}"]
 
 
+def balloon_args(spec: MachineSpec) -> list[str]:
+    """The balloon only reports free pages: it is never inflated (hostd
+    counts every VM at its full RAM, policy/admission.py)."""
+    if not spec.free_page_reporting:
+        return []
+    return ["-device", f"virtio-balloon-pci,id={BALLOON_DEVICE},free-page-reporting=on"]
+
+
 def vm_argv(
     spec: MachineSpec,
     *,
@@ -202,6 +217,7 @@ def vm_argv(
         *nic_args(nic),
         # A new generation ID per clone tells the guest kernel to reseed its RNG.
         "-device", f"vmgenid,guid={vmgenid},id=vmgenid0",
+        *balloon_args(spec),
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=agent0,path={opt(sockets.agent)},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME},id=agentport0",

@@ -52,7 +52,8 @@ class Parents:
 
     async def start(self, name: str, image: str, mem_mb: int = 512, cpus: int = 1,
                     accel: str | None = None, timeout: float = BOOT_TIMEOUT,
-                    nat: bool = False, open_ports: list[str] | tuple = (), ram_backing: str = "auto") -> dict:
+                    nat: bool = False, open_ports: list[str] | tuple = (), ram_backing: str = "auto",
+                    free_page_reporting: bool = True) -> dict:
         check_name(name)
         if cpus < 1 or mem_mb < 64:
             raise UsageError(f"VM {name}: need at least 1 vCPU and 64 MiB (got {cpus}, {mem_mb} MiB)")
@@ -62,7 +63,8 @@ class Parents:
         chosen = await asyncio.to_thread(accel_mod.choose, str(img.kernel), str(img.initrd),
                                          self.paths.accel_cache, accel)
         spec = MachineSpec(mem_mb=mem_mb, cpus=cpus, accel=chosen, kernel=str(img.kernel),
-                           initrd=str(img.initrd), append=img.append, disk_size=img.virtual_size)
+                           initrd=str(img.initrd), append=img.append, disk_size=img.virtual_size,
+                           free_page_reporting=free_page_reporting)
         async with self.admission.lock:
             self.admission.admit(1, mem_mb, cpus, what=f"start of VM {name}")
             if backing == "tmpfs":   # hugetlbfs room was checked by ram_dir()

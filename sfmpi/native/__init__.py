@@ -19,12 +19,22 @@ def load() -> ModuleType:
     return _native
 
 
-def nothp_path() -> str:
-    """The shim preloaded into a served clone's QEMU (native/qemu-nothp/nothp.c)."""
+def _shim(name: str) -> str:
     import importlib.machinery
     from pathlib import Path
     here = Path(__file__).resolve().parent.parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        if (here / f"_nothp{suffix}").exists():
-            return str(here / f"_nothp{suffix}")
-    raise LazyMemoryError("sfmpi/_nothp is not built: run `make native`")
+        if (here / f"{name}{suffix}").exists():
+            return str(here / f"{name}{suffix}")
+    raise LazyMemoryError(f"sfmpi/{name} is not built: run `make native`")
+
+
+def nothp_path() -> str:
+    """The shim preloaded into a served clone's QEMU (native/qemu-nothp/nothp.c)."""
+    return _shim("_nothp")
+
+
+def keepram_path() -> str:
+    """The shim that keeps a clone's free page reports off its checkpoint's RAM file
+    (native/qemu-keepram/keepram.c)."""
+    return _shim("_keepram")

@@ -176,3 +176,31 @@ def test_a_comma_in_a_path_is_doubled_and_adds_no_option():
     assert "mem-path=/r,,share=on,share=off" in ram
     assert "filename=/d,,x=1.qcow2," in " ".join(argv)
     assert "unix:/q,,a,server=on,wait=off" in argv and "file:/s,,l" in argv
+
+
+def test_a_parent_reports_free_pages_through_a_balloon_only_when_its_spec_says_so():
+    from sfmpi.hostd.vm.cmdline import balloon_args
+    assert balloon_args(SPEC) == []
+    on = MachineSpec(**{**SPEC.to_json(), "free_page_reporting": True})
+    assert balloon_args(on) == ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
+    argv = _argv(on)
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in argv
+    assert not any("balloon" in a for a in _argv(SPEC))
+
+
+def test_a_spec_from_before_free_page_reporting_loads_without_it():
+    old = {k: v for k, v in SPEC.to_json().items() if k != "free_page_reporting"}
+    assert MachineSpec.from_json(old) == SPEC and not MachineSpec.from_json(old).free_page_reporting
+    with pytest.raises(KeyError):
+        MachineSpec.from_json({k: v for k, v in old.items() if k != "mem_mb"})
+
+
+def test_a_clone_gets_the_shims_it_needs():
+    from sfmpi.hostd.fork.cloner import clone_preload
+    from sfmpi.native import keepram_path, nothp_path
+    argv = ["qemu-system-x86_64", "-m", "512M"]
+    assert clone_preload(argv, "/ck/ram", served=False, reports_free_pages=False) == argv
+    assert clone_preload(argv, "/mt/ram", served=True, reports_free_pages=False) == \
+        ["env", f"LD_PRELOAD={nothp_path()}", *argv]
+    assert clone_preload(argv, "/mt/ram", served=True, reports_free_pages=True) == \
+        ["env", f"LD_PRELOAD={nothp_path()}:{keepram_path()}", "SFMPI_KEEP_FILE=/mt/ram", *argv]
