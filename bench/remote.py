@@ -91,9 +91,12 @@ def main() -> int:
     ap.add_argument("--touches", type=int, default=2000)
     ap.add_argument("--image", default=None)
     ap.add_argument("--lab", action="store_true", help="the fork across a lab of 3 hosts (bench/remote_lab.py)")
+    ap.add_argument("--freed", action="store_true", help="what free page reporting saves (bench/remote_freed.py)")
     args = ap.parse_args()
     if args.lab:
         return lab_main(args)
+    if args.freed:
+        return freed_main(args)
     home = Path(tempfile.mkdtemp(prefix="sfmpi-remote-", dir="/tmp"))
     os.environ["SFMPI_HOME"] = str(home)
     os.environ["SFMPI_CLONE_MEMORY"] = "served"     # sfmpirun's clones too
@@ -150,6 +153,23 @@ def main() -> int:
     finally:
         res["host_leaks"] = down_and_leaks(client, home)
     return report(res, args.json, print_table)
+
+
+def freed_main(args) -> int:
+    from remote_freed import print_freed_table, run_freed
+
+    from sfmpi.cli import _default_image
+    home = Path(tempfile.mkdtemp(prefix="sfmpi-freed-", dir="/tmp"))
+    os.environ["SFMPI_HOME"] = str(home)
+    client = HostdClient(Paths(home))
+    res: dict = {}
+    try:
+        res = run_freed(client, Paths(home).shm, args.image or _default_image())
+    except Exception as exc:  # noqa: BLE001 - reported with the leak check
+        res["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        res["host_leaks"] = down_and_leaks(client, home)
+    return report(res, args.json, print_freed_table)
 
 
 def lab_main(args) -> int:
