@@ -62,9 +62,13 @@ class Parents:
         img = Image.load(image)
         chosen = await asyncio.to_thread(accel_mod.choose, str(img.kernel), str(img.initrd),
                                          self.paths.accel_cache, accel)
+        # Never on huge pages: a reported page would go back to the host's
+        # pool (QEMU punches it out of the hugetlbfs file), and a later guest
+        # touch that finds the pool empty is a SIGBUS that kills the VM. The
+        # preallocated reservation is the point of huge pages.
         spec = MachineSpec(mem_mb=mem_mb, cpus=cpus, accel=chosen, kernel=str(img.kernel),
                            initrd=str(img.initrd), append=img.append, disk_size=img.virtual_size,
-                           free_page_reporting=free_page_reporting)
+                           free_page_reporting=free_page_reporting and backing == "tmpfs")
         async with self.admission.lock:
             self.admission.admit(1, mem_mb, cpus, what=f"start of VM {name}")
             if backing == "tmpfs":   # hugetlbfs room was checked by ram_dir()
@@ -96,7 +100,8 @@ class Parents:
             await self.runtime.abandon(name, exc)
             raise
         rec = self.vms.update(vm, state=VmState.RUNNING)
-        return {"rec": rec, "ram_backing": backing, "boot_ms": (time.monotonic() - t0) * 1000.0,
+        return {"rec": rec, "ram_backing": backing, "free_page_reporting": spec.free_page_reporting,
+                "boot_ms": (time.monotonic() - t0) * 1000.0,
                 "agent_ms": (t_agent - t0) * 1000.0, "system": system, "guest_uptime_s": info.get("uptime")}
 
     def _ram_to_come(self, ram_dir: Path) -> int:

@@ -26,6 +26,8 @@ def test_a_parent_on_huge_pages_checkpoints_and_clones(cli, hugetlbfs):
     started = cli.json("vm", "start", "hp", "--mem", f"{MEM_MB}M", "--ram-backing", "hugepages")
     try:
         assert started["ram_backing"] == "hugepages"
+        # Free page reporting is off on huge pages: the reservation must hold.
+        assert started["free_page_reporting"] is False
         assert [f.name for f in hugetlbfs.iterdir()] == [f"{cli.paths.shm.name}-hp.ram"]
         assert free - free_pages() == MEM_MB // 2
         cli.exec("hp", "echo on-huge-pages > /dev/shm/mark")
