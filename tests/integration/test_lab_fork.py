@@ -83,8 +83,7 @@ def test_a_parent_on_lab1_forks_six_clones_spread_over_three_hosts(lab):
     finally:
         if listener.poll() is None:
             listener.kill()
-    for name, host in res["hosts"].items():
-        sfmpi("vm", "stop", name, host=host, env=env)
+    _stop(env, res["hosts"])
     # What lab1 served for the other hosts' clones is let go of with them.
     for host in ("lab2", "lab3"):
         stats = json.loads(sfmpi("stats", "--json", host=host, env=env).stdout)
@@ -106,6 +105,12 @@ else:
     # Tell the parent where this clone runs, through its exit status: 10 * host number + ID.
     sfmpi.exit(10 * int(me["host"][3:]) + i)
 '''
+
+
+def _stop(env, hosts: dict[str, str]) -> None:
+    """Stop each clone (name -> host) on its host."""
+    for name, host in hosts.items():
+        sfmpi("vm", "stop", name, host=host, env=env)
 
 
 def _put(env, host, vm, path, text):
@@ -210,8 +215,7 @@ def test_a_clone_host_whose_ram_directory_is_full_still_takes_clones(lab):
         assert len(on2) == 1, res["hosts"]
         out = sfmpi("vm", "exec", on2[0], "--", "cat", "/dev/shm/m.txt", "/root/d.txt", host="lab2", env=env).stdout
         assert out.split() == ["in-memory", "on-disk"]
-        for name, host in res["hosts"].items():
-            sfmpi("vm", "stop", name, host=host, env=env)
+        _stop(env, res["hosts"])
         sfmpi("checkpoint", "rm", ck, host="lab1", env=env)
     finally:
         filler.unlink()
@@ -257,26 +261,26 @@ def test_the_parent_hosts_memory_server_killed_fails_the_remote_clones_clearly(l
         name2 = next(n for n, h in again["hosts"].items() if h == "lab2")
         assert sfmpi("vm", "exec", name2, "--", "md5sum", "/dev/shm/big", host="lab2",
                      env=env).stdout.split()[0] == want
-        for name, host in again["hosts"].items():
-            sfmpi("vm", "stop", name, host=host, env=env)
+        _stop(env, again["hosts"])
         sfmpi("checkpoint", "rm", ck, host="lab1", env=env)
     finally:
         sfmpi("vm", "exec", "p", "--", "rm", "-f", "/dev/shm/big", host="lab1", env=env, check=False)
     _no_clones_left(env)
 
 
-RESTART_JOB = r"""
-import json, os, time, sfmpi
-t = sfmpi.request_ticket(4)
-i = sfmpi.clone(t)
-if i == 0:
-    statuses = sfmpi.join(t, timeout=400)
-    print(json.dumps({"statuses": {str(k): v for k, v in statuses.items()}, "failures": statuses.failures}))
-else:
-    while not os.path.exists("/dev/shm/go"):
+def ticket_job(n: int, clone_part: str) -> str:
+    """A guest program: a ticket of n, clone; the parent joins and prints the
+    statuses and failures as JSON; each clone runs clone_part (indented)."""
+    return (f"import json, os, time, sfmpi\nt = sfmpi.request_ticket({n})\ni = sfmpi.clone(t)\nif i == 0:\n"
+            "    statuses = sfmpi.join(t, timeout=400)\n"
+            "    print(json.dumps({'statuses': {str(k): v for k, v in statuses.items()}, "
+            "'failures': statuses.failures}))\nelse:\n" + clone_part)
+
+
+RESTART_JOB = ticket_job(4, r"""    while not os.path.exists("/dev/shm/go"):
         time.sleep(0.2)
     sfmpi.exit(i)
-"""
+""")
 
 
 def test_the_master_restarted_mid_ticket(lab):
@@ -324,25 +328,16 @@ def test_the_master_restarted_mid_ticket(lab):
     assert {h["name"]: h["state"] for h in hosts} == {"lab1": "up", "lab2": "up", "lab3": "up"}, hosts
     again = json.loads(sfmpi("clone", ck, "-n", "3", "--json", host="lab1", env=env).stdout)
     assert again["placement"] == {"lab1": 1, "lab2": 1, "lab3": 1}
-    for name, host in again["hosts"].items():
-        sfmpi("vm", "stop", name, host=host, env=env)
+    _stop(env, again["hosts"])
     _no_clones_left(env)
 
 
-LOST_HOST_JOB = r'''
-import json, time, sfmpi
-t = sfmpi.request_ticket(6)
-i = sfmpi.clone(t)
-if i == 0:
-    statuses = sfmpi.join(t, timeout=300)
-    print(json.dumps({"statuses": {str(k): v for k, v in statuses.items()}, "failures": statuses.failures}))
-else:
-    host = sfmpi.whoami()["host"]
+LOST_HOST_JOB = ticket_job(6, r'''    host = sfmpi.whoami()["host"]
     if host == "lab3":
         open("/dev/shm/ready", "w").close()
         time.sleep(600)          # its host is removed under it
     sfmpi.exit(i)
-'''
+''')
 
 
 def test_a_host_removed_mid_ticket_fails_its_clones_and_the_rest_of_the_job_ends(lab):
@@ -382,5 +377,4 @@ def test_a_host_removed_mid_ticket_fails_its_clones_and_the_rest_of_the_job_ends
     res = json.loads(sfmpi("clone", json.loads(sfmpi("checkpoint", "ls", "--json", host="lab1", env=env).stdout)[0]["id"],
                            "-n", "2", "--json", host="lab1", env=env).stdout)
     assert "lab3" not in res.get("placement", {"lab1": 2})
-    for name, host in (res.get("hosts") or {n: "lab1" for n in res["clones"]}).items():
-        sfmpi("vm", "stop", name, host=host, env=env)
+    _stop(env, res.get("hosts") or {n: "lab1" for n in res["clones"]})
