@@ -7,11 +7,12 @@ HOSTD_PARTS = ("daemon", "state", "vm", "fork", "guestapi", "net", "policy", "me
 
 
 def pkg_config(flag: str, package: str) -> list[str]:
-    """libfuse3's flags; on a machine without pkg-config, Debian's paths."""
+    """libfuse3's and libcrypto's flags; on a machine without pkg-config, Debian's paths."""
     try:
         out = subprocess.run(["pkg-config", flag, package], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        out = {"--cflags": "-I/usr/include/fuse3", "--libs": "-lfuse3 -lpthread"}[flag]
+        out = {("--cflags", "fuse3"): "-I/usr/include/fuse3", ("--libs", "fuse3"): "-lfuse3 -lpthread",
+               ("--cflags", "libcrypto"): "", ("--libs", "libcrypto"): "-lcrypto"}[flag, package]
     return out.split()
 
 
@@ -20,9 +21,11 @@ def pkg_config(flag: str, package: str) -> list[str]:
 NATIVE = Extension(
     "sfmpi._native",
     sources=[f"native/memory/{name}.c" for name in
-             ("protocol", "pagemap", "counters", "server", "fetch", "memtap", "module")],
-    extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", *pkg_config("--cflags", "fuse3")],
-    extra_link_args=pkg_config("--libs", "fuse3"),
+             ("protocol", "pagemap", "counters", "server", "fetch", "memtap", "module", "mcast", "mcsend", "mcrecv",
+              "workingset")],
+    extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", *pkg_config("--cflags", "fuse3"),
+                        *pkg_config("--cflags", "libcrypto")],
+    extra_link_args=[*pkg_config("--libs", "fuse3"), *pkg_config("--libs", "libcrypto")],
 )
 
 # Preloaded into the QEMU of a served clone (native/qemu-nothp/nothp.c says why);

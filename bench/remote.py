@@ -17,7 +17,10 @@ network namespace, across a veth pair, through memtap (docs/memory.md):
 JSON keys: remote_bytes_share_idle, remote_bytes_share_mpi, fetch_p50_us,
 fetch_p99_us, served_vs_local_clone8.
 With --lab: the fork across the hosts of a lab instead (bench/remote_lab.py):
-fork8_spread_vs_local, remote_bytes_per_host.
+fork8_spread_vs_local, remote_bytes_per_host. With --multicast
+(bench/remote_multicast.py): multicast_egress_ratio, unicast_egress_ratio,
+prefetch_fault_reduction. With --freed (bench/remote_freed.py):
+freed_pages_saved_share.
 """
 from __future__ import annotations
 
@@ -92,7 +95,11 @@ def main() -> int:
     ap.add_argument("--image", default=None)
     ap.add_argument("--lab", action="store_true", help="the fork across a lab of 3 hosts (bench/remote_lab.py)")
     ap.add_argument("--freed", action="store_true", help="what free page reporting saves (bench/remote_freed.py)")
+    ap.add_argument("--multicast", action="store_true",
+                    help="multicast, push and prefetch across labs of 4 hosts (bench/remote_multicast.py)")
     args = ap.parse_args()
+    if args.multicast:
+        return multicast_main(args)
     if args.lab:
         return lab_main(args)
     if args.freed:
@@ -170,6 +177,14 @@ def freed_main(args) -> int:
     finally:
         res["host_leaks"] = down_and_leaks(client, home)
     return report(res, args.json, print_freed_table)
+
+
+def multicast_main(args) -> int:
+    from remote_multicast import print_multicast_table, run_multicast
+
+    from sfmpi.cli import _default_image
+    res = run_multicast(args.image or _default_image(), args.repeats)
+    return report(res, args.json, print_multicast_table)
 
 
 def lab_main(args) -> int:

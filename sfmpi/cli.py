@@ -265,13 +265,20 @@ def checkpoint_rm(ckpt_id, as_json) -> None:
                    "(docs/memory.md), as on a host other than the parent's.")
 @click.option("--policy", type=click.Choice(["spread", "pack"]), default=None,
               help="In a cluster: how the master places the clones over hosts (default: the master's).")
+@click.option("--push", is_flag=True,
+              help="Served clones: bring the rest of the checkpoint's RAM to their hosts in the background, "
+                   "so they stop depending on the memory server (docs/memory.md).")
+@click.option("--multicast/--no-multicast", default=True, show_default=True,
+              help="Served clones: the memory server answers by the checkpoint's multicast group, so every "
+                   "host gets each range once (--no-multicast: unicast only).")
 @click.option("--json", "as_json", is_flag=True)
-def clone(ckpt, n, allow_fewer, memory, policy, as_json) -> None:
+def clone(ckpt, n, allow_fewer, memory, policy, push, multicast, as_json) -> None:
     """Start N clones from a checkpoint; they resume where the parent was."""
     if n <= 0:
         raise UsageError(f"clone: -n must be at least 1 (got {n})")
     res = _client().call("clone", checkpoint=ckpt, n=n, allow_fewer=allow_fewer, memory=memory,
-                         **({"policy": policy} if policy else {}))
+                         **({"policy": policy} if policy else {}),
+                         served={"push": push, "multicast": multicast})
 
     def human(r):
         for name in r["clones"]:
@@ -284,7 +291,8 @@ def clone(ckpt, n, allow_fewer, memory, policy, as_json) -> None:
 @main.command("stats")
 @click.option("--json", "as_json", is_flag=True)
 def stats(as_json) -> None:
-    """Counters of the lazy memory path: the memory server and each memtap."""
+    """Counters of the lazy memory path: the memory server and each memtap
+    (unicast and multicast bytes, ranges not sent again, repairs, push, prefetch)."""
     res = _client().call("stats")
 
     def human(r):
@@ -294,22 +302,28 @@ def stats(as_json) -> None:
         if mem["server"] is None and not mem["memtaps"]:
             click.echo("no memory served on this host")
             return
+        mib = 2 ** 20
         if mem["server"] is not None:
             t = mem["server"]["totals"]
             click.echo(f"memory server {mem['server']['address']} ({'up' if mem['server']['alive'] else 'DOWN'}): "
-                       f"{t.get('requests', 0)} ranges, {t.get('bytes_sent', 0) / 2**20:.1f} MiB sent, "
-                       f"{t.get('connections', 0)} connections, {t.get('refused', 0)} refused, "
-                       f"{t.get('bad_requests', 0)} bad requests")
+                       f"{t.get('requests', 0)} ranges, {t.get('bytes_sent', 0) / mib:.1f} MiB sent by unicast, "
+                       f"{t.get('mc_sent_bytes', 0) / mib:.1f} MiB by multicast "
+                       f"({t.get('mc_suppressed', 0)} ranges not sent again), "
+                       f"{t.get('repair_requests', 0)} repairs, {t.get('connections', 0)} connections, "
+                       f"{t.get('refused', 0)} refused, {t.get('bad_requests', 0)} bad requests")
         table = Table(title="memtaps (one per served checkpoint on this host)")
-        for col in ("checkpoint", "clones", "fetched MiB", "ranges", "zero MiB (not sent)", "cache hits MiB",
-                    "errors", "fetch p50/p99 us"):
+        for col in ("checkpoint", "clones", "fetched MiB", "multicast in MiB", "lost", "repairs", "pushed MiB",
+                    "prefetched MiB (hit)", "zero MiB (not sent)", "cache hits MiB", "errors", "fetch p50/p99 us"):
             table.add_column(col, justify="right")
         for m in mem["memtaps"]:
-            table.add_row(m["checkpoint"] + ("" if m["alive"] else " (dead)"), str(len(m["clones"])),
-                          f"{m['fetch_bytes'] / 2**20:.1f}", str(m["fetches"]), f"{m['zero_bytes'] / 2**20:.1f}",
-                          f"{m['cache_hit_bytes'] / 2**20:.1f}", str(m["fetch_errors"]),
+            table.add_row(m["checkpoint"] + ("" if m["alive"] else " (dead)") + (" pushed" if m["push_done"] else ""),
+                          str(len(m["clones"])), f"{m['fetch_bytes'] / mib:.1f}",
+                          f"{m['mc_received'] * 1024 / mib:.1f}", str(m["mc_lost"]), str(m["repair_requests"]),
+                          f"{m['push_bytes'] / mib:.1f}",
+                          f"{m['prefetch_bytes'] / mib:.1f} ({m['prefetch_hit_bytes'] / mib:.1f})",
+                          f"{m['zero_bytes'] / mib:.1f}", f"{m['cache_hit_bytes'] / mib:.1f}", str(m["fetch_errors"]),
                           f"{m['fetch_p50_us'] or 0:.0f}/{m['fetch_p99_us'] or 0:.0f}")
-        Console().print(table)
+        Console(width=200).print(table)
     _emit(res, as_json, human)
 
 
@@ -335,8 +349,13 @@ def down(as_json) -> None:
 @main.command("hostd")
 @click.option("--mem-budget", default=None, help="Memory VMs may use (default: 75% of host RAM).")
 @click.option("--vcpu-budget", default=None, type=int, help="vCPUs VMs may use (default: 8 per core).")
-def hostd_cmd(mem_budget, vcpu_budget) -> None:
+@click.option("--no-multicast", is_flag=True,
+              help="Serve and fetch clones' memory by unicast only: a network without multicast "
+                   "(the same as SFMPI_MULTICAST=0).")
+def hostd_cmd(mem_budget, vcpu_budget, no_multicast) -> None:
     """Run hostd in the foreground (commands start it on demand otherwise)."""
+    if no_multicast:
+        os.environ["SFMPI_MULTICAST"] = "0"
     from .hostd.policy.admission import Budget, parse_size_mb
     from .hostd.daemon.server import serve
 

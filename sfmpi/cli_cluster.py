@@ -39,11 +39,14 @@ def lab() -> None:
 @click.option("--mem-budget", default=None, help="Memory each host's VMs may use (default: hostd's).")
 @click.option("--ram-dir-size", default=None,
               help="Each host's RAM directory, a tmpfs of its own (default: its memory budget).")
+@click.option("--multicast/--no-multicast", default=True, show_default=True,
+              help="Memory servers answer by multicast (--no-multicast: unicast only, as on a network "
+                   "without multicast).")
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(k, policy, mem_budget, ram_dir_size, as_json) -> None:
+def lab_up(k, policy, mem_budget, ram_dir_size, multicast, as_json) -> None:
     """Make the lab: K hosts lab1..labK, each with its own hostd, and the master."""
     from .hostd.lab.lab import Lab
-    rec = Lab().up(k, policy, mem_budget, ram_dir_size)
+    rec = Lab().up(k, policy, mem_budget, ram_dir_size, multicast)
     if as_json:
         click.echo(json.dumps(rec, indent=2))
     else:

@@ -32,6 +32,8 @@ from sfmpi.errors import CloneError, HostdError, SfmpiError, UsageError
 
 from ..fork.cloner import Order, greeting_from
 from ..fork.manifest import Checkpoint
+from ..memory.options import ServedOptions
+from ..memory.served import WORKING_SET, check_group
 from ..net import netplan, tunnel
 from ..vm.cmdline import NbdBacking, remote_overlay_argv
 from . import keys, wire
@@ -44,6 +46,7 @@ START_TIMEOUT = 240.0
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 MAX_STATE = 64 << 20
 MAX_MAP = 16 << 20
+MAX_WORKING_SET = 16 + 8192 * 12      # native/memory/workingset.h
 MAX_HOSTS = 1024
 
 
@@ -196,9 +199,10 @@ class Spanning:
         return {"peers": sorted(addresses)}
 
     async def start_remote(self, ckpt: Checkpoint, fam, host: str, orders: list[Order],
-                           greeting: dict | None = None, ticket: str = "") -> dict:
+                           greeting: dict | None = None, ticket: str = "",
+                           served: ServedOptions = ServedOptions()) -> dict:
         names = [o.name for o in orders]
-        served = await self.memory.export(ckpt, names)
+        mem = await self.memory.export(ckpt, names)
         disk = await self.nbd.export(ckpt.id, ckpt.disk)
         self.exported.setdefault(ckpt.id, set()).update(names)
         size = await _virtual_size(ckpt.disk)
@@ -206,8 +210,11 @@ class Spanning:
         descriptor = {
             "manifest": ckpt.to_json(),
             "state": base64.b64encode(ckpt.state_file.read_bytes()).decode(),
-            "page_map": base64.b64encode(Path(served["page_map"]).read_bytes()).decode(),
-            "memory": {"address": served["address"], "port": served["port"], "token": served["token"]},
+            "page_map": base64.b64encode(Path(mem["page_map"]).read_bytes()).decode(),
+            "memory": {"address": mem["address"], "port": mem["port"], "token": mem["token"],
+                       "group": mem["group"] if served.multicast else None, **served.to_json(),
+                       "working_set": base64.b64encode(Path(mem["working_set"]).read_bytes()).decode()
+                       if mem["working_set"] else None},
             "disk": {**disk, "size": size},
         }
         peers = sorted({self.config.address} | {self._ip_of(h) for h in holding} - {self._ip_of(host)})
@@ -268,7 +275,8 @@ class Spanning:
             raise UsageError("clones.start: every clone is named after its family and ID")
         ckpt = await asyncio.to_thread(self._import, ckpt_id, descriptor)
         spec = ckpt.spec
-        mem = descriptor.get("memory") or {}
+        mem = descriptor.get("memory") if isinstance(descriptor.get("memory"), dict) else {}
+        working_set = await asyncio.to_thread(self._import_working_set, ckpt, mem.get("working_set"))
         disk = descriptor.get("disk") or {}
         backing = NbdBacking(host=str(disk.get("host")), port=int(disk.get("port")), export=ckpt_id,
                              tls_dir=str(self.config.keys / f"qemu-{self.host}"), server_name=origin)
@@ -293,7 +301,9 @@ class Spanning:
                 self.families.drop_if_empty(fam)
                 raise CloneError(f"{self.host} already has VMs {', '.join(taken)}")
             ram = await self.memory.ram_from(ckpt_id, str(mem.get("address")), int(mem.get("port")),
-                                             str(mem.get("token")), Path(ckpt.path) / "ram.map", names)
+                                             str(mem.get("token")), Path(ckpt.path) / "ram.map", names,
+                                             check_group(mem["group"]) if mem.get("group") is not None else None,
+                                             ServedOptions.from_json(mem), working_set)
             recs = await self.cloner._reserve(ckpt, fam, wanted, ticket=ticket, memory="served", ram=ram)
         for name in names:
             self.origin[name] = (origin, ckpt_id)
@@ -328,6 +338,20 @@ class Spanning:
         os.rename(partial, directory)
         ckpt.verify_state()
         return ckpt
+
+    @staticmethod
+    def _import_working_set(ckpt: Checkpoint, encoded: object) -> Path | None:
+        """The parent's host's recorded working set, next to the imported
+        checkpoint (memtap checks every entry against the RAM's size)."""
+        path = Path(ckpt.path) / WORKING_SET
+        if encoded is None:
+            path.unlink(missing_ok=True)
+            return None
+        data = _b64(encoded, MAX_WORKING_SET, "working set")
+        tmp = path.with_name(f".{WORKING_SET}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return path
 
     async def stop_here(self, names: list) -> dict:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

@@ -38,6 +38,8 @@ from ..fork.retention import Retention
 from ..guestapi.clone_api import CloneApi
 from ..guestapi.tickets import DEFAULT_FAMILY_LIMIT, TicketBook
 from ..memory.farside import FarSide
+from ..memory.options import ServedOptions
+from ..memory.options import for_tickets as served_for_tickets
 from ..memory.served import MEMORY_MODES, ServedMemory
 from ..net import netplan
 from ..net.families import Families, NetOptions
@@ -130,7 +132,8 @@ class GuestSide:
 
     async def clone_for_ticket(self, ckpt, count, ticket, greeting, on_reserved, placement=None) -> dict:
         return await self._cloner.clone_for_ticket(ckpt, count, ticket, greeting, on_reserved,
-                                                   memory=self._clone_memory, placement=placement)
+                                                   memory=self._clone_memory, placement=placement,
+                                                   served=served_for_tickets())
 
     def identity_of(self, name: str) -> dict:
         fam, rec = self._families.of_vm(name), self._vms.record(name)
@@ -269,10 +272,10 @@ class Host:
         return self.retention.remove(ckpt_id)
 
     async def clone(self, ref: str, n: int, allow_fewer: bool = False, memory: str = "local",
-                    policy: str | None = None) -> dict:
+                    policy: str | None = None, served: ServedOptions = ServedOptions()) -> dict:
         if policy is not None and self.span is None:
             raise UsageError("clone: --policy places clones over the hosts of a cluster; this hostd is alone")
-        return await self.cloner.clone(ref, n, allow_fewer, memory, policy)
+        return await self.cloner.clone(ref, n, allow_fewer, memory, policy, served)
 
     def stats(self) -> dict:
         """Counters of the lazy memory path (memory server, memtaps)."""

@@ -23,6 +23,7 @@ import struct
 from sfmpi.errors import HostdError, SfmpiError, UsageError
 from sfmpi.paths import Paths
 
+from ..memory.options import ServedOptions
 from ..policy.admission import Budget
 from ..state.store import Store
 from ..cluster.config import ClusterConfig
@@ -176,7 +177,8 @@ class Hostd:
             return m.checkpoint_remove(args["id"])
         if op == "clone":
             return await m.clone(args["checkpoint"], int(args["n"]), bool(args.get("allow_fewer")),
-                                 str(args.get("memory") or "local"), args.get("policy"))
+                                 str(args.get("memory") or "local"), args.get("policy"),
+                                 ServedOptions.from_json(args.get("served")))
         if op == "stats":
             return m.stats()
         if op == "down":

@@ -25,6 +25,7 @@ from sfmpi.errors import AgentError, CloneError, QemuError, SfmpiError, UsageErr
 from sfmpi.native import keepram_path, nothp_path
 
 from .. import crashpoints
+from ..memory.options import ServedOptions
 from ..net import netplan
 from ..net.families import Families, Family
 from ..policy.admission import Admission
@@ -42,7 +43,7 @@ log = logging.getLogger("sfmpi.hostd.cloning")
 CLONE_READY_TIMEOUT = 120.0
 # greeting(identity, extras) -> the first message a resumed clone's agent gets.
 Greeting = Callable[[dict, dict], dict]
-ServedRam = Callable[[Checkpoint, list[str]], Awaitable[str]]
+ServedRam = Callable[[Checkpoint, list[str], ServedOptions], Awaitable[str]]
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ class Cloner:
 
     # -- host side: `sfmpi clone CKPT -n N` ------------------------------
     async def clone(self, ref: str, n: int, allow_fewer: bool = False, memory: str = "local",
-                    policy: str | None = None) -> dict:
+                    policy: str | None = None,
+                    served: ServedOptions = ServedOptions()) -> dict:
         if not isinstance(n, int) or n <= 0:
             raise UsageError(f"clone: -n must be at least 1 (got {n})")
         if memory not in ("local", "served") or (memory == "served" and self.served_ram is None):
@@ -123,7 +125,7 @@ class Cloner:
             placement = await self.span.place(ckpt.family or ckpt.vm, n, spec.mem_mb, spec.cpus, allow_fewer,
                                               policy)
             if set(placement) != {self.span.host}:
-                res = await self._clone_across(ckpt, placement, memory, t0)
+                res = await self._clone_across(ckpt, placement, memory, t0, served=served)
                 return {"checkpoint": ckpt.id, "requested": n, "granted": sum(placement.values()),
                         "memory": memory, "placement": placement, **res}
             n, allow_fewer = placement[self.span.host], False
@@ -133,14 +135,14 @@ class Cloner:
             fam = await self.families.ensure(ckpt.family or ckpt.vm)
             ids = self._free_ids(fam, granted)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=k) for k in ids]
-            recs = await self._reserve(ckpt, fam, orders, ticket="", memory=memory)
+            recs = await self._reserve(ckpt, fam, orders, ticket="", memory=memory, served=served)
         res = await self.start(ckpt, fam, orders, recs, identify_greeting, "identified", t0)
         return {"checkpoint": ckpt.id, "requested": n, "granted": granted, "memory": memory, **res}
 
     async def _clone_across(self, ckpt: Checkpoint, placement: dict[str, int], memory: str, t0: float,
                             ticket: str = "", greeting: dict | None = None,
                             on_reserved: Callable[[list[str]], None] | None = None,
-                            index_from_one: bool = False) -> dict:
+                            index_from_one: bool = False, served: ServedOptions = ServedOptions()) -> dict:
         """A host-side fork whose clones the master spread over hosts: this
         host's share as usual, each other host's started there from the
         checkpoint's descriptor (cluster/spanning.py); all or nothing."""
@@ -159,7 +161,8 @@ class Cloner:
             by_host: dict[str, list[Order]] = {}
             for host, count in placement.items():
                 by_host[host], orders = orders[:count], orders[count:]
-            recs = await self._reserve(ckpt, fam, by_host[here], ticket=ticket, memory=memory) if local_n else []
+            recs = await self._reserve(ckpt, fam, by_host[here], ticket=ticket, memory=memory,
+                                       served=served) if local_n else []
             for host, mine in by_host.items():
                 if host != here:
                     fam.remote.update({o.name: (o.netid, host) for o in mine})
@@ -169,7 +172,8 @@ class Cloner:
             on_reserved([o.name for mine in by_host.values() for o in mine])
         try:
             await self.span.join_family(fam, set(remote))
-            jobs = [self.span.start_remote(ckpt, fam, host, mine, greeting, ticket) for host, mine in remote.items()]
+            jobs = [self.span.start_remote(ckpt, fam, host, mine, greeting, ticket, served)
+                    for host, mine in remote.items()]
             if local_n:
                 jobs.append(self.start(ckpt, fam, by_host[here], recs, greet, awaited, t0))
             results = await asyncio.gather(*jobs, return_exceptions=True)
@@ -200,7 +204,8 @@ class Cloner:
     # -- in-guest: the clone call of a ticket ----------------------------
     async def clone_for_ticket(self, ckpt: Checkpoint, count: int, ticket: str,
                                greeting: dict, on_reserved: Callable[[list[str]], None],
-                               memory: str = "local", placement: dict[str, int] | None = None) -> dict:
+                               memory: str = "local", placement: dict[str, int] | None = None,
+                               served: ServedOptions = ServedOptions()) -> dict:
         """The ticket reserved the room already; only IDs and names are new here.
         greeting: its spec (greeting_from). placement: where the master put the
         ticket's clones when it was granted (a cluster), as for a host-side clone."""
@@ -208,14 +213,14 @@ class Cloner:
         if self.span is not None and placement:
             if set(placement) != {self.span.host}:
                 return await self._clone_across(ckpt, placement, memory, t0, ticket=ticket, greeting=greeting,
-                                                on_reserved=on_reserved, index_from_one=True)
+                                                on_reserved=on_reserved, index_from_one=True, served=served)
         greet, awaited = greeting_from(greeting)
         async with self.admission.lock:
             fam = await self.families.ensure(ckpt.family or ckpt.vm)
             ids = self._free_ids(fam, count)
             orders = [Order(name=netplan.hostname(fam.name, k), netid=k, index=i + 1)
                       for i, k in enumerate(ids)]
-            recs = await self._reserve(ckpt, fam, orders, ticket=ticket, memory=memory)
+            recs = await self._reserve(ckpt, fam, orders, ticket=ticket, memory=memory, served=served)
         on_reserved([r.name for r in recs])
         return await self.start(ckpt, fam, orders, recs, greet, awaited, t0)
 
@@ -227,7 +232,7 @@ class Cloner:
             raise
 
     async def _reserve(self, ckpt: Checkpoint, fam: Family, orders: list[Order], ticket: str,
-                       memory: str = "local", ram: str | None = None) -> list[VmRecord]:
+                       memory: str = "local", ram: str | None = None, served: ServedOptions = ServedOptions()) -> list[VmRecord]:
         """ram: the file the clones map when it is given (another host's checkpoint, through memtap)."""
         recs = []
         given = ram is not None
@@ -235,7 +240,7 @@ class Cloner:
         try:
             if memory == "served" and not given:
                 assert self.served_ram is not None
-                ram = await self.served_ram(ckpt, [o.name for o in orders])
+                ram = await self.served_ram(ckpt, [o.name for o in orders], served)
             for o in orders:
                 rec = VmRecord(name=o.name, role=VmRole.CLONE, state=VmState.STARTING,
                                spec=ckpt.spec.to_json(), overlay=self.runtime.new_layer(o.name),

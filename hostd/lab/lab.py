@@ -68,9 +68,9 @@ def host_home(name: str, home: Path | None = None) -> Path:
     return Path(rec["hosts"][name]["home"])
 
 
-def hostd_env(name: str, home: Path, keys_dir: Path) -> dict[str, str]:
+def hostd_env(name: str, home: Path, keys_dir: Path, multicast: bool = True) -> dict[str, str]:
     """A lab host's hostd environment: its state directory and its place in the cluster. Pure."""
-    return {"SFMPI_HOME": str(home / name), "SFMPI_HOST_NAME": name,
+    return {"SFMPI_HOME": str(home / name), "SFMPI_HOST_NAME": name, "SFMPI_MULTICAST": "1" if multicast else "0",
             "SFMPI_HOST_ADDRESS": str(topology.host_ip(name)),
             "SFMPI_MASTER": f"{topology.MASTER_IP}:{MASTER_PORT}", "SFMPI_CLUSTER_KEYS": str(keys_dir),
             "SFMPI_FAMILY_START": str(1 + (topology.host_index(name) - 1) * FAMILIES_PER_HOST)}
@@ -115,10 +115,12 @@ class Lab:
             str(topology.MASTER_IP), MASTER_PORT, ctx, MASTER_NAME, op, timeout=timeout, **args))
 
     def up(self, k: int, policy: str = "spread", mem_budget: str | None = None,
-           ram_dir_size: str | None = None) -> dict:
+           ram_dir_size: str | None = None, multicast: bool = True, env: dict[str, str] | None = None) -> dict:
         """ram_dir_size: each host's RAM directory (a tmpfs of its own); by
         default its memory budget, else half the machine's RAM (the size
-        Linux gives /dev/shm)."""
+        Linux gives /dev/shm). multicast: False makes every memory server and
+        memtap unicast only, as on a network without multicast. env: more of
+        the hostds' environment (SFMPI_PUSH_TICKETS=0, SFMPI_PREFETCH=0 ...)."""
         if policy not in ("pack", "spread"):
             raise UsageError(f"--policy is pack or spread (got {policy!r})")
         ram_mb = parse_size_mb(ram_dir_size or mem_budget or f"{host_mem_mb() // 2}M")
@@ -127,14 +129,15 @@ class Lab:
             raise UsageError(f"a lab is already up ({record_path(self.home)}): `sfmpi lab down` first")
         net = LabNetwork(k)
         net.up()
-        rec: dict = {"hosts": {}, "policy": policy, "keys": str(self.keys), "home": str(self.home)}
+        rec: dict = {"hosts": {}, "policy": policy, "keys": str(self.keys), "home": str(self.home),
+                     "multicast": multicast, "env": dict(env or {})}
         try:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
             keys.init_cluster(self.keys, [MASTER_NAME, ADMIN_NAME, *names])
             py = sys.executable
             self._start_master(rec, policy)
             for name in names:
-                env = hostd_env(name, self.home, self.keys)
+                env = {**rec["env"], **hostd_env(name, self.home, self.keys, multicast)}
                 ram = Paths(Path(env["SFMPI_HOME"])).shm
                 rec["hosts"][name] = {"home": env["SFMPI_HOME"], "address": env["SFMPI_HOST_ADDRESS"],
                                       "ram_dir": str(ram)}
@@ -178,7 +181,7 @@ class Lab:
         return rec["master"]["pid"]
 
     def _restart_hostd(self, name: str, rec: dict) -> None:
-        env = hostd_env(name, self.home, self.keys)
+        env = {**rec.get("env", {}), **hostd_env(name, self.home, self.keys, rec.get("multicast", True))}
         popen = _spawn(LabNetwork(1).wrap(name, [sys.executable, "-m", "sfmpi.cli", "hostd"]), env,
                        self.home / name / "hostd.log")
         rec["hosts"][name]["pid"] = popen.pid

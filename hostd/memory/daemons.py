@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,16 +41,30 @@ class DaemonState(str, enum.Enum):
     DIED = "died"
 
 
-def memserver_argv(listen: str, control: Path, counters: Path) -> list[str]:
+def memserver_argv(listen: str, control: Path, counters: Path, multicast: bool = False) -> list[str]:
+    """multicast: checkpoints' groups are sent from the listen address."""
     return [sys.executable, "-m", "sfmpi.native.memserver", "--listen", listen, "--port", "0",
-            "--control", str(control), "--counters", str(counters)]
+            "--control", str(control), "--counters", str(counters)] + (["--multicast-from", listen] if multicast else [])
+
+
+@dataclass(frozen=True)
+class Multicast:
+    """How a memtap takes part in its checkpoint's group."""
+    group: str                 # "A.B.C.D:PORT"
+    local: str                 # this host's address on the group's network
+    wait_ms: int = 200
 
 
 def memtap_argv(mount: Path, server: str, port: int, checkpoint: str, token_file: Path, page_map: Path,
-                counters: Path, timeout_ms: int, read_ahead_kb: int) -> list[str]:
-    return [sys.executable, "-m", "sfmpi.native.memtap", "--mount", str(mount), "--server", f"{server}:{port}",
+                counters: Path, timeout_ms: int, read_ahead_kb: int, multicast: Multicast | None = None,
+                push: bool = False, working_set: Path | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "sfmpi.native.memtap", "--mount", str(mount), "--server", f"{server}:{port}",
             "--checkpoint", checkpoint, "--token-file", str(token_file), "--page-map", str(page_map),
             "--counters", str(counters), "--timeout-ms", str(timeout_ms), "--read-ahead-kb", str(read_ahead_kb)]
+    if multicast is not None:
+        argv += ["--group", multicast.group, "--multicast-local", multicast.local,
+                 "--multicast-wait-ms", str(multicast.wait_ms)]
+    return argv + (["--push"] if push else []) + (["--working-set", str(working_set)] if working_set else [])
 
 
 def tail(path: Path, lines: int = 3) -> str:
@@ -140,8 +155,8 @@ class MemoryServer(_Daemon):
         self.address = ""
         self.port = 0
 
-    def start(self, listen: str) -> None:
-        line = self._start(memserver_argv(listen, self.control, self.counters_path))
+    def start(self, listen: str, multicast: bool = False) -> None:
+        line = self._start(memserver_argv(listen, self.control, self.counters_path, multicast))
         word, _, port = line.partition(" ")
         if word != "listening" or not port.isdigit():
             self.stop()
@@ -164,12 +179,18 @@ class MemoryServer(_Daemon):
             raise LazyMemoryError(f"the memory server refused {line.split()[0]}: {answer or 'no answer'}")
         return answer[2:].strip()
 
-    def add(self, checkpoint: str, token: str, ram: Path, page_map: Path) -> int:
-        """Serve a checkpoint's RAM file: its size in bytes."""
+    def add(self, checkpoint: str, token: str, ram: Path, page_map: Path, group: str | None = None) -> int:
+        """Serve a checkpoint's RAM file (to a multicast group too): its size in bytes."""
         for p in (ram, page_map):
             if any(c.isspace() for c in str(p)):
                 raise LazyMemoryError(f"the memory server takes no path with spaces: {p}")
-        return int(self._command(f"add {checkpoint} {token} {ram} {page_map}"))
+        return int(self._command(f"add {checkpoint} {token} {ram} {page_map}" + (f" {group}" if group else "")))
+
+    def save_working_set(self, checkpoint: str, path: Path) -> int:
+        """The order in which the checkpoint's ranges were first asked for, to path: its entries."""
+        if any(c.isspace() for c in str(path)):
+            raise LazyMemoryError(f"the memory server takes no path with spaces: {path}")
+        return int(self._command(f"workingset {checkpoint} {path}"))
 
     def remove(self, checkpoint: str) -> None:
         self._command(f"remove {checkpoint}")
@@ -203,7 +224,8 @@ class Memtap(_Daemon):
         self.token_file = self.dir / "token"
 
     def start(self, server: str, port: int, token: str, page_map: Path, timeout_ms: int = 10000,
-              read_ahead_kb: int = 0) -> None:
+              read_ahead_kb: int = 0, multicast: Multicast | None = None, push: bool = False,
+              working_set: Path | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         detach(self.mount)
         self.mount.mkdir(exist_ok=True)
@@ -211,7 +233,8 @@ class Memtap(_Daemon):
         with os.fdopen(fd, "w") as f:
             f.write(token)
         line = self._start(memtap_argv(self.mount, server, port, self.checkpoint, self.token_file, page_map,
-                                       self.counters_path, timeout_ms, read_ahead_kb))
+                                       self.counters_path, timeout_ms, read_ahead_kb, multicast, push,
+                                       working_set))
         if line != "ready" or not self.ram.exists():
             self.stop()
             raise LazyMemoryError(f"memtap for checkpoint {self.checkpoint} said {line!r}, not ready")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -26,8 +27,9 @@ from sfmpi.native import load as load_native
 
 from ..fork.manifest import Checkpoint
 from ..state.records import VmRecord
-from .daemons import Memtap, MemoryServer, Wrap, detach
-from .farside import FarSide
+from .daemons import Memtap, MemoryServer, Multicast, Wrap, detach
+from .farside import NEAR_IP, FarSide
+from .options import ServedOptions
 
 log = logging.getLogger("sfmpi.hostd.memory")
 
@@ -41,6 +43,40 @@ FETCH_TIMEOUT_MS = int(os.environ.get("SFMPI_FETCH_TIMEOUT_MS", "10000"))
 # 512 MiB guest, 128 KiB fetched 69 MiB; a round trip per 4 KiB page is the
 # price (the multicast and prefetch issue brings pages ahead of faults).
 READ_AHEAD_KB = int(os.environ.get("SFMPI_MEMTAP_READ_AHEAD_KB", "0"))
+WORKING_SET = "ram.ws"
+
+
+def prefetch_enabled() -> bool:
+    """Working-set prefetch: on unless SFMPI_PREFETCH=0."""
+    return os.environ.get("SFMPI_PREFETCH", "1") != "0"
+
+
+def multicast_enabled() -> bool:
+    """Multicast distribution (docs/memory.md): on unless SFMPI_MULTICAST=0,
+    which a network without multicast needs (hostd --no-multicast sets it)."""
+    return os.environ.get("SFMPI_MULTICAST", "1") != "0"
+
+
+def group_of(checkpoint: str) -> str:
+    """The checkpoint's multicast group ADDRESS:PORT, the same on every host: in
+    239.255/16 (organisation-local scope), port 20000-39999. Two checkpoints
+    that share one only cost each other's receivers MAC checks (their keys differ)."""
+    h = hashlib.sha256(checkpoint.encode()).digest()
+    return f"239.255.{h[0]}.{h[1] or 1}:{20000 + int.from_bytes(h[2:4], 'big') % 20000}"
+
+
+def check_group(text: object) -> str:
+    """A group from another host's descriptor: 239.255.X.Y:PORT, or LazyMemoryError."""
+    import ipaddress
+    host, sep, port = str(text).rpartition(":")
+    try:
+        ok = sep and port.isdigit() and 0 < int(port) < 65536 and \
+            ipaddress.IPv4Address(host) in ipaddress.IPv4Network("239.255.0.0/16")
+    except ValueError:
+        ok = False
+    if not ok:
+        raise LazyMemoryError(f"not a multicast group of sfmpi: {str(text)[:60]!r}")
+    return str(text)
 
 
 def page_map_of(ckpt: Checkpoint) -> Path:
@@ -78,10 +114,19 @@ class ServedMemory:
     server where every host's memtap can reach it, memtap where it reaches any
     host's server; FUSE mounts do not care about network namespaces."""
 
-    def __init__(self, directory: Path, far: FarSide | None, near_wrap: Wrap, listen: str | None = None):
+    def __init__(self, directory: Path, far: FarSide | None, near_wrap: Wrap, listen: str | None = None,
+                 multicast: bool | None = None):
         self.dir = Path(directory)
         self.far = far
         self.listen = listen
+        self.multicast = multicast_enabled() if multicast is None else multicast
+        self.local = listen if listen is not None else NEAR_IP   # where this host's memtaps join groups
+        self.working_sets: dict[str, tuple[Path, str]] = {}   # checkpoint -> (its working set's path, its VM)
+        # VM -> the working set saved last for one of its checkpoints: a parent
+        # that forks again and again (sfmpirun in a loop) makes a new
+        # checkpoint each time, and its last one's faults predict the next's.
+        self.last_working_set: dict[str, Path] = {}
+        self.prefetch = prefetch_enabled()
         self.near_wrap = near_wrap if listen is None else _unwrapped
         self.server: MemoryServer | None = None
         self.served: dict[str, Served] = {}      # checkpoint -> this host's memtap of it
@@ -89,7 +134,7 @@ class ServedMemory:
         self._deaths: dict[str, str] = {}     # clone -> why its memory failed, once it is gone
         self._lock = asyncio.Lock()
 
-    async def ram_for(self, ckpt: Checkpoint, clones: list[str]) -> str:
+    async def ram_for(self, ckpt: Checkpoint, clones: list[str], opts: ServedOptions = ServedOptions()) -> str:
         """The file the clones map: memtap's, for this checkpoint."""
         async with self._lock:
             s = self.served.get(ckpt.id)
@@ -97,7 +142,7 @@ class ServedMemory:
                 await asyncio.to_thread(self._retire, s)
                 s = None
             if s is None:
-                s = await asyncio.to_thread(self._serve, ckpt)
+                s = await asyncio.to_thread(self._serve, ckpt, opts)
                 self.served[ckpt.id] = s
             s.users.update(clones)
             return str(s.memtap.ram)
@@ -108,20 +153,24 @@ class ServedMemory:
                 self.server.stop()
             if self.listen is not None:
                 server = MemoryServer(self.dir / "server", _unwrapped)
-                server.start(self.listen)
+                server.start(self.listen, multicast=self.multicast)
             else:
                 assert self.far is not None
                 self.far.ensure()
                 server = MemoryServer(self.dir / "server", self.far.wrap)
-                server.start(self.far.server_ip)
+                server.start(self.far.server_ip, multicast=self.multicast)
             self.server = server
         return self.server
 
-    def _serve(self, ckpt: Checkpoint) -> Served:
+    def _multicast(self, group: str | None, opts: ServedOptions) -> Multicast | None:
+        return Multicast(group, self.local) if self.multicast and opts.multicast and group else None
+
+    def _serve(self, ckpt: Checkpoint, opts: ServedOptions) -> Served:
         page_map, server, token = self._export(ckpt)
         memtap = Memtap(self.dir / "memtap" / ckpt.id, self.near_wrap, ckpt.id)
         try:
-            memtap.start(server.address, server.port, token, page_map, FETCH_TIMEOUT_MS, READ_AHEAD_KB)
+            memtap.start(server.address, server.port, token, page_map, FETCH_TIMEOUT_MS, READ_AHEAD_KB,
+                         self._multicast(group_of(ckpt.id), opts), opts.push, self.working_set_for(ckpt))
         except BaseException:
             server.remove(ckpt.id)
             raise
@@ -135,8 +184,38 @@ class ServedMemory:
             server.remove(ckpt.id)            # a memtap that died left it there
         except LazyMemoryError:
             pass
-        server.add(ckpt.id, token, ckpt.ram_file, page_map)
+        server.add(ckpt.id, token, ckpt.ram_file, page_map, group_of(ckpt.id) if self.multicast else None)
+        self.working_sets[ckpt.id] = (Path(ckpt.path) / WORKING_SET, ckpt.vm)
         return page_map, server, token
+
+    def working_set_for(self, ckpt: Checkpoint) -> Path | None:
+        """What a fork's memtaps ask for first: the checkpoint's recorded working
+        set, else the last one of its VM's checkpoints (same RAM size; memtap
+        checks), else none."""
+        if not self.prefetch:
+            return None
+        own = Path(ckpt.path) / WORKING_SET
+        if own.exists():
+            return own
+        last = self.last_working_set.get(ckpt.vm)
+        return last if last is not None and last.exists() else None
+
+    def _forget(self, checkpoint: str) -> None:
+        """The server stops serving a checkpoint. What its clones faulted is kept
+        first, as its working set, if it has none yet: the first clones' faults
+        are what a later fork's memtaps ask for before their clones do."""
+        if self.server is None or not self.server.alive():
+            return
+        path, vm = self.working_sets.pop(checkpoint, (None, ""))
+        try:
+            if path is not None and path.parent.is_dir() and not path.exists():
+                if self.server.save_working_set(checkpoint, path) == 0:
+                    path.unlink(missing_ok=True)     # nothing faulted: the next fork records
+                else:
+                    self.last_working_set[vm] = path
+            self.server.remove(checkpoint)
+        except LazyMemoryError as exc:
+            log.warning("checkpoint %s: %s", checkpoint, exc)
 
     # -- across hosts ------------------------------------------------------
     async def export(self, ckpt: Checkpoint, users: list[str]) -> dict:
@@ -150,12 +229,16 @@ class ServedMemory:
                 s = self.exported[ckpt.id] = Served(ckpt.id, None, token=token)
             s.users.update(users)
             assert self.server is not None
+            recorded = self.working_set_for(ckpt)
             return {"address": self.server.address, "port": self.server.port, "token": s.token,
-                    "page_map": str(page_map_of(ckpt))}
+                    "page_map": str(page_map_of(ckpt)), "group": group_of(ckpt.id) if self.multicast else None,
+                    "working_set": str(recorded) if recorded else None}
 
     async def ram_from(self, ckpt_id: str, address: str, port: int, token: str, page_map: Path,
-                       clones: list[str]) -> str:
-        """On a clone host: the file clones map, from another host's memory server."""
+                       clones: list[str], group: str | None = None, opts: ServedOptions = ServedOptions(),
+                       working_set: Path | None = None) -> str:
+        """On a clone host: the file clones map, from another host's memory server
+        (and its multicast group, unless this host has multicast off)."""
         async with self._lock:
             s = self.served.get(ckpt_id)
             if s is not None and s.memtap.alive() and s.token != token:
@@ -171,7 +254,7 @@ class ServedMemory:
             if s is None:
                 memtap = Memtap(self.dir / "memtap" / ckpt_id, self.near_wrap, ckpt_id)
                 await asyncio.to_thread(memtap.start, address, port, token, page_map, FETCH_TIMEOUT_MS,
-                                        READ_AHEAD_KB)
+                                        READ_AHEAD_KB, self._multicast(group, opts), opts.push, working_set)
                 s = self.served[ckpt_id] = Served(ckpt_id, memtap, token=token, remote=True)
             s.users.update(clones)
             return str(s.memtap.ram)
@@ -182,22 +265,15 @@ class ServedMemory:
             s.users.discard(name)
             if not s.users:
                 del self.exported[key]
-                if self.server is not None and self.server.alive() and key not in self.served:
-                    try:
-                        self.server.remove(key)
-                    except LazyMemoryError as exc:
-                        log.warning("checkpoint %s: %s", key, exc)
+                if key not in self.served:
+                    self._forget(key)
 
     def _retire(self, s: Served) -> None:
         if s.memtap is not None:
             s.memtap.stop()
         if s.remote or s.checkpoint in self.exported:
             return                            # not ours to forget, or still wanted elsewhere
-        if self.server is not None and self.server.alive():
-            try:
-                self.server.remove(s.checkpoint)
-            except LazyMemoryError as exc:
-                log.warning("checkpoint %s: %s", s.checkpoint, exc)
+        self._forget(s.checkpoint)
 
     def vm_gone(self, rec: VmRecord, _reason: str = "") -> None:
         """A clone ended: the last of a checkpoint's clones takes its memtap along."""

@@ -39,6 +39,26 @@
     X(bad_requests)       /* server: requests refused (range, alignment, length) */  \
     X(io_errors)          /* server: reads of its file that failed */                \
     X(zero_pages_asked)   /* server: zero pages inside served ranges (should stay 0) */ \
+    X(mc_sent_datagrams)  /* server: datagrams sent to multicast groups */          \
+    X(mc_sent_bytes)      /* server: payload bytes sent to groups */                 \
+    X(mc_distinct_bytes)  /* server: bytes of pages sent to the group a first time */ \
+    X(mc_suppressed)      /* server: ranges not sent again (lockstep) */             \
+    X(mc_reports)         /* server: receivers' rate reports */                      \
+    X(mc_paced_us)        /* server: time multicast waited for the pacer */          \
+    X(repair_requests)    /* both: unicast requests for pages a multicast missed */  \
+    X(repair_bytes)       /* both: their bytes */                                    \
+    X(mc_received)        /* memtap: valid datagrams received */                     \
+    X(mc_invalid)         /* memtap: datagrams refused (forged, foreign, malformed) */ \
+    X(mc_duplicates)      /* memtap: fragments it had already */                     \
+    X(mc_lost)            /* memtap: datagrams lost (sequence gaps) */               \
+    X(mc_ranges)          /* memtap: ranges completed from the group */              \
+    X(mc_stored_bytes)    /* memtap: bytes pushed into the page cache */             \
+    X(mc_waits)           /* memtap: fetches the group answered */                   \
+    X(push_bytes)         /* memtap: bytes the background push asked for */          \
+    X(push_done)          /* memtap: 1 once every non-zero page is here */           \
+    X(prefetch_bytes)     /* memtap: bytes of the working set asked ahead */         \
+    X(prefetch_hit_bytes) /* memtap: faulted bytes that the prefetch brought */     \
+    X(demand_fetches)     /* memtap: requests made for faults */                     \
     X(latency_sum_us)     /* both: sum over the histogram */
 
 #define MC_ENUM(name) MC_##name,
@@ -69,6 +89,10 @@ void mc_close(struct mc_file *f);
 static inline void mc_add(struct mc_slot *s, enum mc_field f, uint64_t v) {
     if (s)
         __atomic_fetch_add(&s->field[f], v, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t mc_get(const struct mc_slot *s, enum mc_field f) {
+    return s ? __atomic_load_n(&s->field[f], __ATOMIC_RELAXED) : 0;
 }
 
 void mc_latency(struct mc_slot *s, uint64_t us);

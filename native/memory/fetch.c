@@ -178,7 +178,11 @@ static void drop(struct fetch_conn *c) {
     c->fd = -1;
 }
 
-static int ask(struct fetcher *f, struct fetch_conn *c, uint64_t offset, uint32_t length, uint8_t *dst) {
+/* 0: the bytes are in dst; 1: the range went to the multicast group; -1: the
+ * connection broke (one fresh try is worth it); -2: an answer that another try
+ * would not change. */
+static int ask(struct fetcher *f, struct fetch_conn *c, uint64_t offset, uint32_t length, uint8_t *dst,
+               uint32_t flags) {
     if (c->fd < 0) {
         uint64_t size;
         int fd = dial(f, &size);
@@ -194,7 +198,7 @@ static int ask(struct fetcher *f, struct fetch_conn *c, uint64_t offset, uint32_
         mc_add(f->counters, MC_reconnects, 1);
     }
     uint8_t raw[MP_REQUEST_LEN], head[MP_REPLY_LEN];
-    struct mp_request r = {.req_id = ++c->next_id, .offset = offset, .length = length};
+    struct mp_request r = {.req_id = ++c->next_id, .offset = offset, .length = length, .flags = flags};
     struct mp_reply rep;
     uint64_t deadline = now_us() + (uint64_t)f->timeout_ms * 1000u;
     mp_encode_request(raw, &r);
@@ -205,10 +209,13 @@ static int ask(struct fetcher *f, struct fetch_conn *c, uint64_t offset, uint32_
         return drop(c), timed_out ? -2 : -1;   /* a stalled server gets no second wait */
     }
     if (mp_decode_reply(head, &rep) != MP_OK || rep.req_id != r.req_id ||
-        (rep.status == MP_OK && rep.length != length) || (rep.status != MP_OK && rep.length != 0)) {
+        (rep.status == MP_OK && rep.length != length) || (rep.status != MP_OK && rep.length != 0) ||
+        (rep.status == MP_MULTICAST && !(flags & MP_FLAG_MULTICAST))) {
         fail(f, "memory server %s:%u answered something that is not the reply asked for", f->host, f->port);
         return drop(c), -1;
     }
+    if (rep.status == MP_MULTICAST || (rep.status == MP_OK && length == 0))
+        return rep.status == MP_MULTICAST;
     if (rep.status != MP_OK) {
         /* A well-formed refusal: the connection is fine, and asking again would get the same. */
         fail(f, "memory server %s:%u: %s", f->host, f->port, mp_status_name(rep.status));
@@ -221,22 +228,39 @@ static int ask(struct fetcher *f, struct fetch_conn *c, uint64_t offset, uint32_
     return 0;
 }
 
-int fetcher_get(struct fetcher *f, uint64_t offset, uint32_t length, uint8_t *dst) {
+int fetcher_ask(struct fetcher *f, uint64_t offset, uint32_t length, uint8_t *dst, uint32_t flags) {
     uint64_t t0 = now_us();
     struct fetch_conn *c = take(f);
     /* A connection that broke since its last use gets one fresh try. */
-    int rc = ask(f, c, offset, length, dst);
+    int rc = ask(f, c, offset, length, dst, flags);
     if (rc == -1 && c->fd < 0)
-        rc = ask(f, c, offset, length, dst);
+        rc = ask(f, c, offset, length, dst, flags);
     pthread_mutex_unlock(&c->lock);
     if (rc < 0) {
         mc_add(f->counters, MC_fetch_errors, 1);
         return -1;
     }
     mc_add(f->counters, MC_fetches, 1);
-    mc_add(f->counters, MC_fetch_bytes, length);
+    if (rc == 0)
+        mc_add(f->counters, MC_fetch_bytes, length);
     mc_latency(f->counters, now_us() - t0);
-    return 0;
+    return rc;
+}
+
+int fetcher_get(struct fetcher *f, uint64_t offset, uint32_t length, uint8_t *dst) {
+    return fetcher_ask(f, offset, length, dst, 0) < 0 ? -1 : 0;
+}
+
+int fetcher_report(struct fetcher *f, uint64_t bytes_per_s) {
+    for (int i = 0; i < f->count; i++) {
+        struct fetch_conn *c = &f->conn[i];
+        if (pthread_mutex_trylock(&c->lock) != 0)
+            continue;
+        int rc = c->fd >= 0 ? ask(f, c, bytes_per_s, 0, NULL, MP_FLAG_REPORT) : -1;
+        pthread_mutex_unlock(&c->lock);
+        return rc < 0 ? -1 : 0;
+    }
+    return -1;                 /* every connection busy: the next report goes instead */
 }
 
 void fetcher_close(struct fetcher *f) {

@@ -40,6 +40,11 @@ int fetcher_init(struct fetcher *f, const char *host, uint16_t port, const char 
                  int connections, int timeout_ms, struct mc_slot *counters);
 /* [offset, offset + length) into dst; page-aligned, length <= MP_MAX_REQUEST. 0 or -1. */
 int fetcher_get(struct fetcher *f, uint64_t offset, uint32_t length, uint8_t *dst);
+/* The same with request flags (protocol.h): 0 (the bytes are in dst), 1 (the
+ * server sent them to the multicast group instead), or -1. */
+int fetcher_ask(struct fetcher *f, uint64_t offset, uint32_t length, uint8_t *dst, uint32_t flags);
+/* A rate report on a connection that is free now: 0, or -1 (none free, or it failed). */
+int fetcher_report(struct fetcher *f, uint64_t bytes_per_s);
 void fetcher_close(struct fetcher *f);
 const char *fetcher_last_error(struct fetcher *f, char *buf, size_t len);
 

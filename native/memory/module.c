@@ -46,13 +46,16 @@ static void stop_server(int sig) {
 
 static PyObject *py_serve(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *names[] = {"listen", "port", "control", "counters", "max_connections", "ready", NULL};
+    static char *names[] = {"listen", "port", "control", "counters", "max_connections", "ready", "multicast_from",
+                            "multicast_rate", NULL};
     struct ms_config cfg = {0};
     int port = 0;
+    unsigned long long rate = 0;
     PyObject *ready = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sisz|iO", names, &cfg.listen_host, &port, &cfg.control_path,
-                                     &cfg.counters_path, &cfg.max_connections, &ready))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sisz|iOzK", names, &cfg.listen_host, &port, &cfg.control_path,
+                                     &cfg.counters_path, &cfg.max_connections, &ready, &cfg.mcast_if, &rate))
         return NULL;
+    cfg.mcast_rate = rate;
     if (port < 0 || port > 65535)
         return PyErr_Format(PyExc_ValueError, "port %d out of range", port);
     cfg.port = (uint16_t)port;
@@ -98,13 +101,15 @@ static void call_ready(void *arg) {
 static PyObject *py_memtap(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *names[] = {"mountpoint", "host", "port", "checkpoint", "token", "page_map", "counters",
-                            "connections", "timeout_ms", "read_ahead_kb", "ready", NULL};
+                            "connections", "timeout_ms", "read_ahead_kb", "ready", "group", "multicast_local",
+                            "multicast_wait_ms", "push", "working_set", NULL};
     struct memtap_config cfg = {.read_ahead_kb = -1};
     int port = 0;
     PyObject *ready = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ssissss|iiiO", names, &cfg.mountpoint, &cfg.server_host, &port,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ssissss|iiiOzzipz", names, &cfg.mountpoint, &cfg.server_host, &port,
                                      &cfg.checkpoint, &cfg.token_hex, &cfg.map_path, &cfg.counters_path,
-                                     &cfg.connections, &cfg.timeout_ms, &cfg.read_ahead_kb, &ready))
+                                     &cfg.connections, &cfg.timeout_ms, &cfg.read_ahead_kb, &ready, &cfg.group,
+                                     &cfg.mcast_local, &cfg.mcast_wait_ms, &cfg.push, &cfg.workingset))
         return NULL;
     if (port < 1 || port > 65535)
         return PyErr_Format(PyExc_ValueError, "port %d out of range", port);
@@ -143,10 +148,12 @@ static PyObject *py_status_name(PyObject *self, PyObject *arg) {
 static PyMethodDef METHODS[] = {
     {"scan", py_scan, METH_VARARGS, "scan(ram_path, map_path) -> pages with data; writes the page map"},
     {"serve", (PyCFunction)(void (*)(void))py_serve, METH_VARARGS | METH_KEYWORDS,
-     "serve(listen, port, control, counters, max_connections=256, ready=None): run the memory server"},
+     "serve(listen, port, control, counters, max_connections=256, ready=None, multicast_from=None, "
+     "multicast_rate=0): run the memory server"},
     {"memtap", (PyCFunction)(void (*)(void))py_memtap, METH_VARARGS | METH_KEYWORDS,
      "memtap(mountpoint, host, port, checkpoint, token, page_map, counters, connections=4, timeout_ms=10000, "
-     "read_ahead_kb=1024, ready=None): mount and serve"},
+     "read_ahead_kb=1024, ready=None, group=None, multicast_local=None, multicast_wait_ms=200, push=False, "
+     "working_set=None): mount and serve"},
     {"counter_layout", py_counter_layout, METH_NOARGS, "the counters file's layout"},
     {"status_name", py_status_name, METH_O, "what a protocol status means"},
     {NULL, NULL, 0, NULL},

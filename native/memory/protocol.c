@@ -1,5 +1,6 @@
 /* The memory protocol's records (protocol.h says what they are). */
 #include "protocol.h"
+#include "le.h"
 
 #include <string.h>
 
@@ -15,20 +16,13 @@ static const char *const STATUS_NAMES[MP_STATUS_COUNT] = {
     [MP_E_IO] = "the server could not read the checkpoint",
     [MP_E_BUSY] = "the server has too many connections",
     [MP_E_FLAGS] = "unknown request flags",
+    [MP_MULTICAST] = "sent to the multicast group",
 };
 
 const char *mp_status_name(uint32_t status) {
     return status < MP_STATUS_COUNT ? STATUS_NAMES[status] : "unknown status";
 }
 
-static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static uint32_t get32(const uint8_t *p) {
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) | ((uint64_t)get32(p + 4) << 32); }
 
 int mp_id_valid(const char *id, size_t len) {
     if (len < 1 || len > MP_ID_MAX || id[0] == '.')
@@ -117,7 +111,7 @@ uint32_t mp_decode_request(const uint8_t in[MP_REQUEST_LEN], struct mp_request *
     r->offset = get64(in + 8);
     r->length = get32(in + 16);
     r->flags = get32(in + 20);
-    return r->flags == 0 ? MP_OK : MP_E_FLAGS;
+    return r->flags & ~MP_FLAGS_KNOWN ? MP_E_FLAGS : MP_OK;
 }
 
 uint32_t mp_decode_reply(const uint8_t in[MP_REPLY_LEN], struct mp_reply *r) {
@@ -138,6 +132,12 @@ uint32_t mp_check_range(const struct mp_request *r, uint64_t size) {
     if (r->offset > size || r->length > size - r->offset)
         return MP_E_RANGE;
     return MP_OK;
+}
+
+uint32_t mp_check_request(const struct mp_request *r, uint64_t size) {
+    if (r->flags & MP_FLAG_REPORT)
+        return r->flags == MP_FLAG_REPORT && r->length == 0 ? MP_OK : MP_E_FLAGS;
+    return mp_check_range(r, size);
 }
 
 int mp_token_equal(const uint8_t a[MP_TOKEN_LEN], const uint8_t b[MP_TOKEN_LEN]) {

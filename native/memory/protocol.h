@@ -8,7 +8,7 @@
  *
  *   hello    u32 magic 'SFMH' | u16 version | u16 id_len | u8 token[32] | id[id_len]
  *   welcome  u32 magic 'SFMW' | u32 status  | u64 size   | u32 page_size | u32 max_request
- *   request  u32 magic 'SFMQ' | u32 req_id  | u64 offset | u32 length    | u32 flags (0)
+ *   request  u32 magic 'SFMQ' | u32 req_id  | u64 offset | u32 length    | u32 flags
  *   reply    u32 magic 'SFMA' | u32 req_id  | u32 status | u32 length    | length bytes
  *
  * A request's offset and length are multiples of the page size, length is
@@ -16,6 +16,18 @@
  * request's when status is 0, else 0. A malformed request (bad magic, flags)
  * ends the connection; a well-formed one the server cannot serve (range,
  * alignment) is answered with an error and the connection stays.
+ *
+ * A request's flags (mcast.h has the multicast side):
+ *   MP_FLAG_MULTICAST   answer by the checkpoint's multicast group, if it has
+ *                       one: the reply is then MP_MULTICAST with no bytes, and
+ *                       every host's memtap receives the range; pages sent to
+ *                       the group within the lockstep window are not sent again.
+ *   MP_FLAG_BACKGROUND  a push or prefetch, not a fault: not recorded in the
+ *                       checkpoint's working set.
+ *   MP_FLAG_REPAIR      pages a multicast did not bring: counted as repairs.
+ *   MP_FLAG_REPORT      alone, length 0: a rate report, offset = the bytes/s
+ *                       this receiver can take (the server paces its
+ *                       multicast to the lowest fresh report). Answered MP_OK.
  *
  * Pure code: encoding, decoding and validation, no I/O (unit-tested).
  */
@@ -34,6 +46,12 @@
 #define MP_PAGE 4096u
 #define MP_MAX_REQUEST (1u << 20)    /* the kernel's largest FUSE read, 256 pages */
 #define MP_TOKEN_LEN 32
+
+#define MP_FLAG_MULTICAST 0x1u
+#define MP_FLAG_BACKGROUND 0x2u
+#define MP_FLAG_REPAIR 0x4u
+#define MP_FLAG_REPORT 0x8u
+#define MP_FLAGS_KNOWN 0xfu
 #define MP_ID_MAX 64
 
 #define MP_HELLO_FIXED 40            /* magic, version, id_len, token */
@@ -53,6 +71,7 @@ enum mp_status {
     MP_E_IO = 8,             /* the server could not read its file */
     MP_E_BUSY = 9,           /* too many connections */
     MP_E_FLAGS = 10,
+    MP_MULTICAST = 11,       /* not an error: the range went to the multicast group */
     MP_STATUS_COUNT
 };
 
@@ -104,6 +123,8 @@ uint32_t mp_decode_reply(const uint8_t in[MP_REPLY_LEN], struct mp_reply *r);
 
 /* May a server with RAM of `size` bytes serve `r`? MP_OK or why not. */
 uint32_t mp_check_range(const struct mp_request *r, uint64_t size);
+/* mp_check_range for a range, and a report's shape (MP_FLAG_REPORT alone, length 0). */
+uint32_t mp_check_request(const struct mp_request *r, uint64_t size);
 
 /* Constant-time comparison of two tokens: 1 when equal. */
 int mp_token_equal(const uint8_t a[MP_TOKEN_LEN], const uint8_t b[MP_TOKEN_LEN]);

@@ -2,8 +2,10 @@
 #define _GNU_SOURCE
 #include "server.h"
 #include "counters.h"
+#include "mcsend.h"
 #include "pagemap.h"
 #include "protocol.h"
+#include "workingset.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -37,12 +39,16 @@ struct checkpoint {
     uint64_t size;
     struct pagemap map;
     struct mc_slot *counters;
+    int multicast;            /* mc is set up: the checkpoint has a group */
+    struct mcsend mc;
+    struct workingset ws;
 };
 
 struct connection {
     struct ms_server *server;
     int fd;
     int index;                /* in server->conn_fds */
+    uint32_t receiver;        /* its host, for the pacer's reports */
 };
 
 struct ms_server {
@@ -56,6 +62,7 @@ struct ms_server {
     int live;
     struct mc_file counters;
     struct mc_slot *totals;
+    int udp_fd;               /* multicast goes out of it; -1: none */
 };
 
 static uint64_t now_us(void) {
@@ -121,16 +128,24 @@ static void release_locked(struct checkpoint *c) {
         return;
     close(c->fd);
     pagemap_free(&c->map);
+    if (c->multicast)
+        mcsend_free(&c->mc);
+    ws_free(&c->ws);
     memset(c, 0, sizeof *c);
 }
 
 int ms_add(struct ms_server *s, const char *id, const char *token_hex, const char *ram_path,
-           const char *map_path, uint64_t *size, const char **err) {
+           const char *map_path, const char *group, uint64_t *size, const char **err) {
     uint8_t token[MP_TOKEN_LEN];
+    struct sockaddr_in group_addr;
     if (!mp_id_valid(id, strlen(id)))
         return *err = "not a checkpoint id", -EINVAL;
     if (mp_token_from_hex(token_hex, token) < 0)
         return *err = "a token is 64 hex digits", -EINVAL;
+    if (group && mcsend_parse_group(group, &group_addr) < 0)
+        return *err = "a group is an IPv4 multicast ADDRESS:PORT", -EINVAL;
+    if (group && s->udp_fd < 0)
+        return *err = "this server was started without multicast", -EINVAL;
     int fd = open(ram_path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return *err = "cannot open the RAM file", -errno;
@@ -156,6 +171,15 @@ int ms_add(struct ms_server *s, const char *id, const char *token_hex, const cha
             slot = &s->ck[i], index = i;
     if (rc == 0 && !slot)
         *err = "the server serves as many checkpoints as it can", rc = -ENOSPC;
+    if (rc == 0 && (rc = ws_init(&slot->ws, map.size)) < 0)
+        *err = "out of memory";
+    if (rc == 0 && group) {
+        rc = mcsend_init(&slot->mc, s->udp_fd, &group_addr, token, map.size,
+                         s->cfg.mcast_rate ? s->cfg.mcast_rate : 64u << 20, err);
+        if (rc < 0)
+            ws_free(&slot->ws);
+        slot->multicast = rc == 0;
+    }
     if (rc == 0) {
         slot->used = 1;
         slot->refs = 1;               /* the table's own reference */
@@ -188,6 +212,21 @@ int ms_remove(struct ms_server *s, const char *id) {
     }
     pthread_mutex_unlock(&s->lock);
     return c ? 0 : -ENOENT;
+}
+
+int ms_save_workingset(struct ms_server *s, const char *id, const char *path) {
+    pthread_mutex_lock(&s->lock);
+    struct checkpoint *c = find_locked(s, id);
+    if (c)
+        c->refs++;
+    pthread_mutex_unlock(&s->lock);
+    if (!c)
+        return -ENOENT;
+    int rc = ws_save(&c->ws, path);
+    pthread_mutex_lock(&s->lock);
+    release_locked(c);
+    pthread_mutex_unlock(&s->lock);
+    return rc;
 }
 
 /* -- a connection ---------------------------------------------------------- */
@@ -233,44 +272,82 @@ static struct checkpoint *greet(struct ms_server *s, int fd) {
     return c;
 }
 
-static int serve_one(struct ms_server *s, struct checkpoint *c, int fd, uint8_t *buf) {
+static void count(struct mc_slot *slots[2], enum mc_field f, uint64_t v) {
+    mc_add(slots[0], f, v);
+    mc_add(slots[1], f, v);
+}
+
+static int serve_one(struct ms_server *s, struct checkpoint *c, struct connection *conn, uint8_t *buf) {
+    int fd = conn->fd;
     uint8_t raw[MP_REQUEST_LEN], head[MP_REPLY_LEN];
     struct mp_request r;
+    struct mc_slot *slots[2] = {s->totals, c->counters};
     if (read_full(fd, raw, sizeof raw) < 0)
         return -1;
     uint64_t t0 = now_us();
     uint32_t st = mp_decode_request(raw, &r);
     if (st != MP_OK) {                       /* not a request at all: the peer is not one of ours */
-        mc_add(s->totals, MC_bad_requests, 1);
-        mc_add(c->counters, MC_bad_requests, 1);
+        count(slots, MC_bad_requests, 1);
         return -1;
     }
-    st = __atomic_load_n(&c->removed, __ATOMIC_RELAXED) ? MP_E_NO_CHECKPOINT : mp_check_range(&r, c->size);
+    st = __atomic_load_n(&c->removed, __ATOMIC_RELAXED) ? MP_E_NO_CHECKPOINT : mp_check_request(&r, c->size);
     uint32_t len = 0;
-    if (st == MP_OK) {
-        ssize_t got = pread(c->fd, buf, r.length, (off_t)r.offset);
-        if (got == (ssize_t)r.length)
-            len = r.length;
-        else
-            st = MP_E_IO;
+    if (st == MP_OK && (r.flags & MP_FLAG_REPORT)) {
+        if (c->multicast)
+            mcsend_report(&c->mc, conn->receiver, r.offset);
+        count(slots, MC_mc_reports, 1);
+    } else if (st == MP_OK) {
+        if (!(r.flags & MP_FLAG_BACKGROUND))
+            ws_record(&c->ws, r.offset, r.length);
+        int by_group = c->multicast && (r.flags & MP_FLAG_MULTICAST);
+        if (by_group && !mcsend_claim(&c->mc, r.offset, r.length)) {
+            count(slots, MC_mc_suppressed, 1);     /* on its way to every host already */
+            st = MP_MULTICAST;
+        } else {
+            ssize_t got = pread(c->fd, buf, r.length, (off_t)r.offset);
+            if (got != (ssize_t)r.length)
+                st = MP_E_IO;
+            else if (by_group)
+                st = mcsend_range(&c->mc, r.offset, r.length, buf, slots) == 0 ? MP_MULTICAST : MP_E_IO;
+            else
+                len = r.length;
+        }
+        if (r.flags & MP_FLAG_REPAIR) {
+            count(slots, MC_repair_requests, 1);
+            count(slots, MC_repair_bytes, r.length);
+        }
     }
     struct mp_reply rep = {.req_id = r.req_id, .status = st, .length = len};
     struct iovec iov[2] = {{head, mp_encode_reply(head, &rep)}, {buf, len}};
     if (send_full(fd, iov, len ? 2 : 1) < 0)
         return -1;
-    struct mc_slot *slots[2] = {s->totals, c->counters};
-    for (int i = 0; i < 2; i++) {
-        if (st == MP_OK) {
-            mc_add(slots[i], MC_requests, 1);
-            mc_add(slots[i], MC_bytes_sent, len);
-            mc_add(slots[i], MC_zero_pages_asked,
-                   r.length / MP_PAGE - pagemap_count(&c->map, r.offset / MP_PAGE, r.length / MP_PAGE));
-            mc_latency(slots[i], now_us() - t0);
-        } else {
-            mc_add(slots[i], st == MP_E_IO ? MC_io_errors : MC_bad_requests, 1);
+    if (st == MP_OK || st == MP_MULTICAST) {
+        if (r.length) {
+            count(slots, MC_requests, 1);
+            count(slots, MC_bytes_sent, len);
+            count(slots, MC_zero_pages_asked,
+                  r.length / MP_PAGE - pagemap_count(&c->map, r.offset / MP_PAGE, r.length / MP_PAGE));
+            mc_latency(slots[0], now_us() - t0);
+            mc_latency(slots[1], now_us() - t0);
         }
+    } else {
+        count(slots, st == MP_E_IO ? MC_io_errors : MC_bad_requests, 1);
     }
     return st == MP_E_NO_CHECKPOINT ? -1 : 0;
+}
+
+/* Which host a connection comes from: every memtap of one host reports as one receiver. */
+static uint32_t peer_id(int fd) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    uint32_t h = 2166136261u;
+    if (getpeername(fd, (struct sockaddr *)&ss, &len) < 0)
+        return 0;
+    const uint8_t *p = ss.ss_family == AF_INET ? (const uint8_t *)&((struct sockaddr_in *)&ss)->sin_addr
+                                                : (const uint8_t *)&((struct sockaddr_in6 *)&ss)->sin6_addr;
+    for (size_t i = 0; i < (ss.ss_family == AF_INET ? 4u : 16u); i++)
+        h = (h ^ p[i]) * 16777619u;
+    return h;
 }
 
 static void *connection_main(void *arg) {
@@ -281,9 +358,10 @@ static void *connection_main(void *arg) {
     set_timeout(fd, SO_SNDTIMEO, s->cfg.send_timeout_ms);
     struct checkpoint *c = greet(s, fd);
     uint8_t *buf = c ? malloc(MP_MAX_REQUEST) : NULL;
+    conn->receiver = peer_id(fd);
     if (c && buf) {
         set_timeout(fd, SO_RCVTIMEO, 0);     /* an idle memtap may wait long between faults */
-        while (serve_one(s, c, fd, buf) == 0)
+        while (serve_one(s, c, conn, buf) == 0)
             ;
     }
     free(buf);
@@ -364,10 +442,10 @@ static void control_command(struct ms_server *s, int fd, char *line) {
         words[n++] = w;
     if (n == 1 && strcmp(words[0], "ping") == 0) {
         control_reply(fd, "ok %u", s->port);
-    } else if (n == 5 && strcmp(words[0], "add") == 0) {
+    } else if ((n == 5 || n == 6) && strcmp(words[0], "add") == 0) {
         const char *err = "";
         uint64_t size = 0;
-        int rc = ms_add(s, words[1], words[2], words[3], words[4], &size, &err);
+        int rc = ms_add(s, words[1], words[2], words[3], words[4], n == 6 ? words[5] : NULL, &size, &err);
         if (rc == 0)
             control_reply(fd, "ok %llu", (unsigned long long)size);
         else
@@ -377,8 +455,14 @@ static void control_command(struct ms_server *s, int fd, char *line) {
             control_reply(fd, "ok");
         else
             control_reply(fd, "error no such checkpoint");
+    } else if (n == 3 && strcmp(words[0], "workingset") == 0) {
+        int rc = ms_save_workingset(s, words[1], words[2]);
+        if (rc >= 0)
+            control_reply(fd, "ok %d", rc);
+        else
+            control_reply(fd, "error %s", rc == -ENOENT ? "no such checkpoint" : strerror(-rc));
     } else {
-        control_reply(fd, "error commands: add ID TOKEN RAM MAP | remove ID | ping");
+        control_reply(fd, "error commands: add ID TOKEN RAM MAP [GROUP:PORT] | remove ID | workingset ID PATH | ping");
     }
 }
 
@@ -465,6 +549,29 @@ static int control_socket(const char *path, const char **err) {
     return fd;
 }
 
+/* Multicast leaves from mcast_if, one hop (the hosts' network), and loops
+ * back to this host's own memtaps of the group. */
+static int multicast_socket(const struct ms_config *cfg, const char **err) {
+    struct in_addr from;
+    if (inet_pton(AF_INET, cfg->mcast_if, &from) != 1)
+        return *err = "the multicast address is not a numeric IPv4 address", -EINVAL;
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return *err = "socket", -errno;
+    unsigned char ttl = (unsigned char)(cfg->mcast_ttl > 0 && cfg->mcast_ttl < 256 ? cfg->mcast_ttl : 1), loop = 1;
+    int sndbuf = 4 << 20;
+    if (setsockopt(fd, IPPROTO_IP, IP_MULTICAST_IF, &from, sizeof from) < 0 ||
+        setsockopt(fd, IPPROTO_IP, IP_MULTICAST_TTL, &ttl, sizeof ttl) < 0 ||
+        setsockopt(fd, IPPROTO_IP, IP_MULTICAST_LOOP, &loop, sizeof loop) < 0) {
+        int e = -errno;
+        close(fd);
+        return *err = "cannot send multicast from that address", e;
+    }
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof sndbuf) < 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+    return fd;
+}
+
 int ms_create(const struct ms_config *cfg, struct ms_server **out, const char **err) {
     struct ms_server *s = calloc(1, sizeof *s);
     if (!s)
@@ -476,7 +583,7 @@ int ms_create(const struct ms_config *cfg, struct ms_server **out, const char **
         s->cfg.hello_timeout_ms = 10000;
     if (s->cfg.send_timeout_ms <= 0)
         s->cfg.send_timeout_ms = 30000;
-    s->listen_fd = s->control_fd = s->stop_fd = -1;
+    s->listen_fd = s->control_fd = s->stop_fd = s->udp_fd = -1;
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->idle, NULL);
     int rc = 0;
@@ -498,6 +605,8 @@ int ms_create(const struct ms_config *cfg, struct ms_server **out, const char **
         rc = s->control_fd;
     if (rc == 0 && (s->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0)
         rc = -errno, *err = "eventfd";
+    if (rc == 0 && cfg->mcast_if && (s->udp_fd = multicast_socket(cfg, err)) < 0)
+        rc = s->udp_fd;
     if (rc < 0) {
         ms_destroy(s);
         return rc;
@@ -552,6 +661,9 @@ void ms_destroy(struct ms_server *s) {
         if (s->ck[i].used) {
             close(s->ck[i].fd);
             pagemap_free(&s->ck[i].map);
+            if (s->ck[i].multicast)
+                mcsend_free(&s->ck[i].mc);
+            ws_free(&s->ck[i].ws);
         }
     if (s->listen_fd >= 0)
         close(s->listen_fd);
@@ -561,6 +673,8 @@ void ms_destroy(struct ms_server *s) {
     }
     if (s->stop_fd >= 0)
         close(s->stop_fd);
+    if (s->udp_fd >= 0)
+        close(s->udp_fd);
     mc_close(&s->counters);
     free(s->conn_fds);
     pthread_mutex_destroy(&s->lock);

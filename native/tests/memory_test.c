@@ -12,6 +12,7 @@
 #include "pagemap.h"
 #include "protocol.h"
 #include "server.h"
+#include "workingset.h"
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -289,9 +290,19 @@ static void test_protocol(void) {
     uint8_t rb[MP_REQUEST_LEN];
     CHECK(mp_encode_request(rb, &r) == MP_REQUEST_LEN && memcmp(rb, "SFMQ", 4) == 0);
     CHECK(mp_decode_request(rb, &r2) == MP_OK && r2.req_id == 77 && r2.offset == r.offset && r2.length == MP_PAGE);
-    r.flags = 1;
+    r.flags = MP_FLAG_MULTICAST | MP_FLAG_BACKGROUND | MP_FLAG_REPAIR;
+    mp_encode_request(rb, &r);
+    CHECK(mp_decode_request(rb, &r2) == MP_OK && r2.flags == r.flags);
+    CHECK(mp_check_request(&r2, 1ull << 41) == MP_OK);
+    r.flags = 0x10;
     mp_encode_request(rb, &r);
     CHECK(mp_decode_request(rb, &r2) == MP_E_FLAGS);
+    r2 = (struct mp_request){.offset = 5000000, .length = 0, .flags = MP_FLAG_REPORT};
+    CHECK(mp_check_request(&r2, MP_PAGE) == MP_OK);          /* a report: offset is a rate */
+    r2.length = MP_PAGE;
+    CHECK(mp_check_request(&r2, MP_PAGE) == MP_E_FLAGS);     /* a report carries no range */
+    r2 = (struct mp_request){.length = 0, .flags = MP_FLAG_REPORT | MP_FLAG_MULTICAST};
+    CHECK(mp_check_request(&r2, MP_PAGE) == MP_E_FLAGS);
 
     struct mp_reply p = {.req_id = 5, .status = MP_E_RANGE, .length = 0}, p2;
     uint8_t pb[MP_REPLY_LEN];
@@ -462,13 +473,13 @@ static void *run_server(void *arg) {
 static void test_add(struct ms_server *s) {
     uint64_t size = 0;
     const char *err = NULL;
-    CHECK(ms_add(s, "ck-1", TOKEN_HEX, ram_path, map_path, &size, &err) == 0 && size == RAM_SIZE);
+    CHECK(ms_add(s, "ck-1", TOKEN_HEX, ram_path, map_path, NULL, &size, &err) == 0 && size == RAM_SIZE);
     err = NULL;
-    CHECK(ms_add(s, "ck-1", TOKEN_HEX, ram_path, map_path, &size, &err) == -EEXIST && err);
-    CHECK(ms_add(s, "../x", TOKEN_HEX, ram_path, map_path, &size, &err) == -EINVAL);
-    CHECK(ms_add(s, "ck-9", "abc", ram_path, map_path, &size, &err) == -EINVAL);
-    CHECK(ms_add(s, "ck-9", TOKEN_HEX, "/nonexistent/ram", map_path, &size, &err) == -ENOENT);
-    CHECK(ms_add(s, "ck-9", TOKEN_HEX, ram_path, "/nonexistent/map", &size, &err) == -ENOENT);
+    CHECK(ms_add(s, "ck-1", TOKEN_HEX, ram_path, map_path, NULL, &size, &err) == -EEXIST && err);
+    CHECK(ms_add(s, "../x", TOKEN_HEX, ram_path, map_path, NULL, &size, &err) == -EINVAL);
+    CHECK(ms_add(s, "ck-9", "abc", ram_path, map_path, NULL, &size, &err) == -EINVAL);
+    CHECK(ms_add(s, "ck-9", TOKEN_HEX, "/nonexistent/ram", map_path, NULL, &size, &err) == -ENOENT);
+    CHECK(ms_add(s, "ck-9", TOKEN_HEX, ram_path, "/nonexistent/map", NULL, &size, &err) == -ENOENT);
     /* A map of another size than the RAM file. */
     char small[160];
     snprintf(small, sizeof small, "%s/small.map", dir);
@@ -476,9 +487,9 @@ static void test_add(struct ms_server *s) {
     CHECK(pagemap_save(&m, small) == 0);
     pagemap_free(&m);
     err = NULL;
-    CHECK(ms_add(s, "ck-9", TOKEN_HEX, ram_path, small, &size, &err) == -EINVAL && err);
+    CHECK(ms_add(s, "ck-9", TOKEN_HEX, ram_path, small, NULL, &size, &err) == -EINVAL && err);
     unlink(small);
-    CHECK(ms_add(s, "ck-2", TOKEN_HEX, ram_path, map_path, &size, &err) == 0);
+    CHECK(ms_add(s, "ck-2", TOKEN_HEX, ram_path, map_path, NULL, &size, &err) == 0);
 }
 
 static void test_good_requests(uint16_t port) {
@@ -573,8 +584,8 @@ static void test_bad_requests(uint16_t port) {
     CHECK(ask(fd, 21, 0, MP_MAX_REQUEST + MP_PAGE, 0, buf) == MP_E_LENGTH);
     CHECK(ask(fd, 22, 0, UINT32_MAX, 0, buf) == MP_E_LENGTH);
     CHECK(ask_good(fd, 23, RAM_SIZE - MP_PAGE, MP_PAGE, buf));          /* still usable */
-    /* Nonzero flags: not a request of this protocol, the server closes. */
-    CHECK(ask(fd, 24, 0, MP_PAGE, 1, buf) == -1);
+    /* Unknown flags: not a request of this protocol, the server closes. */
+    CHECK(ask(fd, 24, 0, MP_PAGE, 0x100, buf) == -1);
     CHECK(next_recv(fd) == 0);
     close(fd);
 
@@ -701,7 +712,7 @@ static void test_remove(struct ms_server *s, uint16_t port) {
     /* Its slot is free again once the last connection went: the id can come back. */
     uint64_t size;
     const char *err;
-    CHECK(ms_add(s, "ck-2", TOKEN_HEX, ram_path, map_path, &size, &err) == 0);
+    CHECK(ms_add(s, "ck-2", TOKEN_HEX, ram_path, map_path, NULL, &size, &err) == 0);
     fd = session(port, "ck-2");
     CHECK(fd >= 0 && ask_good(fd, 1, 8ull * MP_PAGE, MP_PAGE, buf));
     close(fd);
@@ -989,7 +1000,7 @@ static void test_busy(void) {
         return;
     uint16_t port = ms_port(s);
     CHECK(port != 0);
-    CHECK(ms_add(s, "ck-1", TOKEN_HEX, ram_path, map_path, &size, &err) == 0);
+    CHECK(ms_add(s, "ck-1", TOKEN_HEX, ram_path, map_path, NULL, &size, &err) == 0);
     CHECK(pthread_create(&th, NULL, run_server, s) == 0);
     int a = session(port, "ck-1"), b = session(port, "ck-1");
     CHECK(a >= 0 && b >= 0);
@@ -1051,6 +1062,59 @@ static void test_counters(void) {
     free(file);
 }
 
+/* The working set: recorded runs, extended and capped; saved and loaded back;
+ * files that are not a working set of this RAM refused. */
+static void test_workingset(void) {
+    struct workingset w;
+    char path[600];
+    snprintf(path, sizeof path, "%s/ram.ws", dir);
+    CHECK(ws_init(&w, 64 * MP_PAGE) == 0);
+    ws_record(&w, 5 * MP_PAGE, MP_PAGE);
+    ws_record(&w, 6 * MP_PAGE, 2 * MP_PAGE);        /* continues 5: one entry 5-7 */
+    ws_record(&w, 5 * MP_PAGE, 4 * MP_PAGE);        /* 5-7 recorded: only 8 is new, and continues */
+    ws_record(&w, 20 * MP_PAGE, MP_PAGE);
+    CHECK(w.n == 2 && w.e[0].offset == 5 * MP_PAGE && w.e[0].length == 4 * MP_PAGE);
+    CHECK(w.e[1].offset == 20 * MP_PAGE && w.e[1].length == MP_PAGE);
+    CHECK(ws_save(&w, path) == 2);
+    struct ws_entry *e = NULL;
+    uint32_t n = 0;
+    CHECK(ws_load(path, 64 * MP_PAGE, &e, &n) == 0 && n == 2 && e[1].offset == 20 * MP_PAGE);
+    free(e);
+    CHECK(ws_load(path, 16 * MP_PAGE, &e, &n) == -EINVAL);   /* another RAM: page 20 is past its end */
+    size_t len = 0;
+    uint8_t *raw = read_whole(path, &len);
+    CHECK(raw && len == WS_HEADER + 2 * WS_ENTRY);
+    if (raw) {
+        CHECK(write_file(path, raw, len - 1) == 0);                        /* truncated */
+        CHECK(ws_load(path, 64 * MP_PAGE, &e, &n) == -EINVAL);
+        raw[8] = 3;                                            /* count says 3, the file holds 2 */
+        CHECK(write_file(path, raw, len) == 0);
+        CHECK(ws_load(path, 64 * MP_PAGE, &e, &n) == -EINVAL);
+        raw[8] = 2;
+        raw[WS_HEADER + 8] = 1;                                /* a length that is not whole pages */
+        CHECK(write_file(path, raw, len) == 0);
+        CHECK(ws_load(path, 64 * MP_PAGE, &e, &n) == -EINVAL);
+        raw[WS_HEADER + 8] = 0, raw[0] = 'X';                  /* not the magic */
+        CHECK(write_file(path, raw, len) == 0);
+        CHECK(ws_load(path, 64 * MP_PAGE, &e, &n) == -EINVAL);
+        free(raw);
+    }
+    for (uint32_t i = 0; i < WS_MAX + 10; i++)               /* capped: every other page, one entry each */
+        ws_record(&w, 32 * MP_PAGE + (uint64_t)(i % 16) * 2 * MP_PAGE, MP_PAGE);
+    CHECK(w.n <= WS_MAX);
+    ws_free(&w);
+    struct workingset big;
+    CHECK(ws_init(&big, (uint64_t)3 * WS_MAX * MP_PAGE) == 0);
+    for (uint32_t i = 0; i < WS_MAX + 10; i++)
+        ws_record(&big, (uint64_t)i * 2 * MP_PAGE, MP_PAGE);
+    CHECK(big.n == WS_MAX);
+    CHECK(ws_save(&big, path) == WS_MAX);
+    CHECK(ws_load(path, (uint64_t)3 * WS_MAX * MP_PAGE, &e, &n) == 0 && n == WS_MAX);
+    free(e);
+    ws_free(&big);
+    unlink(path);
+}
+
 /* -- main --------------------------------------------------------------------------- */
 
 int main(void) {
@@ -1069,6 +1133,7 @@ int main(void) {
     int baseline = thread_count();
 
     test_protocol();
+    test_workingset();
     make_ram();
     test_pagemap();
 

@@ -6,6 +6,7 @@ clones on other hosts over the family's VXLAN. Then every VM stops and
 `lab down` leaves nothing in any namespace."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,9 +28,11 @@ def sfmpi(*args: str, host: str | None = None, env: dict, check: bool = True, ti
     return p
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    home = tmp_path_factory.mktemp("lab") / "lab"
+@contextlib.contextmanager
+def lab_of(tmp_path_factory, name: str):
+    """A lab of 3 (the environment that points the CLI at it); `lab down` after,
+    and nothing left in any of its namespaces."""
+    home = tmp_path_factory.mktemp(name) / "lab"
     env = {**os.environ, "SFMPI_LAB_HOME": str(home)}
     hosts: list[Path] = []
     try:
@@ -41,6 +44,12 @@ def lab(tmp_path_factory):
         sfmpi("lab", "down", env=env, check=False, timeout=300)
         left = lab_leaks(home, hosts)
         assert left == [], f"lab down left: {left}"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    with lab_of(tmp_path_factory, "lab") as env:
+        yield env
 
 
 def test_a_parent_on_lab1_forks_six_clones_spread_over_three_hosts(lab):
