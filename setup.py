@@ -38,7 +38,7 @@ NOTHP = Extension("sfmpi._nothp", sources=["native/qemu-nothp/nothp.c"], extra_c
 KEEPRAM = Extension("sfmpi._keepram", sources=["native/qemu-keepram/keepram.c"],
                     extra_compile_args=["-Wall", "-Wextra"], extra_link_args=["-ldl"])
 
-# launcher/ and hostd/ sit at the top of the repository (the design card's
+# launcher/, jobs/ and hostd/ sit at the top of the repository (the design card's
 # layout) but install inside the sfmpi package, so nothing generic lands in
 # site-packages.
 setup(
@@ -47,11 +47,13 @@ setup(
     description="SnowFlock-style virtual-machine fork for QEMU/KVM clusters",
     python_requires=">=3.11",
     ext_modules=[NATIVE, NOTHP, KEEPRAM],
-    packages=["sfmpi", "sfmpi.guest", "sfmpi.native", "sfmpi.launcher", "sfmpi.hostd"] +
+    packages=["sfmpi", "sfmpi.guest", "sfmpi.native", "sfmpi.launcher", "sfmpi.jobs", "sfmpi.hostd"] +
              [f"sfmpi.hostd.{part}" for part in HOSTD_PARTS],
-    package_dir={"sfmpi": "sfmpi", "sfmpi.launcher": "launcher", "sfmpi.hostd": "hostd"},
+    package_dir={"sfmpi": "sfmpi", "sfmpi.launcher": "launcher", "sfmpi.jobs": "jobs", "sfmpi.hostd": "hostd"},
     install_requires=["qemu.qmp>=0.0.3", "click>=8", "rich>=13", "psutil>=5", "pyroute2>=0.7",
-                      "paramiko>=2.12", "jsonschema>=4"],
+                      "paramiko>=2.12", "jsonschema>=4",
+                      # Slurm's hostlist syntax (SLURM_JOB_NODELIST=lab[1-3]) without a Slurm install
+                      "python-hostlist>=1.21"],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]},
     entry_points={"console_scripts": ["sfmpi = sfmpi.cli:main", "sfclone = sfmpi.sfclone:run",
                                         "sfmpirun = sfmpi.launcher.run:main"]},

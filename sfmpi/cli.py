@@ -352,7 +352,10 @@ def down(as_json) -> None:
 @click.option("--no-multicast", is_flag=True,
               help="Serve and fetch clones' memory by unicast only: a network without multicast "
                    "(the same as SFMPI_MULTICAST=0).")
-def hostd_cmd(mem_budget, vcpu_budget, no_multicast) -> None:
+@click.option("--stop-vms-on-signal", is_flag=True,
+              help="SIGTERM, SIGINT or SIGHUP stops every VM before hostd exits (a batch job's hostd: "
+                   "the job's VMs end with it). Without it they run on for the next hostd.")
+def hostd_cmd(mem_budget, vcpu_budget, no_multicast, stop_vms_on_signal) -> None:
     """Run hostd in the foreground (commands start it on demand otherwise)."""
     if no_multicast:
         os.environ["SFMPI_MULTICAST"] = "0"
@@ -366,12 +369,16 @@ def hostd_cmd(mem_budget, vcpu_budget, no_multicast) -> None:
         budget = Budget(parse_size_mb(mem_budget), budget.vcpus)
     if vcpu_budget:
         budget = Budget(budget.mem_mb, vcpu_budget)
-    serve(Paths.from_env(), budget)
+    serve(Paths.from_env(), budget, stop_vms_on_signal)
 
 
 from .cli_cluster import add_cluster_commands  # noqa: E402 - registers on main
 
 add_cluster_commands(main)
+
+from .cli_jobs import add_jobs_commands  # noqa: E402 - registers on main
+
+add_jobs_commands(main)
 
 if __name__ == "__main__":
     main()

@@ -45,9 +45,14 @@ def peer_uid(writer: asyncio.StreamWriter) -> int:
 
 
 class Hostd:
-    def __init__(self, paths: Paths, budget: Budget):
+    def __init__(self, paths: Paths, budget: Budget, stop_vms_on_signal: bool = False):
         self.paths = paths
         self.budget = budget
+        # A batch job's hostd (jobs/runner.py): the scheduler ends a job by
+        # signalling its processes, and the job's VMs must end with it. A
+        # standalone hostd leaves them running for the next one to re-attach.
+        self.stop_vms_on_signal = stop_vms_on_signal
+        self.signalled = False
         self.lock = HostLock(paths)
         self.host: Host | None = None
         self.shutdown = asyncio.Event()
@@ -70,8 +75,8 @@ class Hostd:
             server = await asyncio.start_unix_server(self._handle, path=str(self.paths.socket), limit=MAX_REQUEST)
             os.chmod(self.paths.socket, 0o600)
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.shutdown.set)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(sig, self._on_signal, sig)
             log.info("hostd %d serving %s (budget %d MiB, %d vCPUs)", os.getpid(), self.paths.socket,
                      self.budget.mem_mb, self.budget.vcpus)
             membership = None
@@ -81,6 +86,9 @@ class Hostd:
                 await membership.start()
             async with server:
                 await self.shutdown.wait()
+            if self.signalled and self.stop_vms_on_signal:
+                stopped = await self.host.down()
+                log.info("signalled: stopped %s", ", ".join(stopped["stopped"]) or "no VM")
             if membership is not None:
                 await membership.stop()
             with contextlib.suppress(FileNotFoundError):
@@ -88,6 +96,11 @@ class Hostd:
             store.close()
         finally:
             self.lock.release()
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("hostd %d: %s", os.getpid(), signal.Signals(sig).name)
+        self.signalled = True
+        self.shutdown.set()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def send(msg: dict) -> None:
@@ -190,5 +203,5 @@ class Hostd:
         raise UsageError(f"hostd does not know the operation {op!r}")
 
 
-def serve(paths: Paths, budget: Budget) -> None:
-    asyncio.run(Hostd(paths, budget).run())
+def serve(paths: Paths, budget: Budget, stop_vms_on_signal: bool = False) -> None:
+    asyncio.run(Hostd(paths, budget, stop_vms_on_signal).run())
