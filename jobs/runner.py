@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,20 +101,40 @@ def node_env(alloc: Allocation, node: str, directory: Path, addresses: dict[str,
     return {"SFMPI_HOME": str(directory / node), "SFMPI_HOST_NAME": node, "SFMPI_HOST_ADDRESS": addresses[node],
             "SFMPI_MASTER": f"{addresses[alloc.here]}:{MASTER_PORT}", "SFMPI_CLUSTER_KEYS": str(directory / "keys"),
             "SFMPI_FAMILY_START": str(1 + alloc.names.index(node) * FAMILIES_PER_NODE),
-            "SFMPI_JOB": f"{alloc.backend}-{alloc.job_id}"}
+            "SFMPI_JOB": f"{alloc.backend}-{alloc.job_id}",
+            # The allocation is the job's alone: its one family may use all of it
+            # (a shared host keeps a quarter back for other tenants).
+            "SFMPI_FAMILY_MEM_SHARE": "1"}
 
 
 _NODE_ADDR = re.compile(r"\bNodeAddr=(\S+)")
+
+
+def parse_node_addresses(text: str) -> dict[str, str]:
+    """SFMPI_NODE_ADDRESSES="n1=10.1.0.1,n2=10.1.0.2": the hosts' network where names resolve elsewhere. Pure."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, addr = part.partition("=")
+        try:
+            ipaddress.IPv4Address(addr)
+        except ValueError:
+            raise UsageError(f"SFMPI_NODE_ADDRESSES: {part!r} is not NAME=IPV4") from None
+        out[name] = addr
+    return out
 
 
 def node_addresses(alloc: Allocation) -> dict[str, str]:
     """Each node's address on the hosts' network: Slurm's NodeAddr (what
     slurmctld itself uses), else the name resolved."""
     out: dict[str, str] = {}
+    given = parse_node_addresses(os.environ.get("SFMPI_NODE_ADDRESSES", ""))
     for name in alloc.names:
+        if name in given:
+            out[name] = given[name]
+            continue
         addr = name
         if alloc.backend == "slurm":
-            text = proc.run(["scontrol", "show", "node", "-o", name], timeout=30).stdout
+            text = proc.output(["scontrol", "show", "node", "-o", name], timeout=30)
             m = _NODE_ADDR.search(text)
             addr = m.group(1) if m else name
         try:
@@ -236,18 +257,43 @@ class JobCluster:
         try:
             client = self.here()
             if client.running():
-                client.call("down")        # the parent first: its clones end with their hostds below
+                client.call("down")        # the parent first: its clones on the other nodes fail at once
         except SfmpiError as exc:
             log.warning("job %s: down on %s: %s", self.alloc.job_id, self.alloc.here, exc)
-        # srun forwards the signal to its task; qrsh -inherit ends its remote command with it.
-        for p in self.hostds.values():
-            _signal(p, signal.SIGTERM)
-        _wait_all(list(self.hostds.values()), STOP_TIMEOUT)
+        # The other nodes' hostds go down by `sfmpi down` run there the scheduler's
+        # way: a signal through srun aborts the step and SIGKILLs its task before
+        # hostd has stopped its VMs and removed their networks.
+        others = [n for n, p in self.hostds.items() if n != self.alloc.here and p.poll() is None]
+        if others:
+            with ThreadPoolExecutor(len(others)) as pool:
+                list(pool.map(self._down_on, others))
+        _wait_all(list(self.hostds.values()), STOP_TIMEOUT, signal_first=signal.SIGTERM)
         if self.master is not None:
             _signal(self.master, signal.SIGTERM)
             _wait_all([self.master], 10)
+        self._keep_logs()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.state = JobState.STOPPED
+
+
+    def _down_on(self, node: str) -> None:
+        argv = launch_argv(self.alloc, node, [sys.executable, "-m", "sfmpi.cli", "down"],
+                           {"SFMPI_HOME": str(self.dir / node)})
+        try:
+            proc.run(argv, timeout=STOP_TIMEOUT)
+        except CommandError as exc:
+            log.warning("job %s: down on %s: %s", self.alloc.job_id, node, exc)
+
+    def _keep_logs(self) -> None:
+        """SFMPI_JOB_LOGS=DIR: the job's daemon logs are copied to DIR/JOB before its directory goes."""
+        dest = os.environ.get("SFMPI_JOB_LOGS")
+        if not dest:
+            return
+        out = Path(dest) / self.dir.name
+        out.mkdir(parents=True, exist_ok=True)
+        for log_file in [*self.dir.glob("*.log"), *self.dir.glob("*/hostd.log")]:
+            rel = log_file.relative_to(self.dir)
+            shutil.copy(log_file, out / str(rel).replace("/", "-"))
 
 
 def _signal(p: subprocess.Popen, sig: int) -> None:
@@ -258,8 +304,16 @@ def _signal(p: subprocess.Popen, sig: int) -> None:
             pass
 
 
-def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+def _wait_all(procs: list[subprocess.Popen], timeout: float, signal_first: int | None = None) -> None:
+    """Each process ended within timeout (a hostd after its down: at once); signal_first
+    is sent to those still running after a short grace."""
     deadline = time.monotonic() + timeout
+    if signal_first is not None:
+        grace = time.monotonic() + 5
+        while any(p.poll() is None for p in procs) and time.monotonic() < grace:
+            time.sleep(0.1)
+        for p in procs:
+            _signal(p, signal_first)
     for p in procs:
         try:
             p.wait(max(0.1, deadline - time.monotonic()))
@@ -360,7 +414,12 @@ def cleanup(job: str | None, stale: bool, env: dict | None = None) -> list[str]:
         return []
     dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if job is not None:
-        dirs = [d for d in dirs if d.name == job or d.name.split("-", 1)[-1] == job]
+        # A bare ID is the current scheduler's (epilogs and PE procedures run in the job's environment).
+        from ..hostd.master.allocation import detect
+        backend = detect(os.environ if env is None else env)
+        names = {job} if "-" in job else ({f"{backend}-{job}"} if backend != "local" else
+                                          {f"{b}-{job}" for b in ("slurm", "sge")})
+        dirs = [d for d in dirs if d.name in names]
     elif stale:
         dirs = [d for d in dirs if not _master_alive(d)]
     else:

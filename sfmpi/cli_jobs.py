@@ -1,4 +1,5 @@
-"""Batch systems: `sfmpi jobs script|submit|run|cleanup|sge-pe` (docs/batch.md)."""
+"""Batch systems: `sfmpi jobs script|submit|run|cleanup|sge-pe` and elastic Slurm,
+`sfmpi slurm config|worker-image|resume|suspend` (docs/batch.md)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ _COMMAND = {"ignore_unknown_options": True}
 
 def add_jobs_commands(main: click.Group) -> None:
     main.add_command(jobs)
+    main.add_command(slurm)
 
 
 @click.group()
@@ -67,7 +69,7 @@ def jobs_submit(scheduler, command, as_json, **opts) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(job.script())
     os.chmod(path, 0o755)
-    job_id = job.parse_job_id(proc.run(job.submit_argv(path), timeout=60).stdout)
+    job_id = job.parse_job_id(proc.output(job.submit_argv(path), timeout=60))
     click.echo(json.dumps({"job": job_id, "script": path}) if as_json else job_id)
 
 
@@ -116,3 +118,83 @@ def jobs_sge_pe(name, slots, allocation_rule) -> None:
 def _sfmpi_path() -> str:
     import shutil
     return shutil.which("sfmpi") or "sfmpi"
+
+
+# -- elastic Slurm -----------------------------------------------------------------
+_DIR = click.option("--dir", "directory", default=None, metavar="DIR",
+                    help="The elastic state directory (default: $SFMPI_SLURM_DIR or /var/lib/sfmpi/slurm).")
+
+
+@click.group()
+def slurm() -> None:
+    """Elastic Slurm: State=CLOUD nodes made by cloning a warm worker VM."""
+
+
+@slurm.command("config")
+@click.option("--nodes", required=True, metavar="HOSTLIST", help="The elastic nodes, e.g. cloud[1-4].")
+@click.option("--cpus", type=int, default=1, show_default=True, help="vCPUs of each node's VM.")
+@click.option("--mem", default="512M", show_default=True, help="RAM of each node's VM.")
+@click.option("--partition", default="cloud", show_default=True)
+@click.option("--suspend-time", type=int, default=300, show_default=True, help="Idle seconds before a node is suspended.")
+@click.option("--resume-timeout", type=int, default=300, show_default=True)
+@_DIR
+def slurm_config(nodes, cpus, mem, partition, suspend_time, resume_timeout, directory) -> None:
+    """Print the slurm.conf lines for elastic nodes (and write the resume and suspend programs they name)."""
+    from .hostd.policy.admission import parse_size_mb
+    from .jobs import elastic
+    d = elastic.elastic_dir(directory).resolve()
+    elastic.expand(nodes)
+    elastic.write_programs(d)
+    click.echo("\n".join(elastic.config_lines(nodes, cpus, parse_size_mb(mem), d, partition, suspend_time,
+                                               resume_timeout)))
+
+
+@slurm.command("worker-image")
+@click.option("--slurm-conf", type=click.Path(), default="/etc/slurm/slurm.conf", show_default=True)
+@click.option("--munge-key", type=click.Path(), default="/etc/munge/munge.key", show_default=True)
+@click.option("--image", default=None, help="An image with slurmd and munge (default: built, cached).")
+@click.option("--mem", default="512M", show_default=True)
+@click.option("--cpus", type=int, default=1, show_default=True)
+@_DIR
+@click.option("--json", "as_json", is_flag=True)
+def slurm_worker_image(slurm_conf, munge_key, image, mem, cpus, directory, as_json) -> None:
+    """Boot the worker VM (slurmd configured, munged running), checkpoint it, and make it what resume forks."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .cli import _client
+    from .hostd.policy.admission import parse_size_mb
+    from .jobs import elastic
+    home = _client().paths.home
+    st = elastic.build_worker(elastic.elastic_dir(directory).resolve(), home, Path(slurm_conf).resolve(),
+                              Path(munge_key).resolve(), image, parse_size_mb(mem), cpus)
+    click.echo(json.dumps(asdict(st), indent=2) if as_json else st.checkpoint)
+
+
+@slurm.command("resume")
+@click.argument("hostlist")
+@_DIR
+def slurm_resume(hostlist, directory) -> None:
+    """ResumeProgram: fork the worker into the nodes HOSTLIST and register them."""
+    from .jobs import elastic
+    for node, vm in elastic.resume(elastic.elastic_dir(directory), hostlist).items():
+        click.echo(f"{node} {vm}")
+
+
+@slurm.command("suspend")
+@click.argument("hostlist")
+@_DIR
+def slurm_suspend(hostlist, directory) -> None:
+    """SuspendProgram: stop the VMs of the nodes HOSTLIST."""
+    from .jobs import elastic
+    for vm in elastic.suspend(elastic.elastic_dir(directory), hostlist):
+        click.echo(f"stopped {vm}")
+
+
+@slurm.command("mode")
+@click.argument("mode", type=click.Choice(["clone", "boot"]))
+@_DIR
+def slurm_mode(mode, directory) -> None:
+    """How resume makes nodes: clone the worker (default) or boot each from the worker image."""
+    from .jobs import elastic
+    click.echo(elastic.set_mode(elastic.elastic_dir(directory), mode).mode)

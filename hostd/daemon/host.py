@@ -96,19 +96,20 @@ class GuestSide:
     def room(self, family: str, mem_mb: int, cpus: int) -> int:
         """This host's room; in a cluster plus the other hosts' (their last heartbeat's),
         an upper bound place_ticket() narrows."""
-        here = self._room_here(family, mem_mb, cpus)
+        here = self.room_here(family, mem_mb, cpus)
         return here + (self._span.remote_room(mem_mb, cpus) if self._span is not None else 0)
 
-    def _room_here(self, family: str, mem_mb: int, cpus: int) -> int:
+    def room_here(self, family: str, mem_mb: int, cpus: int) -> int:
         return min(self._admission.room(mem_mb, cpus), self._quotas.room(family, mem_mb, cpus))
 
-    async def place_ticket(self, family: str, n: int, mem_mb: int, cpus: int, ticket: str) -> dict[str, int] | None:
+    async def place_ticket(self, family: str, n: int, mem_mb: int, cpus: int, ticket: str,
+                           room_here: int) -> dict[str, int] | None:
         """In a cluster the master places a ticket's clones when it is granted and
         holds their room on every host until the clones run; None on one host."""
         if self._span is None:
             return None
         return await self._span.place(family, n, mem_mb, cpus, allow_fewer=True, ticket=ticket,
-                                      room_here=self._room_here(family, mem_mb, cpus))
+                                      room_here=room_here)
 
     def check_ticket_quota(self, family: str) -> None:
         self._quotas.check_ticket(family)

@@ -32,9 +32,10 @@ class CloneHost(Protocol):
 
     def vm(self, name: str) -> "Vm | None": ...
     def room(self, family: str, mem_mb: int, cpus: int) -> int: ...
+    def room_here(self, family: str, mem_mb: int, cpus: int) -> int: ...
 
     async def place_ticket(self, family: str, n: int, mem_mb: int, cpus: int,
-                           ticket: str) -> dict[str, int] | None: ...
+                           ticket: str, room_here: int) -> dict[str, int] | None: ...
     def check_ticket_quota(self, family: str) -> None: ...
     def check_checkpoint_quota(self, family: str) -> None: ...
     async def checkpoint(self, name: str, mode: str, guest_req: int | None, ticket: str) -> "Checkpoint": ...
@@ -111,10 +112,14 @@ class CloneApi:
         family = vm.rec.family or vm.rec.name
         self.host.check_ticket_quota(family)
         room = self.host.room(family, spec["mem_mb"], spec["cpus"])
+        # Before the grant: once granted, the ticket holds its room here (all of
+        # it, its remote share too, until the master places it), and this
+        # host's share would be counted as taken by the ticket itself.
+        here = self.host.room_here(family, spec["mem_mb"], spec["cpus"])
         t = self.tickets.grant(vm.rec.name, family, msg.get("n"), room,
                                spec["mem_mb"], spec["cpus"], msg.get("timeout"))
         try:
-            placement = await self.host.place_ticket(family, t.granted, spec["mem_mb"], spec["cpus"], t.id)
+            placement = await self.host.place_ticket(family, t.granted, spec["mem_mb"], spec["cpus"], t.id, here)
         except BaseException:
             self.tickets.forget(t)
             raise

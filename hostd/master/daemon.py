@@ -184,8 +184,9 @@ class Master:
         if ticket is not None:
             self.store.add_ticket(self._ticket_key(peer, ticket), family, peer, mem_mb, cpus, placement, time.time())
         addresses = {h["name"]: h["address"] for h in self.store.hosts()}
-        log.info("placed %s for %s (family %s, policy %s%s)", placement, peer, family, policy,
-                 f", ticket {ticket}" if ticket else "")
+        log.info("placed %s for %s (family %s, policy %s%s; free vCPUs %s)", placement, peer, family, policy,
+                 f", ticket {ticket}" if ticket else "",
+                 ", ".join(f"{r.name} {r.free_vcpus}" for r in rooms))
         return {"placement": placement, "addresses": {h: addresses[h] for h in placement}}
 
     @staticmethod

@@ -21,14 +21,16 @@ CTL_PORT = 6817
 SLURMD_PORT = 6818
 
 
-def slurm_conf(directory: Path, hosts: list[str], cpus: int, mem_mb: int, extra: list[str] = ()) -> str:
-    """slurm.conf for the lab: slurmctld at the lab's master address, node labN at labN's address. Pure."""
+def slurm_conf(directory: Path, hosts: list[str], cpus: int, mem_mb: int, extra: list[str] = (),
+               ctl_ip: str = str(topology.MASTER_IP), epilog: bool = True) -> str:
+    """slurm.conf for the lab: slurmctld at ctl_ip (the lab's master address by
+    default), node labN at labN's address. Pure."""
     d = directory
     names = ",".join(hosts)
     lines = [
         "ClusterName=sfmpilab",
         # slurmctld checks that its own host name is the controller's.
-        f"SlurmctldHost={socket.gethostname().split('.')[0]}({topology.MASTER_IP})",
+        f"SlurmctldHost={socket.gethostname().split('.')[0]}({ctl_ip})",
         f"SlurmctldPort={CTL_PORT}", f"SlurmdPort={SLURMD_PORT}",
         "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={d}/munge.socket",
         "SlurmUser=root", "SlurmdUser=root",
@@ -42,11 +44,12 @@ def slurm_conf(directory: Path, hosts: list[str], cpus: int, mem_mb: int, extra:
         "SlurmdParameters=config_overrides",
         "KillWait=30", "MinJobAge=30", "SlurmctldTimeout=30", "SlurmdTimeout=60", "InactiveLimit=0",
         "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-        f"Epilog={d}/epilog", *extra,
+        *([f"Epilog={d}/epilog"] if epilog else []), *extra,
         *(f"NodeName={h} NodeAddr={topology.host_ip(h)} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN"
           for h in hosts),
-        f"PartitionName=lab Nodes={names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
     ]
+    if hosts:
+        lines.append(f"PartitionName=lab Nodes={names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO")
     return "\n".join(lines) + "\n"
 
 
@@ -83,11 +86,13 @@ class Daemon:
 
 
 class SlurmCluster:
-    """munged + slurmctld + slurmd per host; `run(argv)` runs a Slurm client in the lab's namespace."""
+    """munged + slurmctld + slurmd per host; `run(argv)` runs a Slurm client in the controller's namespace."""
 
     def __init__(self, directory: Path, hosts: list[str], cpus: int = 2, mem_mb: int = 2048,
-                 env: dict | None = None, extra: list[str] = ()):
-        self.dir, self.hosts = directory, hosts
+                 env: dict | None = None, extra: list[str] = (), ctl_ns: str = topology.LAB_NS,
+                 ctl_ip: str = str(topology.MASTER_IP), epilog: bool = True):
+        self.dir, self.hosts, self.ctl_ns, self.ctl_ip = directory, hosts, ctl_ns, ctl_ip
+        self.epilog = epilog
         self.conf = directory / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf), **(env or {})}
         self.cpus, self.mem_mb, self.extra = cpus, mem_mb, list(extra)
@@ -104,7 +109,8 @@ class SlurmCluster:
         import sys
         (self.dir / "epilog").write_text(epilog(sys.executable))
         (self.dir / "epilog").chmod(0o755)
-        self.conf.write_text(slurm_conf(self.dir, self.hosts, self.cpus, self.mem_mb, self.extra))
+        self.conf.write_text(slurm_conf(self.dir, self.hosts, self.cpus, self.mem_mb, self.extra, self.ctl_ip,
+                                         self.epilog))
 
     def start(self) -> None:
         d = self.dir
@@ -120,13 +126,14 @@ class SlurmCluster:
                                         f"--log-file={d}/munged.log", f"--seed-file={d}/munged.seed"],
                                        d / "munged.out", self.env).start())
             _wait(lambda: (d / "munge.socket").exists(), "munged", d / "munged.log")
-            self.daemons.append(Daemon(enter_argv(str(NETNS_DIR / topology.LAB_NS), ["slurmctld", "-D", "-i"]),
+            self.daemons.append(Daemon(enter_argv(str(NETNS_DIR / self.ctl_ns), ["slurmctld", "-D", "-i"]),
                                        d / "slurmctld.out", self.env).start())
             _wait(lambda: self.run(["scontrol", "ping"], check=False).returncode == 0, "slurmctld",
                   d / "slurmctld.log")
             for h in self.hosts:
                 self.start_slurmd(h)
-            self.wait_nodes("idle")
+            if self.hosts:
+                self.wait_nodes("idle")
         except BaseException:
             self.stop()
             raise
@@ -148,7 +155,7 @@ class SlurmCluster:
 
     def run(self, argv: list[str], check: bool = True, timeout: float = 120, env: dict | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
-        p = subprocess.run(enter_argv(str(NETNS_DIR / topology.LAB_NS), argv), capture_output=True, text=True,
+        p = subprocess.run(enter_argv(str(NETNS_DIR / self.ctl_ns), argv), capture_output=True, text=True,
                            env={**self.env, **(env or {})}, timeout=timeout, cwd=cwd)
         if check and p.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {p.returncode}: {p.stderr.strip()}")

@@ -110,7 +110,10 @@ class FakeHost:
         assert isinstance(mem_mb, int) and isinstance(cpus, int)
         return HOST_ROOM
 
-    async def place_ticket(self, family, n, mem_mb, cpus, ticket):
+    def room_here(self, family, mem_mb, cpus):
+        return HOST_ROOM
+
+    async def place_ticket(self, family, n, mem_mb, cpus, ticket, room_here):
         return None          # one host: no master
 
     def check_ticket_quota(self, family):
