@@ -176,3 +176,46 @@ def test_each_node_hostd_gets_its_share_and_its_place():
     assert env["SFMPI_MASTER"] == "10.0.0.1:7440" and env["SFMPI_HOST_ADDRESS"] == "10.0.0.2"
     assert env["SFMPI_HOME"] == "/j/slurm-9/lab2" and env["SFMPI_CLUSTER_KEYS"] == "/j/slurm-9/keys"
     assert env["SFMPI_FAMILY_START"] == str(1 + runner.FAMILIES_PER_NODE)
+
+
+# -- elastic Slurm ---------------------------------------------------------------
+def test_elastic_config_lines_name_the_programs_and_the_cloud_nodes():
+    from pathlib import Path
+
+    from sfmpi.jobs import elastic
+    lines = elastic.config_lines("cloud[1-4]", 2, 1024, Path("/e"), suspend_time=60)
+    assert "ResumeProgram=/e/resume" in lines and "SuspendProgram=/e/suspend" in lines
+    assert "PrivateData=cloud" in lines and "SuspendTime=60" in lines
+    assert "NodeName=cloud[1-4] State=CLOUD CPUs=2 RealMemory=1024" in lines
+    text = elastic.program_text("resume", Path("/e"), "/usr/bin/python3")
+    assert text.splitlines()[-1] == 'exec /usr/bin/python3 -m sfmpi.cli slurm resume --dir /e "$@"'
+
+
+def test_a_workers_slurm_conf_uses_the_guests_munge_socket():
+    from sfmpi.jobs.elastic import guest_conf
+    conf = "ClusterName=x\nAuthInfo=socket=/tmp/t/munge.socket\nAuthInfo=ttl=60,socket=/s\nNodeName=a\n"
+    assert guest_conf(conf).splitlines() == ["ClusterName=x", "AuthInfo=ttl=60", "NodeName=a"]
+
+
+def test_a_nodes_slurmd_runs_in_a_time_namespace_under_its_name():
+    from sfmpi.jobs.elastic import slurmd_dirs, slurmd_script
+    conf = "SlurmdSpoolDir=/var/spool/s/%n\nSlurmdLogFile=/var/log/s/%n.log\nSlurmdPidFile=/run/s-%n.pid\n"
+    assert slurmd_dirs(conf, "cloud2") == ["/var/spool/s/cloud2", "/var/log/s", "/run"]
+    script = slurmd_script("cloud2", ["/var/spool/s/cloud2"])
+    assert "hostname cloud2" in script and "unshare --time --fork --boottime=-$up slurmd -D -N cloud2" in script
+    p = subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True)
+    assert p.returncode == 0, p.stderr
+
+
+def test_elastic_node_lists_are_checked():
+    from sfmpi.jobs.elastic import expand
+    assert expand("cloud[1-3]") == ["cloud1", "cloud2", "cloud3"]
+    for bad in ("cloud[1-", "a;b"):
+        with pytest.raises(UsageError):
+            expand(bad)
+
+
+def test_node_addresses_given_by_the_site():
+    assert runner.parse_node_addresses("n1=10.1.0.1, n2=10.1.0.2") == {"n1": "10.1.0.1", "n2": "10.1.0.2"}
+    with pytest.raises(UsageError):
+        runner.parse_node_addresses("n1=somewhere")
