@@ -159,6 +159,9 @@ def setup_script(conf: str, key: bytes) -> str:
         f"printf '%s' '{base64.b64encode(guest_conf(conf).encode()).decode()}' | base64 -d > /etc/slurm/slurm.conf\n"
         f"printf '%s' '{base64.b64encode(key).decode()}' | base64 -d > /etc/munge/munge.key\n"
         "chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key\n"
+        # slurmd's cgroup/v2 plugin asks systemd over D-Bus for a scope, and the
+        # image has no D-Bus: it makes the cgroup directories itself instead.
+        "printf 'CgroupPlugin=cgroup/v2\\nIgnoreSystemd=yes\\n' > /etc/slurm/cgroup.conf\n"
         "systemctl disable --now slurmd >/dev/null 2>&1 || true\n"
         "systemctl restart munge\n"
         "munge -n | unmunge >/dev/null\n"

@@ -82,7 +82,10 @@ def test_bad_choice_rejected_by_click(cli, env):
 COMMANDS = [[], ["image"], ["image", "build"], ["vm"], ["vm", "start"], ["vm", "exec"], ["vm", "list"],
             ["vm", "stop"], ["checkpoint"], ["checkpoint", "take"], ["checkpoint", "ls"], ["checkpoint", "rm"],
             ["clone"], ["stats"], ["down"], ["hostd"], ["master"], ["lab"], ["lab", "up"], ["lab", "down"],
-            ["lab", "status"], ["lab", "policy"], ["cluster"], ["cluster", "init"]]
+            ["lab", "status"], ["lab", "policy"], ["cluster"], ["cluster", "init"],
+            ["jobs"], ["jobs", "script"], ["jobs", "submit"], ["jobs", "run"], ["jobs", "cleanup"], ["jobs", "sge-pe"],
+            ["slurm"], ["slurm", "config"], ["slurm", "worker-image"], ["slurm", "resume"], ["slurm", "suspend"],
+            ["slurm", "mode"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "main")

@@ -124,5 +124,6 @@ def test_another_user_is_refused_whatever_the_socket_mode(hostd):
             "s.sendall(b'{\"op\": \"vm.list\"}\\n'); print(s.makefile().readline())\n")
     out = subprocess.run([sys.executable, "-c", code, str(hostd.socket)], capture_output=True, text=True,
                          timeout=30)
+    assert out.stdout.strip(), out.stderr
     reply = json.loads(out.stdout)
     assert "ok" not in reply and f"uid {NOBODY} may not use this hostd" in reply["error"]["message"]
