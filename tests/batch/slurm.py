@@ -53,9 +53,8 @@ def slurm_conf(directory: Path, hosts: list[str], cpus: int, mem_mb: int, extra:
     return "\n".join(lines) + "\n"
 
 
-def epilog(python: str) -> str:
-    """The admin's epilog (docs/batch-admin-slurm.md): whatever a killed job's runner left on the node."""
-    return f"#!/bin/sh\nexec {python} -m sfmpi.cli jobs cleanup --job \"$SLURM_JOB_ID\" >/dev/null 2>&1\n"
+# The admins' epilog as shipped (docs/batch-admin-slurm.md): what a killed job's runner left on the node.
+EPILOG = Path(__file__).resolve().parents[2] / "jobs" / "admin" / "slurm-epilog"
 
 
 class Daemon:
@@ -106,8 +105,7 @@ class SlurmCluster:
         self.stop()
 
     def write_conf(self) -> None:
-        import sys
-        (self.dir / "epilog").write_text(epilog(sys.executable))
+        (self.dir / "epilog").write_text(EPILOG.read_text())
         (self.dir / "epilog").chmod(0o755)
         self.conf.write_text(slurm_conf(self.dir, self.hosts, self.cpus, self.mem_mb, self.extra, self.ctl_ip,
                                          self.epilog))
