@@ -114,7 +114,10 @@ class Uplink:
         return self.submit(fn, *args).result()
 
     def is_up(self) -> bool:
-        return os.path.exists(f"/sys/class/net/{self.plan.host_if}")
+        # Asked of `ip`, not /sys/class/net: sysfs shows the namespace it was
+        # mounted in, and a lab host's hostd runs in a namespace of its own (there
+        # a second NAT family found no uplink and made it again: "File exists").
+        return proc.run(["ip", "link", "show", "dev", self.plan.host_if], check=False).returncode == 0
 
     def up(self, nat: bool) -> None:
         try:
