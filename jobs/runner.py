@@ -427,17 +427,38 @@ def cleanup(job: str | None, stale: bool, env: dict | None = None) -> list[str]:
     for d in dirs:
         for home in sorted(p for p in d.iterdir() if (p / "state.db").exists()):
             _reap(home)
+        _end_master(d)
         shutil.rmtree(d, ignore_errors=True)
     return [d.name for d in dirs]
 
 
-def _master_alive(d: Path) -> bool:
+def _masters(d: Path) -> list:
+    """The job's master, by its command line (its home is in the job's directory)."""
     import psutil
+    found = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
         if "master" in cmd and str(d / "master") in cmd:
-            return True
-    return False
+            found.append(p)
+    return found
+
+
+def _master_alive(d: Path) -> bool:
+    return bool(_masters(d))
+
+
+def _end_master(d: Path) -> None:
+    """A runner killed outright (Grid Engine's qdel) leaves its master: it runs in a
+    session of its own, which the scheduler's kill does not reach."""
+    import psutil
+    for p in _masters(d):
+        try:
+            p.terminate()
+            p.wait(10)
+        except psutil.TimeoutExpired:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _reap(home: Path) -> None:

@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from sfmpi.hostd.lab.network import LabNetwork
@@ -77,9 +78,10 @@ def job_leaks(slurm: SlurmCluster, job: str) -> list[str]:
     for host in HOSTS:
         home = d / host
         found += leaks(home, Paths(home).shm)
-    for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines():
-        if str(d) in line and "ps -eo" not in line:
-            found.append(f"process left: {line.strip()[:160]}")
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(d) in cmd:
+            found.append(f"process left: {p.info['pid']} {cmd[:160]}")
     return found
 
 
