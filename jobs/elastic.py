@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sfmpi import proc
-from sfmpi.errors import CommandError, SfmpiError, UsageError
+from sfmpi.errors import SfmpiError, UsageError
 from sfmpi.paths import Paths
 
 log = logging.getLogger("sfmpi.jobs.elastic")
