@@ -113,6 +113,7 @@ def test_sbatch_runs_sfmpirun_over_the_allocation_only(slurm, tmp_path):
 
 def test_scancel_mid_job_leaves_nothing_anywhere(slurm, tmp_path):
     cmd = f"cat > /root/hold.py <<'SFMPI_EOF'\n{GUEST_HOLD}\nSFMPI_EOF\npython3 /root/hold.py"
+    slurm.wait_nodes("idle", ["lab1", "lab2"], timeout=300)   # the last job's epilog is done
     job, out = submit(slurm, tmp_path, "--nodes", "2", "--time", "20", "--", "sh", "-c", cmd)
     # Wait until the clones run on both nodes (their hostds are the job's).
     d = slurm.jobs / f"slurm-{job}"
@@ -130,7 +131,7 @@ def test_scancel_mid_job_leaves_nothing_anywhere(slurm, tmp_path):
             break
         assert slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), out.read_text()[-2000:]
         time.sleep(2)
-    assert seen == {"lab1": 2, "lab2": 2}, seen
+    assert seen == {"lab1": 2, "lab2": 2}, (seen, slurm.job_state(job), out.read_text()[-2000:] if out.exists() else "")
     slurm.run(["scancel", job])
     assert slurm.wait_job(job, timeout=120) in ("CANCELLED", "GONE")
     # The epilog and the job's own teardown are done once the nodes are idle again.
