@@ -105,7 +105,11 @@ class SlurmCluster:
         self.stop()
 
     def write_conf(self) -> None:
-        (self.dir / "epilog").write_text(EPILOG.read_text())
+        import shutil
+        # As an admin installs it: with sfmpi's full path (Slurm gives epilogs a minimal PATH).
+        text = EPILOG.read_text().replace("\nSFMPI=sfmpi\n", f"\nSFMPI={shutil.which('sfmpi')}\n")
+        assert shutil.which("sfmpi") and "SFMPI=/" in text
+        (self.dir / "epilog").write_text(text)
         (self.dir / "epilog").chmod(0o755)
         self.conf.write_text(slurm_conf(self.dir, self.hosts, self.cpus, self.mem_mb, self.extra, self.ctl_ip,
                                          self.epilog))
