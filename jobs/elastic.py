@@ -254,9 +254,9 @@ def clear_signal_mask() -> None:
 
 def expand(hostlist_text: str) -> list[str]:
     import hostlist
-    from ..hostd.master.allocation import _check_node
+    from ..hostd.master.allocation import check_node
     try:
-        return [_check_node(n) for n in hostlist.expand_hostlist(hostlist_text)]
+        return [check_node(n) for n in hostlist.expand_hostlist(hostlist_text)]
     except hostlist.BadHostlist as exc:
         raise UsageError(f"cannot read the node list {hostlist_text!r}: {exc}") from None
 
@@ -353,12 +353,3 @@ def set_mode(directory: Path, mode: str) -> ElasticState:
         s = replace(load(directory), mode=mode)
         save(directory, s)
     return s
-
-
-def wait_for(pred, timeout: float, step: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False

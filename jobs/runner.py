@@ -27,6 +27,7 @@ every other command does.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import logging
@@ -172,7 +173,8 @@ class JobCluster:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        with ignoring_signals():
+            self.stop()
 
     def here(self):
         from sfmpi.client import HostdClient
@@ -332,20 +334,11 @@ def start_parent(client, spec: ParentSpec, timeout: float = 600.0) -> str:
             raise UsageError(f"--checkpoint {spec.checkpoint}: no checkpoint there (no manifest.json)")
         res = client.call("clone", checkpoint=str(path.resolve()), n=1, allow_fewer=False, memory="local")
         return res["clones"][0]
-    image = spec.image or _default_image()
+    from sfmpi.image import default_image
+    image = spec.image or default_image("no --image or --checkpoint given", " on the nodes")
     client.call("vm.start", name=PARENT_NAME, image=os.path.abspath(image), mem_mb=spec.mem_mb, cpus=spec.cpus,
                 timeout=timeout)
     return PARENT_NAME
-
-
-def _default_image() -> str:
-    from sfmpi import image as image_mod
-    from sfmpi.paths import image_dir
-    candidate = image_dir() / image_mod.Recipe().image_hash() / "disk.qcow2"
-    if not candidate.exists():
-        raise UsageError("no --image or --checkpoint given and the default image is not built "
-                         "(run `sfmpi image build` on the nodes)")
-    return str(candidate)
 
 
 def exec_in(client, vm: str, argv: list[str]) -> int:
@@ -372,9 +365,9 @@ def run(alloc: Allocation, spec: ParentSpec, argv: list[str]) -> int:
         try:
             return exec_in(client, name, argv)
         finally:
-            with _ignoring_signals():
+            with ignoring_signals():
                 client.call("vm.stop", name=name)
-    with JobCluster(alloc) as cluster, _stopping_quietly(cluster):
+    with JobCluster(alloc) as cluster:
         client = cluster.here()
         name = start_parent(client, spec)
         print(f"sfmpi: job {alloc.job_id}: parent {name} on {alloc.here}; nodes {', '.join(alloc.names)} "
@@ -382,27 +375,15 @@ def run(alloc: Allocation, spec: ParentSpec, argv: list[str]) -> int:
         return exec_in(client, name, argv)
 
 
-class _ignoring_signals:
+@contextlib.contextmanager
+def ignoring_signals():
     """Teardown is not interrupted by a second signal (scancel sends one per step)."""
-
-    def __enter__(self):
-        self.saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-
-    def __exit__(self, *exc):
-        for s, h in self.saved.items():
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
             signal.signal(s, h)
-
-
-class _stopping_quietly:
-    def __init__(self, cluster: JobCluster):
-        self.cluster = cluster
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        with _ignoring_signals():
-            self.cluster.stop()
 
 
 def cleanup(job: str | None, stale: bool, env: dict | None = None) -> list[str]:

@@ -126,12 +126,18 @@ class JobScript:
     def env_lines(self) -> str:
         return ""
 
+    submit = ""                       # the submit command
+    id_end = ""                       # what follows the ID in its output, if anything
+
     def submit_argv(self, path: str) -> list[str]:
         raise NotImplementedError
 
-    @staticmethod
-    def parse_job_id(stdout: str) -> str:
-        raise NotImplementedError
+    @classmethod
+    def parse_job_id(cls, stdout: str) -> str:
+        first = stdout.strip().split(cls.id_end)[0]
+        if not first.isdigit():
+            raise UsageError(f"{cls.submit} printed no job ID: {stdout.strip()!r:.200}")
+        return first
 
 
 class SlurmScript(JobScript):
@@ -147,16 +153,10 @@ class SlurmScript(JobScript):
             out.append(("--time", f"={s.time}"))
         return out
 
-    def submit_argv(self, path: str) -> list[str]:
-        return ["sbatch", "--parsable", path]
+    submit, id_end = "sbatch", ";"    # --parsable: "ID" or "ID;cluster"
 
-    @staticmethod
-    def parse_job_id(stdout: str) -> str:
-        # --parsable: "ID" or "ID;cluster"
-        first = stdout.strip().split(";")[0]
-        if not first.isdigit():
-            raise UsageError(f"sbatch printed no job ID: {stdout.strip()!r:.200}")
-        return first
+    def submit_argv(self, path: str) -> list[str]:
+        return [self.submit, "--parsable", path]
 
 
 class SgeScript(JobScript):
@@ -173,16 +173,10 @@ class SgeScript(JobScript):
             out.append(("-l", f" h_rt={hms(parse_time(s.time))}"))
         return out
 
-    def submit_argv(self, path: str) -> list[str]:
-        return ["qsub", "-terse", path]
+    submit, id_end = "qsub", "."      # -terse: "ID" (or "ID.1-4:1" for an array job)
 
-    @staticmethod
-    def parse_job_id(stdout: str) -> str:
-        # -terse: "ID" (or "ID.1-4:1" for an array job)
-        first = stdout.strip().split(".")[0]
-        if not first.isdigit():
-            raise UsageError(f"qsub printed no job ID: {stdout.strip()!r:.200}")
-        return first
+    def submit_argv(self, path: str) -> list[str]:
+        return [self.submit, "-terse", path]
 
 
 SCHEDULERS: dict[str, type[JobScript]] = {"slurm": SlurmScript, "sge": SgeScript}

@@ -87,12 +87,8 @@ def image_build(packages: str, out, mirror, force: bool) -> None:
 
 
 def _default_image() -> str:
-    from . import image as image_mod
-    from .paths import image_dir
-    candidate = image_dir() / image_mod.Recipe().image_hash() / "disk.qcow2"
-    if not candidate.exists():
-        raise UsageError("no --image given and the default image is not built (run `sfmpi image build`)")
-    return str(candidate)
+    from .image import default_image
+    return default_image()
 
 
 # -- vm -------------------------------------------------------------------

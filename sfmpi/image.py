@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import proc
-from .errors import ImageError
+from .errors import ImageError, UsageError
 from .paths import image_dir
 
 # debootstrap and apt download from a mirror: minutes, not the default bound of a command.
@@ -382,3 +382,11 @@ def _tree_bytes(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+def default_image(missing: str = "no --image given", where: str = "") -> str:
+    """The default recipe's image if it is built; `missing` and `where` finish the error's sentence."""
+    candidate = image_dir() / Recipe().image_hash() / "disk.qcow2"
+    if not candidate.exists():
+        raise UsageError(f"{missing} and the default image is not built (run `sfmpi image build`{where})")
+    return str(candidate)

@@ -111,3 +111,17 @@ def lab_leaks(lab_home: Path, host_homes: list[Path]) -> list[str]:
     if lab_home.exists():
         found.append(f"lab directory {lab_home} left")
     return found
+
+
+def job_leaks(job_dir: Path, hosts: list[str]) -> list[str]:
+    """After a batch job: its directory, each node's hostd leaks as above, and any
+    process that names the job's directory (its master, hostds, reapers)."""
+    found = [f"job directory {job_dir} left"] if job_dir.exists() else []
+    for host in hosts:
+        home = job_dir / host
+        found += leaks(home, Paths(home).shm)
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(job_dir) in cmd:
+            found.append(f"process left: {p.info['pid']} {cmd[:160]}")
+    return found

@@ -88,7 +88,7 @@ def from_env(env: dict | None = None, hostname: str | None = None) -> Allocation
         return sge(env)
     import socket
     name = hostname or socket.gethostname().split(".")[0]
-    return Allocation("local", "local", (Node(_check_node(name), os.cpu_count() or 1),), name)
+    return Allocation("local", "local", (Node(check_node(name), os.cpu_count() or 1),), name)
 
 
 def _need(env: dict, key: str, backend: str) -> str:
@@ -98,7 +98,7 @@ def _need(env: dict, key: str, backend: str) -> str:
     return value
 
 
-def _check_node(name: str) -> str:
+def check_node(name: str) -> str:
     if not _NODE_NAME.match(name):
         raise UsageError(f"{name!r:.80} is not a node name sfmpi accepts (letters, digits, '.', '_', '-')")
     return name
@@ -136,8 +136,8 @@ def slurm(env: dict) -> Allocation:
         raise UsageError(f"Slurm gave {len(names)} node(s) but CPU counts for {len(cpus)} ({cpus_text!r})")
     mem = env.get("SLURM_MEM_PER_NODE")
     mem_mb = int(mem) if mem and mem.isdigit() and int(mem) > 0 else None
-    nodes = tuple(Node(_check_node(n), c, mem_mb) for n, c in zip(names, cpus))
-    here = _check_node(env.get("SLURMD_NODENAME") or names[0])
+    nodes = tuple(Node(check_node(n), c, mem_mb) for n, c in zip(names, cpus))
+    here = check_node(env.get("SLURMD_NODENAME") or names[0])
     return Allocation("slurm", job, nodes, here)
 
 
@@ -151,7 +151,7 @@ def parse_pe_hostfile(text: str) -> list[tuple[str, int]]:
             continue
         if len(fields) < 2 or not fields[1].isdigit() or int(fields[1]) < 1:
             raise UsageError(f"cannot read the PE hostfile line {line!r:.80}")
-        host = _check_node(fields[0].split(".")[0])
+        host = check_node(fields[0].split(".")[0])
         slots[host] = slots.get(host, 0) + int(fields[1])
     if not slots:
         raise UsageError("the PE hostfile names no host")

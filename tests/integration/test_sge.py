@@ -10,12 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from sfmpi.paths import Paths
 from tests.batch.sge import GridEngine
-from tests.leakcheck import leaks
+from tests import leakcheck
 
 pytestmark = [pytest.mark.sge, pytest.mark.timeout(1500)]
 
@@ -48,15 +46,7 @@ def script(ge: GridEngine, tmp: Path, *args: str) -> Path:
 
 
 def job_leaks(ge: GridEngine, job: str) -> list[str]:
-    d = ge.jobs_root / f"sge-{job}"
-    found = [f"job directory {d} left"] if d.exists() else []
-    home = d / ge.host
-    found += leaks(home, Paths(home).shm)
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if str(d) in cmd:
-            found.append(f"process left: {p.info['pid']} {cmd[:160]}")
-    return found
+    return leakcheck.job_leaks(ge.jobs_root / f"sge-{job}", [ge.host])
 
 
 def test_qsub_pe_sfmpi_runs_sfmpirun(sge, tmp_path):

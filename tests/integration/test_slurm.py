@@ -13,13 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from sfmpi.hostd.lab.network import LabNetwork
-from sfmpi.paths import Paths
 from tests.batch.slurm import SlurmCluster
-from tests.leakcheck import leaks
+from tests import leakcheck
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1500)]
 
@@ -73,16 +71,7 @@ def submit(slurm: SlurmCluster, tmp: Path, *args: str) -> tuple[str, Path]:
 
 
 def job_leaks(slurm: SlurmCluster, job: str) -> list[str]:
-    d = slurm.jobs / f"slurm-{job}"
-    found = [f"job directory {d} left"] if d.exists() else []
-    for host in HOSTS:
-        home = d / host
-        found += leaks(home, Paths(home).shm)
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if str(d) in cmd:
-            found.append(f"process left: {p.info['pid']} {cmd[:160]}")
-    return found
+    return leakcheck.job_leaks(slurm.jobs / f"slurm-{job}", HOSTS)
 
 
 def cpi_command() -> str:
