@@ -3,7 +3,8 @@ import subprocess
 from setuptools import Extension, setup
 
 # hostd/'s sub-packages, one concern each (docs/architecture.md).
-HOSTD_PARTS = ("daemon", "state", "vm", "fork", "guestapi", "net", "policy", "memory", "master", "cluster", "lab")
+HOSTD_PARTS = ("daemon", "state", "vm", "fork", "guestapi", "net", "policy", "memory", "master", "cluster", "lab",
+               "pool", "console")
 
 
 def pkg_config(flag: str, package: str) -> list[str]:

@@ -120,3 +120,7 @@ def from_wire(kind: str, message: str) -> SfmpiError:
     err = SfmpiError.__new__(cls)
     SfmpiError.__init__(err, message)
     return err
+
+
+class PoolError(SfmpiError):
+    """A service pool cannot be made, changed or reached (hostd/pool/)."""
