@@ -329,6 +329,8 @@ def down(as_json) -> None:
     """Stop every VM sfmpi started on this host, and hostd; leave nothing behind."""
     client = _client()
     from .paths import Paths
+    from .hostd.pool.lifecycle import stop_all
+    stop_all(Paths.from_env().home)  # pools first: their controllers stop their workers and balancers
     if not client.running() and not Paths.from_env().db.exists():
         res = {"stopped": []}
     else:
@@ -375,6 +377,14 @@ add_cluster_commands(main)
 from .cli_jobs import add_jobs_commands  # noqa: E402 - registers on main
 
 add_jobs_commands(main)
+
+from .cli_pool import add_pool_commands  # noqa: E402 - registers on main
+
+add_pool_commands(main)
+
+from .cli_console import add_console_commands  # noqa: E402 - registers on main
+
+add_console_commands(main)
 
 if __name__ == "__main__":
     main()

@@ -57,7 +57,7 @@ PACKAGE_DIR = Path(__file__).parent
 GUEST_MODULES = (
     "__init__.py", "errors.py", "api.py", "sfclone.py", "sections.py", "section_wire.py", "section_mpi.py",
     "forkpool.py", "family_auth.py",
-    "guest/__init__.py", "guest/agent.py",
+    "guest/__init__.py", "guest/agent.py", "guest/load.py", "guest/service.py",
 )
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/sfmpi"
 # sfmpirun (launcher/ in the repository, sfmpi.launcher installed): it runs in the guest.

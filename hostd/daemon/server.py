@@ -182,6 +182,10 @@ class Hostd:
                 raise ConnectionError("client went away")
             gone.cancel()
             return {"code": job.result()}
+        if op == "vm.report_load":
+            return await m.runtime.report_load(list(args["names"]), args.get("interval", 1.0))
+        if op == "vm.loads":
+            return m.runtime.loads()
         if op == "checkpoint":
             return await m.checkpoint(args["name"], args.get("mode"), args.get("keep"))
         if op == "checkpoint.list":

@@ -55,6 +55,8 @@ class AgentChannel:
         self._events: dict[str, deque] = {name: deque() for name in AWAITED_EVENTS}
         self._event_arrived = asyncio.Condition()
         self.rejected = 0     # lines refused (malformed, invalid, too long)
+        # The last load report (validated), with hostd's clock: a pool's controller reads it.
+        self.last_load: dict | None = None
 
     async def connect(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -159,6 +161,9 @@ class AgentChannel:
             self._dispatch_request(msg)
         elif ev in self._events:
             await self._deliver(ev, msg)
+        elif ev == "load":
+            self.last_load = {"cpu": float(msg["cpu"]), "ram": int(msg["ram"]),
+                              "ram_total": int(msg.get("ram_total", 0)), "at": time.time()}
         elif ev == "ready":
             self.ready_info = msg
             self._ready.set()

@@ -77,6 +77,12 @@ EVENTS = {
     "cloned": {"type": "object", "required": ["ok"], "properties": {
         "id": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 0, "maximum": MAX_CLONES}]},
         "ok": {"type": "boolean"}, "error": _text, "guest_ms": _ms_map}},
+    # A pool worker's load report (sfmpi/guest/load.py): numbers a guest could
+    # make up, so only their range is trusted, never that they are true.
+    "load": {"type": "object", "required": ["cpu", "ram"], "properties": {
+        "cpu": {"type": "number", "minimum": 0, "maximum": 100},
+        "ram": {"type": "integer", "minimum": 0, "maximum": 1 << 50},
+        "ram_total": {"type": "integer", "minimum": 0, "maximum": 1 << 50}}},
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import logging
 import os
 import shutil
@@ -189,6 +190,27 @@ class VmRuntime:
                 raise QemuError(f"VM {name} died while running {argv[0]}{self.explain(vm.rec)}"
                                  f"{vm.qemu.failure_report()}") from None
             raise
+
+    async def report_load(self, names: list[str], interval: float) -> dict:
+        """Ask these VMs' agents for load reports every `interval` s (0: stop)."""
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval <= 3600:
+            raise UsageError(f"load report interval must be 0-3600 s (got {interval!r})")
+        vms = [self.vms.get(name) for name in names]
+        for vm in vms:
+            if vm.agent is None:
+                raise UsageError(f"VM {vm.name} has no agent to report its load")
+            await vm.agent.send_op({"op": "load", "interval": float(interval)})
+        return {"asked": [vm.name for vm in vms]}
+
+    def loads(self) -> dict:
+        """The last load report of every live VM that sent one, and how old it is."""
+        now = time.time()
+        out = {}
+        for name, vm in self.vms.live.items():
+            last = vm.agent.last_load if vm.agent is not None else None
+            if last is not None:
+                out[name] = {**last, "age_s": round(now - last["at"], 3), "state": vm.rec.state.value}
+        return out
 
     @staticmethod
     async def died_soon(vm: Vm, grace: float = 3.0) -> bool:

@@ -13,6 +13,7 @@ Wire protocol with hostd (version 2), one JSON object per line each way:
                  {"op": "exec", "id": N, "argv": [...], "env": {...}, "cwd": "/"}
                  {"op": "signal", "id": N, "sig": 15, "grace": 10}  (SIGKILL after grace s)
                  {"op": "identify", "identity": {...}, "time": t, "entropy": b64, "machine_id": hex}
+                 {"op": "load", "interval": s}      load reports every s seconds (0: none)
                  {"re": R, "ok": true|false, ...}      answer to the guest's request R
   guest -> host  {"ev": "ready", "version": 2, "hostname": ..., "boot_id": ..., "uptime": s}
                  {"ev": "out", "id": N, "fd": 1|2, "data": base64}
@@ -20,6 +21,7 @@ Wire protocol with hostd (version 2), one JSON object per line each way:
                  {"ev": "error", "id": N, "message": text}
                  {"ev": "identified", "ok": true|false, "error": text}
                  {"ev": "cloned", "id": k, "ok": true|false, "error": text}
+                 {"ev": "load", "cpu": percent, "ram": bytes, "ram_total": bytes}  (sfmpi/guest/load.py)
                  {"req": R, "op": "ticket"|"clone"|..., ...}   a clone-API call
 "ready" is sent at start and as the answer to every ping, so a host that
 (re)connects later, or a clone that has just been resumed, learns the agent is
@@ -37,12 +39,15 @@ import subprocess
 import sys
 import threading
 
+from sfmpi.guest.load import LoadReporter
+
 
 class Agent:
     def __init__(self, fd: int):
         self.fd = fd
         self.write_lock = threading.Lock()
         self.jobs: dict[int, subprocess.Popen] = {}
+        self.load = LoadReporter(self.send)
 
     def send(self, msg: dict) -> bool:
         data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
@@ -92,6 +97,11 @@ class Agent:
             except (TypeError, ValueError, OSError) as exc:
                 # A bad request must not end the runner (serve() would die with it).
                 self.send({"ev": "error", "id": None, "message": f"bad signal request: {exc}"})
+        elif op == "load":
+            try:
+                self.load.set_interval(float(msg.get("interval", 0)))
+            except (TypeError, ValueError) as exc:
+                self.send({"ev": "error", "id": None, "message": f"bad load request: {exc}"})
         else:
             self.send({"ev": "error", "id": msg.get("id"), "message": f"unknown op {op!r}"})
 
