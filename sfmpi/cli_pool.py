@@ -57,10 +57,12 @@ def add_pool_commands(main: click.Group) -> None:
     @click.option("--cpus", type=int, default=1, show_default=True)
     @click.option("--workers", type=click.Choice(["clone", "boot"]), default="clone", show_default=True,
                   help="clone: from the warm checkpoint; boot: cold-boot each from the image (for comparison).")
-    @click.option("--timeout", type=float, default=600.0, show_default=True)
+    @click.option("--probe-timeout", type=float, default=120.0, show_default=True,
+                  help="Seconds the service has to answer in the first worker.")
+    @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds until the pool serves.")
     @click.option("--json", "as_json", is_flag=True)
     def pool_up(name, checkpoint, image_path, service, port, front_port, min_vm, max_vm, assignments, mem, cpus,
-                workers, timeout, as_json):
+                workers, probe_timeout, timeout, as_json):
         """Start pool NAME and print its front end."""
         from .hostd.policy.admission import parse_size_mb
         from .hostd.pool.lifecycle import PoolSpec, up
@@ -77,7 +79,7 @@ def add_pool_commands(main: click.Group) -> None:
             image_path = default_image()
         spec = PoolSpec(name=name, checkpoint=checkpoint, image=os.path.abspath(image_path) if image_path else "",
                         service=service, port=port, front_port=front_port, mem_mb=parse_size_mb(mem), cpus=cpus,
-                        workers=workers)
+                        workers=workers, probe_timeout_s=probe_timeout)
         res = up(_home(), spec, overrides, timeout)
         if as_json:
             click.echo(json.dumps(res, indent=2))

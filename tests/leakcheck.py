@@ -49,6 +49,10 @@ def leaks(home: Path, shm: Path, whole_host_network: bool = False) -> list[str]:
             found.append(f"hostd process {p.info['pid']}")
         if (p.info["name"] or "") == "dnsmasq" and str(home) in cmd:
             found.append(f"dnsmasq process {p.info['pid']}")
+        if (p.info["name"] or "") == "haproxy" and str(home) in cmd:
+            found.append(f"HAProxy process {p.info['pid']}: {cmd[:120]}")
+        if "sfmpi.cli pool serve" in cmd and _env_home(p) == str(home):
+            found.append(f"pool controller {p.info['pid']}: {cmd[:120]}")
         if ("sfmpi.native.memserver" in cmd or "sfmpi.native.memtap" in cmd) and str(home) in cmd:
             found.append(f"memory daemon {p.info['pid']}: {cmd[:120]}")
     if shm.exists() and any(shm.iterdir()):

@@ -30,7 +30,6 @@ from .workers import BootWorkers, CloneWorkers, default_service, start_service
 
 log = logging.getLogger("sfmpi.pool")
 TICK_S = 0.25
-BASE_PROBE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,7 @@ class PoolSpec:
     mem_mb: int = 256
     cpus: int = 1
     workers: str = "clone"    # clone | boot
+    probe_timeout_s: float = 120.0  # how long the service has to answer in the first worker
 
     def check(self) -> None:
         if bool(self.checkpoint) == bool(self.image):
@@ -54,6 +54,8 @@ class PoolSpec:
             raise UsageError("--workers boot boots every worker from an image: give --image")
         if not 1 <= self.port <= 65535 or not 0 <= self.front_port <= 65535:
             raise UsageError("ports are 1-65535 (--front-port 0: any free one)")
+        if not 1 <= self.probe_timeout_s <= 3600:
+            raise UsageError(f"--probe-timeout is 1-3600 s (got {self.probe_timeout_s:g})")
         if self.image and not Path(self.image).is_file():
             raise UsageError(f"image {self.image} does not exist (see `sfmpi image build`)")
 
@@ -85,7 +87,8 @@ def up(home: Path, spec: PoolSpec, overrides: dict, timeout: float = 600.0) -> d
             db.set_param(key, value)
         db.set_info(name=spec.name, state="starting", error="", frontend="", checkpoint=spec.checkpoint,
                     image=spec.image, service=spec.command, port=spec.port, front_port=spec.front_port,
-                    mem_mb=spec.mem_mb, cpus=spec.cpus, workers=spec.workers, own_checkpoint="")
+                    mem_mb=spec.mem_mb, cpus=spec.cpus, workers=spec.workers, own_checkpoint="",
+                    probe_timeout_s=spec.probe_timeout_s)
         with open(directory / "controller.log", "ab") as out:
             child = subprocess.Popen([sys.executable, "-m", "sfmpi.cli", "pool", "serve", spec.name],
                                      stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
@@ -119,7 +122,8 @@ def serve(home: Path, name: str, paths) -> None:
     hostd = HostdClient(paths, autostart=False)
     spec = PoolSpec(name=name, checkpoint=info.get("checkpoint", ""), image=info.get("image", ""),
                     service=info.get("service", ""), port=int(info["port"]), front_port=int(info["front_port"]),
-                    mem_mb=int(info["mem_mb"]), cpus=int(info["cpus"]), workers=info.get("workers", "clone"))
+                    mem_mb=int(info["mem_mb"]), cpus=int(info["cpus"]), workers=info.get("workers", "clone"),
+                    probe_timeout_s=float(info.get("probe_timeout_s", "120")))
     balancer = HAProxy(pool_dir(home, name), f"/run/netns/{paths.netns}", spec.front_port)
     controller = None
     failed = ""
@@ -128,7 +132,8 @@ def serve(home: Path, name: str, paths) -> None:
         checkpoint = spec.checkpoint or _warm_checkpoint(db, hostd, spec)
         db.set_info(checkpoint=checkpoint)
         workers = (CloneWorkers(hostd, checkpoint) if spec.workers == "clone" else
-                   BootWorkers(hostd, name, spec.image, spec.command, spec.port, spec.mem_mb, spec.cpus))
+                   BootWorkers(hostd, name, spec.image, spec.command, spec.port, spec.mem_mb, spec.cpus,
+                               spec.probe_timeout_s))
         controller = Controller(db, balancer.api, workers, hostd, spec.port)
         # The first workers exist before HAProxy starts: their family's network
         # namespace is where HAProxy must run.
@@ -174,10 +179,11 @@ def start_probe(hostd, name: str, spec: PoolSpec) -> None:
     """The given checkpoint's service must answer in its first clone."""
     from .workers import probe_argv
     out: list[bytes] = []
-    code = hostd.call("vm.exec", name=name, argv=probe_argv(spec.port, 30.0),
+    code = hostd.call("vm.exec", name=name, argv=probe_argv(spec.port, spec.probe_timeout_s),
                       on_output=lambda fd, data: out.append(data))["code"]
     if code != 0:
-        raise PoolError(f"no service answers on port {spec.port} in a clone of {spec.checkpoint}: "
+        raise PoolError(f"no service answered on port {spec.port} within {spec.probe_timeout_s:g} s in a clone of "
+                        f"{spec.checkpoint}: "
                         f"{b''.join(out).decode().strip()[-300:]}")
 
 
@@ -189,7 +195,7 @@ def _warm_checkpoint(db: PoolDb, hostd, spec: PoolSpec) -> str:
         hostd.call("vm.stop", name=base)
     hostd.call("vm.start", name=base, image=spec.image, mem_mb=spec.mem_mb, cpus=spec.cpus, timeout=300.0)
     try:
-        start_service(hostd, base, spec.command, spec.port, BASE_PROBE_S)
+        start_service(hostd, base, spec.command, spec.port, spec.probe_timeout_s)
         ckpt = hostd.call("checkpoint", name=base)
         checkpoint = ckpt["id"]
         db.set_info(own_checkpoint="1", checkpoint=checkpoint)

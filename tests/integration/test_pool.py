@@ -1,0 +1,210 @@
+"""Elastic service pools on real VMs: the controller's rules against a real
+HAProxy and real clones (docs/pool.md). One pool for the module (its warm
+checkpoint is the expensive part); each test leaves it at one worker."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from tests.integration.conftest import Cli, make_home
+
+POOL = "web"
+# Quick rules, so that a test sees a whole cycle in seconds.
+FAST = ["--set", "free_count=2", "--set", "hold_ms=2000", "--set", "last_connect_ms=3000", "--set", "report_ms=500"]
+
+
+def status(cli: Cli, name: str = POOL) -> dict:
+    return cli.json("pool", "status", name)
+
+
+def wait_for(what, predicate, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"{what} within {timeout:g} s (last: {last!r})")
+
+
+class Load:
+    """`sfmpi pool client` in the background; its JSON summary at the end."""
+
+    def __init__(self, cli: Cli, rate: float, duration: float, *extra: str):
+        self.proc = subprocess.Popen(["sfmpi", "pool", "client", POOL, "--rate", str(rate), "--duration",
+                                      str(duration), "--json", *extra], env=cli.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def result(self, timeout: float = 300) -> dict:
+        out, err = self.proc.communicate(timeout=timeout)
+        assert out, f"pool client printed nothing: {err}"
+        return json.loads(out)
+
+
+def watch_counts(cli: Cli, stop: threading.Event, seen: list[int]) -> None:
+    while not stop.is_set():
+        seen.append(status(cli)["vm_count"])
+        stop.wait(0.5)
+
+
+@pytest.fixture(scope="module")
+def pool_cli(request):
+    home = make_home("pool")
+    cli = Cli(home)
+    from sfmpi.image import default_image
+    cli("pool", "up", POOL, "--image", default_image(), "--min", "1", "--max", "4", *FAST, timeout=900)
+    yield cli
+    if getattr(request.session, "sfmpi_failed", False) and (home / "pools").exists():
+        from tests.integration.conftest import ARTIFACTS
+        shutil.copytree(home / "pools", ARTIFACTS / home.name / "pools", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.sock"))
+    left = cli.teardown(keep_logs=getattr(request.session, "sfmpi_failed", False))
+    shutil.rmtree(home, ignore_errors=True)
+    assert not left, f"the pool left things behind: {left}"
+
+
+def test_pool_up_serves_the_example_service(pool_cli):
+    st = status(pool_cli)
+    assert st["state"] == "serving" and st["vm_count"] == 1
+    assert st["frontend"].startswith("http://127.0.0.1:")
+    import urllib.request
+    req = urllib.request.Request(st["frontend"] + "?rounds=3", data=b"to be or not to be", method="POST")
+    answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    assert answer["words"] == 6 and answer["top"][0] == ["to", 2] and answer["rounds"] == 3
+    # The database has the design's tables and the parameters that were set.
+    assert st["params"]["free_count"] == 2 and st["params"]["max_vm_count"] == 4
+    assert len(st["ip_pool"]) == 4 and sum(r["reserve"] for r in st["ip_pool"]) == 1
+    # Load reports arrive over the agent.
+    wait_for("a load report", lambda: status(pool_cli)["vms"][0]["ram"] > 0, 20)
+
+
+def test_burst_grows_by_cloning_and_shrinks_back_with_no_failure(pool_cli):
+    seen: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_counts, args=(pool_cli, stop, seen), daemon=True)
+    watcher.start()
+    try:
+        burst = Load(pool_cli, 10, 15).result()
+        assert burst["failed"] == 0 and burst["ok"] == burst["requests"] == 150, burst
+        assert max(seen) == 4, f"the pool grew to {max(seen)} workers, not 4: {seen}"
+        st = status(pool_cli)
+        starts = [e for e in st["events"] if e["kind"] == "scale-out"]
+        assert starts and all("by clone" in e["detail"] for e in starts)
+        # Scale-in while a light load runs: drained workers cut nothing in flight.
+        trickle = Load(pool_cli, 1.5, 30)
+        wait_for("back to one worker", lambda: status(pool_cli)["vm_count"] == 1, 90)
+        light = trickle.result()
+        assert light["failed"] == 0, light
+    finally:
+        stop.set()
+        watcher.join()
+    st = status(pool_cli)
+    kinds = [e["kind"] for e in st["events"]]
+    assert "drain" in kinds and "scale-in" in kinds
+    assert min(seen) >= 1
+    # Each stopped worker's VM is gone, and its ip_pool row is free again.
+    names = {r["name"] for r in pool_cli.json("vm", "list")}
+    assert names == {v["name"] for v in st["vms"]}
+    assert sum(r["reserve"] for r in st["ip_pool"]) == 1
+
+
+def test_killed_worker_is_replaced(pool_cli):
+    pool_cli("pool", "set", POOL, "min_vm_count=2")
+    wait_for("a second worker for min_vm_count=2", lambda: status(pool_cli)["vm_count"] == 2, 60)
+    st = status(pool_cli)
+    victim, row = st["vms"][-1]["name"], st["vms"][-1]["id_vmachine"]
+    pid = next(r["pid"] for r in pool_cli.json("vm", "list") if r["name"] == victim)
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    params = st["params"]
+
+    out_of_rotation = None
+
+    def replaced():
+        nonlocal out_of_rotation
+        s = status(pool_cli)
+        if out_of_rotation is None and any(e["kind"] == "dead" and e["vm"] == victim for e in s["events"]):
+            out_of_rotation = time.monotonic() - killed
+        serving = [v for v in s["vms"] if v["state"] == "serving"]
+        # The replacement may get the dead one's name (hostd reuses a free clone ID): it is a new row.
+        return out_of_rotation and row not in {v["id_vmachine"] for v in s["vms"]} and len(serving) == 2 and s
+
+    wait_for("the dead worker replaced", replaced, 60)
+    # Noticed within last_connect_ms after its last report, plus a report interval and a tick or two.
+    assert out_of_rotation < (params["last_connect_ms"] + params["report_ms"]) / 1000 + 10
+    # The killed QEMU's VM record is gone (destroyed), not left crashed in `vm list`.
+    assert all(r["pid"] != pid and r["state"] == "running" for r in pool_cli.json("vm", "list"))
+    pool_cli("pool", "set", POOL, "min_vm_count=1")
+    wait_for("back to one worker", lambda: status(pool_cli)["vm_count"] == 1, 60)
+
+
+def test_max_reached_requests_queue_and_are_served(pool_cli):
+    pool_cli("pool", "set", POOL, "max_vm_count=2")
+    seen: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_counts, args=(pool_cli, stop, seen), daemon=True)
+    watcher.start()
+    try:
+        res = Load(pool_cli, 10, 10).result()
+    finally:
+        stop.set()
+        watcher.join()
+    assert res["failed"] == 0 and res["ok"] == 100, res
+    assert max(seen) == 2, f"workers beyond max_vm_count=2: {seen}"
+    st = status(pool_cli)
+    assert len(st["ip_pool"]) == 2
+    assert len({r["name"] for r in pool_cli.json("vm", "list")}) <= 2
+    # Queued requests waited: the slowest took far longer than one request's service time.
+    assert res["latency_s"]["max"] > 2 * res["latency_s"]["p50"] or res["latency_s"]["max"] > 3
+    pool_cli("pool", "set", POOL, "max_vm_count=4")
+    wait_for("back to one worker", lambda: status(pool_cli)["vm_count"] == 1, 60)
+
+
+def test_bad_input_is_refused_clearly(pool_cli):
+    def fails(*args, says: str):
+        p = pool_cli(*args, check=False, timeout=300)
+        assert p.returncode != 0, f"sfmpi {' '.join(args)} succeeded"
+        assert says in p.stderr, p.stderr
+        assert p.stderr.count("\n") <= 2, p.stderr
+    fails("pool", "status", "nosuch", says="no pool named 'nosuch'")
+    fails("pool", "set", POOL, "bogus=1", says="unknown pool parameter 'bogus'")
+    fails("pool", "set", POOL, "free_count=0", says="free_count must be between 1 and 1000")
+    fails("pool", "set", POOL, "free_count=two", says="free_count must be an integer")
+    fails("pool", "set", POOL, "min_vm_count=9", says="min_vm_count (9) is above max_vm_count (4)")
+    fails("pool", "set", POOL, "free_count", says="takes KEY=VALUE")
+    fails("pool", "up", "Bad_Name", "--checkpoint", "x", says="pool name 'Bad_Name'")
+    fails("pool", "up", POOL, "--checkpoint", status(pool_cli)["checkpoint"], says="already up")
+    fails("pool", "up", "nock", "--checkpoint", "nosuch-ck", says="nosuch-ck")
+    fails("pool", "client", POOL, "--rate", "0", says="--rate")
+    # A checkpoint whose service does not listen where the pool is told: a clear error, nothing left running.
+    ck = status(pool_cli)["checkpoint"]
+    fails("pool", "up", "deaf", "--checkpoint", ck, "--port", "9999", "--probe-timeout", "5",
+          says="no service answered on port 9999")
+    assert status(pool_cli, "deaf")["state"] == "failed"
+    assert {r["name"] for r in pool_cli.json("vm", "list")} == {v["name"] for v in status(pool_cli)["vms"]}
+    assert status(pool_cli)["params"]["free_count"] == 2, "a refused `pool set` changed a parameter"
+
+
+def test_sfmpi_down_stops_the_pool(pool_cli):
+    home = str(pool_cli.home)
+
+    def ours(p: psutil.Process) -> bool:
+        try:
+            return "pool" in p.cmdline() and "serve" in p.cmdline() and p.environ().get("SFMPI_HOME") == home
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+    controllers = [p for p in psutil.process_iter() if ours(p)]
+    assert len(controllers) == 1, "not one controller process for the pool"
+    pool_cli("down")
+    assert status(pool_cli)["state"] == "stopped"
+    assert not controllers[0].is_running() or controllers[0].status() == psutil.STATUS_ZOMBIE
+    assert pool_cli.json("vm", "list") == []
