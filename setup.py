@@ -51,6 +51,8 @@ setup(
     packages=["sfmpi", "sfmpi.guest", "sfmpi.native", "sfmpi.launcher", "sfmpi.jobs", "sfmpi.hostd"] +
              [f"sfmpi.hostd.{part}" for part in HOSTD_PARTS],
     package_dir={"sfmpi": "sfmpi", "sfmpi.launcher": "launcher", "sfmpi.jobs": "jobs", "sfmpi.hostd": "hostd"},
+    # The console's page (hostd/console/static/): installed next to its server, which serves it.
+    package_data={"sfmpi.hostd.console": ["static/*"]},
     install_requires=["qemu.qmp>=0.0.3", "click>=8", "rich>=13", "psutil>=5", "pyroute2>=0.7",
                       "paramiko>=2.12", "jsonschema>=4",
                       # Slurm's hostlist syntax (SLURM_JOB_NODELIST=lab[1-3]) without a Slurm install
