@@ -77,6 +77,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "lab: a lab of hosts in network namespaces (no VMs); `-m lab` runs only these")
     config.addinivalue_line("markers", "slurm: real Slurm daemons over a lab (`-m slurm`)")
     config.addinivalue_line("markers", "sge: a real Grid Engine (`-m sge`)")
+    config.addinivalue_line("markers", "browser: a headless Chromium (no VMs; `-m browser`)")
 
 
 @pytest.hookimpl(hookwrapper=True)
