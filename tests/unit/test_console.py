@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -235,10 +239,6 @@ def test_cli_says_what_is_wrong_in_one_line(home):
 
 def test_cli_serves_until_sigterm(home, pool):
     """`sfmpi console` as a process: prints its URL, serves, exits 0 on SIGTERM."""
-    import os
-    import signal
-    import subprocess
-    import sys
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
