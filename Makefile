@@ -5,7 +5,7 @@ PYTHON ?= python3
 DEBS := qemu-system-x86 qemu-utils debootstrap nftables iproute2 e2fsprogs util-linux fuse3 libfuse3-dev pkg-config \
         libjson-c-dev gcc g++ make dnsmasq-base busybox iputils-ping libssl-dev \
         slurm-wlm munge gridengine-master gridengine-exec gridengine-client \
-        haproxy libjs-chart.js chromium chromium-driver python3-selenium
+        haproxy libjs-chart.js chromium chromium-driver
 STAMP := .make
 
 .PHONY: deps image native test unit integration demo bench clean

@@ -57,7 +57,7 @@ setup(
                       "paramiko>=2.12", "jsonschema>=4",
                       # Slurm's hostlist syntax (SLURM_JOB_NODELIST=lab[1-3]) without a Slurm install
                       "python-hostlist>=1.21"],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "selenium>=4"]},
     entry_points={"console_scripts": ["sfmpi = sfmpi.cli:main", "sfclone = sfmpi.sfclone:run",
                                         "sfmpirun = sfmpi.launcher.run:main"]},
 )

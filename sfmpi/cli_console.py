@@ -1,6 +1,8 @@
 """`sfmpi console`: the admin console of the host's service pools (docs/console.md)."""
 from __future__ import annotations
 
+import sys
+
 import click
 
 DEFAULT_PORT = 8470  # hostd/console/server.py's, repeated so that --help imports no server
@@ -19,6 +21,7 @@ def console(port: int) -> None:
     from .hostd.console.server import run
     from .paths import Paths
 
-    if not 1 <= port <= 65535:
-        raise UsageError(f"--port {port}: use 1-65535")
-    run(Paths.from_env().home, port, announce=lambda line: click.echo(line))
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: use 1-65535 (0: any free port)")
+    # Flushed: whoever started the console (a test, a script) reads the address from a pipe.
+    run(Paths.from_env().home, port, announce=lambda line: click.echo(line) or sys.stdout.flush())

@@ -1,6 +1,6 @@
 """A headless Chromium for tests of the console's page (tests/integration/test_console_browser.py).
 
-Debian's chromium, driven by its chromedriver through Debian's python3-selenium.
+Debian's chromium, driven by its chromedriver through selenium (the test extra).
 Chromium is a tree of processes, and not all of them stay in chromedriver's
 session: its crash handlers double-fork into sessions of their own. So every
 process is accounted for twice over: chromedriver starts a session of its own
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,21 +22,9 @@ import psutil
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 
 
 def _import_selenium():
-    """Debian's python3-selenium sits in Debian's dist-packages, which a Python other
-    than Debian's own (pyenv's, a venv's) does not search. It is on the path only
-    while selenium is imported: the rest of the test run keeps its own packages."""
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        sys.path.append(DEBIAN_DIST_PACKAGES)
-        try:
-            import selenium  # noqa: F401
-        finally:
-            sys.path.remove(DEBIAN_DIST_PACKAGES)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common import utils
@@ -62,7 +49,7 @@ def missing() -> str | None:
     try:
         _import_selenium()
     except ImportError:
-        return "selenium is missing (Debian package python3-selenium)"
+        return "selenium is missing (pip install -e '.[test]')"
     return None
 
 
@@ -89,6 +76,9 @@ class Chromium:
     def start(self) -> "Chromium":
         if self.driver is not None:
             return self
+        why = missing()
+        if why:
+            raise RuntimeError(f"no browser for the console's tests: {why}")
         webdriver, Service = _import_selenium()
         self.root = Path(tempfile.mkdtemp(prefix="sfmpi-chromium-"))
         env = {**os.environ, "HOME": str(self.root), "XDG_CONFIG_HOME": str(self.root / "config"),

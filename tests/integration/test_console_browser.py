@@ -15,10 +15,10 @@ import pytest
 
 from sfmpi.hostd.console.server import make_server
 from sfmpi.hostd.pool.status import pool_status
-from tests.browser import Chromium, missing
+from tests.browser import Chromium
 from tests.fakepool import FakePool
 
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(bool(missing()), reason=missing() or "")]
+pytestmark = pytest.mark.browser
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 BROWSER_NAMES = ("chromium", "chromedriver", "chrome_crashpad_handler")

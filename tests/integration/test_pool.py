@@ -63,11 +63,11 @@ def pool_cli(request):
     from sfmpi.image import default_image
     cli("pool", "up", POOL, "--image", default_image(), "--min", "1", "--max", "4", *FAST, timeout=900)
     yield cli
+    left = cli.teardown(keep_logs=getattr(request.session, "sfmpi_failed", False))
     if getattr(request.session, "sfmpi_failed", False) and (home / "pools").exists():
         from tests.integration.conftest import ARTIFACTS
         shutil.copytree(home / "pools", ARTIFACTS / home.name / "pools", dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("*.sock"))
-    left = cli.teardown(keep_logs=getattr(request.session, "sfmpi_failed", False))
     shutil.rmtree(home, ignore_errors=True)
     assert not left, f"the pool left things behind: {left}"
 
@@ -121,7 +121,7 @@ def test_killed_worker_is_replaced(pool_cli):
     pool_cli("pool", "set", POOL, "min_vm_count=2")
     wait_for("a second worker for min_vm_count=2", lambda: status(pool_cli)["vm_count"] == 2, 60)
     st = status(pool_cli)
-    victim, row = st["vms"][-1]["name"], st["vms"][-1]["id_vmachine"]
+    victim, since = st["vms"][-1]["name"], st["vms"][-1]["started"]
     pid = next(r["pid"] for r in pool_cli.json("vm", "list") if r["name"] == victim)
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
@@ -135,8 +135,9 @@ def test_killed_worker_is_replaced(pool_cli):
         if out_of_rotation is None and any(e["kind"] == "dead" and e["vm"] == victim for e in s["events"]):
             out_of_rotation = time.monotonic() - killed
         serving = [v for v in s["vms"] if v["state"] == "serving"]
-        # The replacement may get the dead one's name (hostd reuses a free clone ID): it is a new row.
-        return out_of_rotation and row not in {v["id_vmachine"] for v in s["vms"]} and len(serving) == 2 and s
+        # The replacement may get the dead one's name (hostd reuses a free clone ID): it started later.
+        gone = all(v["name"] != victim or v["started"] > since for v in s["vms"])
+        return out_of_rotation and gone and len(serving) == 2 and s
 
     wait_for("the dead worker replaced", replaced, 60)
     # Noticed within last_connect_ms after its last report, plus a report interval and a tick or two.
@@ -192,6 +193,39 @@ def test_bad_input_is_refused_clearly(pool_cli):
     assert status(pool_cli, "deaf")["state"] == "failed"
     assert {r["name"] for r in pool_cli.json("vm", "list")} == {v["name"] for v in status(pool_cli)["vms"]}
     assert status(pool_cli)["params"]["free_count"] == 2, "a refused `pool set` changed a parameter"
+
+
+@pytest.mark.browser
+def test_console_follows_the_real_pool_in_chromium(pool_cli):
+    from tests.browser import Chromium
+    from tests.integration.conftest import ARTIFACTS
+    console = subprocess.Popen(["sfmpi", "console", "--port", "0"], env=pool_cli.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        url = console.stdout.readline().split("console: ", 1)[-1].strip()
+        assert url.startswith("http://127.0.0.1:"), console.stderr.read() if console.poll() is not None else url
+        with Chromium() as browser:
+            browser.open(url)
+            browser.wait_js("window.sfmpiConsole && window.sfmpiConsole.ready()")
+            browser.wait_js(f"sfmpiConsole.vmCount('{POOL}') === {status(pool_cli)['vm_count']}", timeout=10)
+            assert browser.text(f"vmcount-{POOL}") == f"VMs: {status(pool_cli)['vm_count']}"
+            points = browser.js(f"sfmpiConsole.points('{POOL}')")
+            before = len(browser.js(f"sfmpiConsole.events('{POOL}')"))
+            load = Load(pool_cli, 8, 8)
+            # Load reports add points while the load runs; the burst clones a worker: a scale event.
+            browser.wait_js(f"sfmpiConsole.points('{POOL}') > {points}", timeout=20)
+            browser.wait_js(f"sfmpiConsole.events('{POOL}').slice({before}).includes('scale-out')", timeout=60)
+            browser.wait_js(f"sfmpiConsole.vmCount('{POOL}') > 1", timeout=60)
+            assert load.result()["failed"] == 0
+            assert browser.js(f"sfmpiConsole.vmCount('{POOL}')") == status(pool_cli)["vm_count"] or \
+                abs(browser.js(f"sfmpiConsole.vmCount('{POOL}')") - status(pool_cli)["vm_count"]) <= 1
+            browser.screenshot(ARTIFACTS / "console-pool.png")
+            assert browser.console_errors() == []
+        assert browser.leftovers() == []
+    finally:
+        console.terminate()
+        console.wait(10)
+    assert (ARTIFACTS / "console-pool.png").stat().st_size > 10_000
 
 
 def test_sfmpi_down_stops_the_pool(pool_cli):

@@ -233,7 +233,7 @@ def test_cli_says_what_is_wrong_in_one_line(home):
         result = CliRunner().invoke(main, ["console", "--port", str(port)])
     assert result.exit_code == 2
     assert result.output.strip() == f"sfmpi: error: port {port} on 127.0.0.1 is in use: choose another with --port"
-    result = CliRunner().invoke(main, ["console", "--port", "0"])
+    result = CliRunner().invoke(main, ["console", "--port", "-1"])
     assert result.exit_code == 2 and result.output.count("\n") == 1
 
 
