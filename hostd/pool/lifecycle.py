@@ -140,10 +140,17 @@ def serve(home: Path, name: str, paths) -> None:
         first = db.params()["min_vm_count"]
         db.size_ip_pool(db.params()["max_vm_count"], spec.port)
         launched = workers.launch(first)
-        if spec.checkpoint and launched:
-            start_probe(hostd, launched[0].name, spec)
-        balancer.start()
-        controller.adopt(launched)
+        try:
+            if spec.checkpoint and launched:
+                start_probe(hostd, launched[0].name, spec)
+            balancer.start()
+            controller.adopt(launched)
+        except BaseException:
+            # Not in the database yet, so the controller's shutdown would not see them.
+            for worker in launched:
+                if worker.name not in {vm["name"] for vm in db.vms()}:
+                    workers.stop(worker.name)
+            raise
         db.set_info(state="serving", frontend=f"http://127.0.0.1:{balancer.port}/")
         db.event("up", None, f"serving at http://127.0.0.1:{balancer.port}/ with {len(launched)} worker(s)")
         while not stopping.is_set():
