@@ -85,7 +85,8 @@ COMMANDS = [[], ["image"], ["image", "build"], ["vm"], ["vm", "start"], ["vm", "
             ["lab", "status"], ["lab", "policy"], ["cluster"], ["cluster", "init"],
             ["jobs"], ["jobs", "script"], ["jobs", "submit"], ["jobs", "run"], ["jobs", "cleanup"], ["jobs", "sge-pe"],
             ["slurm"], ["slurm", "config"], ["slurm", "worker-image"], ["slurm", "resume"], ["slurm", "suspend"],
-            ["slurm", "mode"]]
+            ["slurm", "mode"], ["pool"], ["pool", "up"], ["pool", "status"], ["pool", "set"],
+            ["pool", "client"], ["pool", "down"], ["pool", "serve"], ["console"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "main")
