@@ -1,0 +1,86 @@
+"""The /proc readers of per-VM statistics, against real processes (no VM)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from sfmpi.hostd.monitor.procfs import (CLK_TCK, blockstats_totals, cpu_percent, cpu_ticks, pss_bytes,
+                                        read_process)
+
+
+def test_stat_lines_with_awkward_names():
+    fields = " ".join(["S"] + ["0"] * 10 + ["120", "30"] + ["0"] * 30)
+    assert cpu_ticks(f"42 (qemu) {fields}") == 150
+    assert cpu_ticks(f"42 (a) b (c)) {fields}") == 150
+
+
+def test_pss_and_missing_pss():
+    assert pss_bytes("Rss: 10 kB\nPss:  4 kB\nPss_Anon: 1 kB\n") == 4096
+    with pytest.raises(ValueError):
+        pss_bytes("Rss: 10 kB\n")
+
+
+def test_cpu_percent():
+    assert cpu_percent(0, CLK_TCK, 1.0) == pytest.approx(100.0)
+    assert cpu_percent(0, CLK_TCK // 2, 2.0) == pytest.approx(25.0, abs=1)
+    assert cpu_percent(5, 3, 1.0) == 0.0 and cpu_percent(0, 5, 0) == 0.0
+
+
+def test_blockstats_totals():
+    stats = [{"device": "", "stats": {"rd_bytes": 10, "wr_bytes": 20, "rd_operations": 1, "wr_operations": 2}},
+             {"device": "x", "stats": {"rd_bytes": 5}}]
+    assert blockstats_totals(stats) == {"disk_read_bytes": 15, "disk_write_bytes": 20, "disk_read_ops": 1,
+                                        "disk_write_ops": 2}
+
+
+def test_a_busy_thread_is_measured_and_its_process_too():
+    tid = []
+    stop = threading.Event()
+
+    def burn():
+        tid.append(threading.get_native_id())
+        while not stop.is_set():
+            sum(range(1000))
+    t = threading.Thread(target=burn)
+    t.start()
+    try:
+        while not tid:
+            time.sleep(0.01)
+        before, t0 = read_process(os.getpid(), tid), time.monotonic()
+        time.sleep(1.0)
+        after, dt = read_process(os.getpid(), tid + [999_999_999]), time.monotonic() - t0
+    finally:
+        stop.set()
+        t.join()
+    # A spinning thread uses most of a core (the GIL lets the test's own thread sleep); the
+    # process at least as much. Loose bounds: the machine is shared.
+    busy = cpu_percent(before.thread_ticks[tid[0]], after.thread_ticks[tid[0]], dt)
+    assert 30 < busy <= 110
+    assert cpu_percent(before.ticks, after.ticks, dt) >= busy - 5
+    assert 999_999_999 not in after.thread_ticks
+    assert after.pss_bytes > 1 << 20
+
+
+def test_shared_pages_count_once_in_pss_not_in_each_rss(tmp_path):
+    """Two processes mapping one 64 MiB file: each one's PSS is about half of it."""
+    path = tmp_path / "shared"
+    path.write_bytes(b"\1" * (64 << 20))
+    child = ("import mmap, sys, time\nf = open(sys.argv[1], 'rb')\nm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+             "sum(m[i] for i in range(0, len(m), 4096))\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        pss = [read_process(p.pid).pss_bytes for p in procs]
+        for value in pss:
+            assert 28 << 20 < value < 48 << 20, pss
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
