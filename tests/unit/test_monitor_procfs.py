@@ -84,3 +84,26 @@ def test_shared_pages_count_once_in_pss_not_in_each_rss(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_sampler_rates_and_bounded_history(tmp_path):
+    from sfmpi.hostd.monitor.history import Sampler, StatsHistory, Target
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        sampler = Sampler()
+        target = Target("vm1", burner.pid, (burner.pid,), {"disk_read_bytes": 7, "net_tx_bytes": 9})
+        assert sampler.sample([target]) == []          # a first reading gives no rate
+        time.sleep(1.0)
+        (s,) = sampler.sample([target, Target("gone", 999_999_999)])
+    finally:
+        burner.kill()
+        burner.wait()
+    assert 30 < s["cpu_percent"] <= 110 and len(s["vcpu_percent"]) == 1
+    assert s["disk_read_bytes"] == 7 and s["net_tx_bytes"] == 9 and s["disk_write_bytes"] == 0
+    history = StatsHistory(tmp_path / "stats.db", max_age_s=60)
+    old = dict(s, at=s["at"] - 3600)
+    history.add([old])
+    history.add([s])                                  # the hour-old sample is trimmed
+    assert [r["at"] for r in history.since("vm1")] == [s["at"]]
+    assert history.since("vm1")[0]["vcpu_percent"] == s["vcpu_percent"]
+    assert sampler.sample([]) == [] and sampler.last == {}

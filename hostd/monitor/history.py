@@ -1,0 +1,92 @@
+"""Per-VM statistics over time: a sampler that turns cumulative readings into
+rates, and their history in SQLite, bounded by age (issue 20, in progress:
+hostd does not run the sampler yet).
+
+A sample's fields are what `sfmpi stats vm NAME --json` will print:
+cpu_percent (of one host core, the whole QEMU process), vcpu_percent (per vCPU
+thread), mem_pss_bytes, and the cumulative disk_read_bytes, disk_write_bytes,
+net_rx_bytes, net_tx_bytes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..state.sqlite import VersionedDb
+from .procfs import ProcessSample, cpu_percent, read_process
+
+SCHEMA_V1 = """
+CREATE TABLE vm_sample (id INTEGER PRIMARY KEY, at REAL NOT NULL, vm TEXT NOT NULL, cpu_percent REAL NOT NULL,
+                        vcpu_percent TEXT NOT NULL, mem_pss_bytes INTEGER NOT NULL,
+                        disk_read_bytes INTEGER NOT NULL, disk_write_bytes INTEGER NOT NULL,
+                        net_rx_bytes INTEGER NOT NULL, net_tx_bytes INTEGER NOT NULL);
+CREATE INDEX vm_sample_vm_at ON vm_sample(vm, at)
+"""
+FIELDS = ("at", "vm", "cpu_percent", "vcpu_percent", "mem_pss_bytes", "disk_read_bytes", "disk_write_bytes",
+          "net_rx_bytes", "net_tx_bytes")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One VM to sample: its QEMU, its vCPU threads, and the counters hostd read
+    elsewhere (QMP query-blockstats, the tap's statistics)."""
+    vm: str
+    pid: int
+    vcpu_threads: tuple[int, ...] = ()
+    counters: dict = field(default_factory=dict)
+
+
+class Sampler:
+    """Rates need two readings: the first reading of a VM gives no sample."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self.last: dict[str, tuple[float, int, ProcessSample]] = {}
+
+    def sample(self, targets: list[Target]) -> list[dict]:
+        out, seen = [], set()
+        for t in targets:
+            try:
+                reading = read_process(t.pid, list(t.vcpu_threads))
+            except OSError:  # the VM ended between listing and reading
+                continue
+            now = self.clock()
+            seen.add(t.vm)
+            prev = self.last.get(t.vm)
+            self.last[t.vm] = (now, t.pid, reading)
+            if prev is None or prev[1] != t.pid:
+                continue
+            dt = now - prev[0]
+            out.append({
+                "at": now, "vm": t.vm, "cpu_percent": round(cpu_percent(prev[2].ticks, reading.ticks, dt), 2),
+                "vcpu_percent": [round(cpu_percent(prev[2].thread_ticks.get(tid, ticks), ticks, dt), 2)
+                                 for tid, ticks in reading.thread_ticks.items()],
+                "mem_pss_bytes": reading.pss_bytes,
+                **{k: int(t.counters.get(k, 0)) for k in FIELDS[5:]},
+            })
+        for gone in set(self.last) - seen:
+            del self.last[gone]
+        return out
+
+
+class StatsHistory(VersionedDb):
+    MIGRATIONS = (SCHEMA_V1,)
+    WHAT = "statistics database"
+
+    def __init__(self, path: Path | str, max_age_s: float = 3600.0):
+        super().__init__(path)
+        self.max_age_s = max_age_s
+
+    def add(self, samples: list[dict]) -> None:
+        with self._transaction():
+            for s in samples:
+                self.db.execute(f"INSERT INTO vm_sample({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})",
+                                tuple(json.dumps(s[k]) if k == "vcpu_percent" else s[k] for k in FIELDS))
+            self.db.execute("DELETE FROM vm_sample WHERE at < ?", (time.time() - self.max_age_s,))
+
+    def since(self, vm: str, t: float = 0.0) -> list[dict]:
+        rows = self.db.execute(f"SELECT {', '.join(FIELDS)} FROM vm_sample WHERE vm = ? AND at >= ? ORDER BY at",
+                               (vm, t))
+        return [{k: json.loads(v) if k == "vcpu_percent" else v for k, v in zip(FIELDS, row)} for row in rows]
