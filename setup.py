@@ -56,7 +56,9 @@ setup(
     install_requires=["qemu.qmp>=0.0.3", "click>=8", "rich>=13", "psutil>=5", "pyroute2>=0.7",
                       "paramiko>=2.12", "jsonschema>=4",
                       # Slurm's hostlist syntax (SLURM_JOB_NODELIST=lab[1-3]) without a Slurm install
-                      "python-hostlist>=1.21"],
+                      "python-hostlist>=1.21",
+                      # per-VM statistics in the Prometheus text format (hostd/monitor/export.py)
+                      "prometheus_client>=0.16"],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "selenium>=4"]},
     entry_points={"console_scripts": ["sfmpi = sfmpi.cli:main", "sfclone = sfmpi.sfclone:run",
                                         "sfmpirun = sfmpi.launcher.run:main"]},

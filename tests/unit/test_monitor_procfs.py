@@ -107,3 +107,19 @@ def test_sampler_rates_and_bounded_history(tmp_path):
     assert [r["at"] for r in history.since("vm1")] == [s["at"]]
     assert history.since("vm1")[0]["vcpu_percent"] == s["vcpu_percent"]
     assert sampler.sample([]) == [] and sampler.last == {}
+
+
+def test_prometheus_text_of_the_latest_samples():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sfmpi.hostd.monitor.export import exposition
+    sample = {"at": 1.0, "vm": "web-1", "cpu_percent": 12.5, "vcpu_percent": [10.0, 2.5], "mem_pss_bytes": 4096,
+              "disk_read_bytes": 1, "disk_write_bytes": 2, "net_rx_bytes": 3, "net_tx_bytes": 4}
+    families = {f.name: f for f in text_string_to_metric_families(exposition(lambda: [sample]).decode())}
+    assert families["sfmpi_vm_cpu_percent"].samples[0].value == 12.5
+    assert [(s.labels["vcpu"], s.value) for s in families["sfmpi_vm_vcpu_percent"].samples] == [("0", 10.0),
+                                                                                               ("1", 2.5)]
+    assert families["sfmpi_vm_disk_write_bytes"].samples[0].value == 2
+    assert families["sfmpi_vm_mem_pss_bytes"].samples[0].labels == {"vm": "web-1"}
+    # No VM, no series (a VM that is gone leaves none behind).
+    assert all(not f.samples for f in text_string_to_metric_families(exposition(lambda: []).decode()))
