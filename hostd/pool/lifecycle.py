@@ -4,8 +4,10 @@ the first workers, then ticks until `pool down` (SIGTERM) or `sfmpi down`.
 
 States in pool_info: starting -> serving -> stopping -> stopped, or failed
 (with the error). The controller is a process of its own, not a part of hostd:
-it reaches hostd only through the CLI's client, never restarts it (a hostd
-that `sfmpi down` stopped ends the pool), and a pool survives a hostd restart.
+it reaches hostd only through the CLI's client and never restarts it: a hostd
+that stopped (`sfmpi down`, a crash, a restart) ends the pool, which says
+"hostd went away" and stops what it can. Its workers' reports come through
+hostd, so without it the controller could only judge them on stale data.
 """
 from __future__ import annotations
 
