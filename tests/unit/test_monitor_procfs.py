@@ -123,3 +123,42 @@ def test_prometheus_text_of_the_latest_samples():
     assert families["sfmpi_vm_mem_pss_bytes"].samples[0].labels == {"vm": "web-1"}
     # No VM, no series (a VM that is gone leaves none behind).
     assert all(not f.samples for f in text_string_to_metric_families(exposition(lambda: []).decode()))
+
+
+def test_vcpu_threads_from_query_cpus_fast():
+    from sfmpi.hostd.monitor.devices import vcpu_threads
+    cpus = [{"cpu-index": 1, "thread-id": 202, "target": "x86_64"}, {"cpu-index": 0, "thread-id": 201},
+            {"cpu-index": 2, "thread-id": "bad"}, {"cpu-index": 3}]
+    assert vcpu_threads(cpus) == (201, 202)
+
+
+def test_tap_counters_are_the_guests_view(tmp_path):
+    """A veth end in a namespace stands for a tap: what is sent into it from
+    the other end is what its "guest" received."""
+    import uuid
+
+    from sfmpi.hostd.monitor.devices import tap_counters
+    ns = [f"sfmpi-t{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    for n in ns:
+        run("ip", "netns", "add", n)
+    try:
+        run("ip", "-n", ns[0], "link", "add", "sftap0", "type", "veth", "peer", "name", "guest0", "netns", ns[1])
+        run("ip", "-n", ns[0], "addr", "add", "10.251.0.1/30", "dev", "sftap0")
+        run("ip", "-n", ns[1], "addr", "add", "10.251.0.2/30", "dev", "guest0")
+        for n, dev in ((ns[0], "sftap0"), (ns[1], "guest0")):
+            run("ip", "-n", n, "link", "set", dev, "up")
+        send = ("import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "for _ in range(int(sys.argv[1])): s.sendto(b'x' * 1000, ('10.251.0.1', 9))\n")
+        run("ip", "netns", "exec", ns[1], sys.executable, "-c", send, "1")  # the neighbour resolved first
+        time.sleep(0.3)
+        before = tap_counters(ns[0], ["sftap0", "nosuch"])
+        assert list(before) == ["sftap0"]
+        # 200 datagrams of 1000 bytes from the "guest" side: the VM sent them.
+        run("ip", "netns", "exec", ns[1], sys.executable, "-c", send, "200")
+        after = tap_counters(ns[0], ["sftap0"])["sftap0"]
+        assert after["net_tx_bytes"] - before["sftap0"]["net_tx_bytes"] >= 200 * 1000
+        assert after["net_rx_bytes"] - before["sftap0"]["net_rx_bytes"] < 50 * 1000
+    finally:
+        for n in ns:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
