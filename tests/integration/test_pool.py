@@ -3,6 +3,7 @@ HAProxy and real clones (docs/pool.md). One pool for the module (its warm
 checkpoint is the expensive part); each test leaves it at one worker."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -50,10 +51,23 @@ class Load:
         return json.loads(out)
 
 
-def watch_counts(cli: Cli, stop: threading.Event, seen: list[int]) -> None:
-    while not stop.is_set():
-        seen.append(status(cli)["vm_count"])
-        stop.wait(0.5)
+@contextlib.contextmanager
+def worker_counts(cli: Cli):
+    """The pool's worker count every half second while the block runs."""
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(status(cli)["vm_count"])
+            stop.wait(0.5)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        watcher.join()
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +102,7 @@ def test_pool_up_serves_the_example_service(pool_cli):
 
 
 def test_burst_grows_by_cloning_and_shrinks_back_with_no_failure(pool_cli):
-    seen: list[int] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=watch_counts, args=(pool_cli, stop, seen), daemon=True)
-    watcher.start()
-    try:
+    with worker_counts(pool_cli) as seen:
         burst = Load(pool_cli, 10, 15).result()
         assert burst["failed"] == 0 and burst["ok"] == burst["requests"] == 150, burst
         assert max(seen) == 4, f"the pool grew to {max(seen)} workers, not 4: {seen}"
@@ -104,9 +114,6 @@ def test_burst_grows_by_cloning_and_shrinks_back_with_no_failure(pool_cli):
         wait_for("back to one worker", lambda: status(pool_cli)["vm_count"] == 1, 90)
         light = trickle.result()
         assert light["failed"] == 0, light
-    finally:
-        stop.set()
-        watcher.join()
     st = status(pool_cli)
     kinds = [e["kind"] for e in st["events"]]
     assert "drain" in kinds and "scale-in" in kinds
@@ -150,15 +157,8 @@ def test_killed_worker_is_replaced(pool_cli):
 
 def test_max_reached_requests_queue_and_are_served(pool_cli):
     pool_cli("pool", "set", POOL, "max_vm_count=2")
-    seen: list[int] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=watch_counts, args=(pool_cli, stop, seen), daemon=True)
-    watcher.start()
-    try:
+    with worker_counts(pool_cli) as seen:
         res = Load(pool_cli, 10, 10).result()
-    finally:
-        stop.set()
-        watcher.join()
     assert res["failed"] == 0 and res["ok"] == 100, res
     assert max(seen) == 2, f"workers beyond max_vm_count=2: {seen}"
     st = status(pool_cli)
