@@ -1,1 +1,2 @@
-"""The admin console: a web page on the host's loopback that graphs the pools (docs/console.md, docs/pool.md)."""
+"""The admin console: web pages on the host's loopback that graph the pools and the VMs
+(docs/console.md, docs/pool.md)."""

@@ -1,4 +1,5 @@
-"""The console's web server (docs/console.md): the page, Chart.js, /api/state and /events.
+"""The console's web server (docs/console.md): the pages, Chart.js, /api/state and
+/events for the pools and the VM list, /api/vm and /events/vm for the page of one VM.
 
 Standard library only (ThreadingHTTPServer: one thread per request, so an open
 /events stream never holds up the page), bound to 127.0.0.1 and nothing else:
@@ -13,14 +14,15 @@ import json
 import logging
 import signal
 import socketserver
+import sqlite3
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from sfmpi.errors import SfmpiError, UsageError
+from sfmpi.errors import NotFound, SfmpiError, UsageError
 
-from .state import Feed, snapshot, window_minutes
+from .state import Feed, VmFeed, check_vm_name, snapshot, vm_snapshot, window_minutes
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,8 @@ class ConsoleServer(ThreadingHTTPServer):
         self.home = Path(home)
         self.chart = chart
         self.routes = {"/": STATIC / "index.html", "/index.html": STATIC / "index.html",
-                       "/static/console.js": STATIC / "console.js", "/static/console.css": STATIC / "console.css",
+                       **{f"/static/{name}": STATIC / name
+                          for name in ("common.js", "console.js", "vm.js", "console.css")},
                        "/static/chart.umd.js": chart}
         # Set on close: every /events thread ends within a push interval.
         self.stopping = threading.Event()
@@ -162,7 +165,9 @@ class Handler(BaseHTTPRequestHandler):
             body = json.dumps(snapshot(self.server.home, minutes)).encode()
             return self._send(200, body, "application/json")
         if url.path == "/events":
-            return self._events(minutes)
+            return self._events(Feed(self.server.home, minutes))
+        if url.path in ("/vm", "/api/vm", "/events/vm"):
+            return self._vm(url.path, (query.get("name") or [""])[0], minutes)
         path = self.server.routes.get(url.path)
         if path is None:
             return self._send(404, f"no such page: {url.path}\n".encode(), TEXT)
@@ -171,6 +176,31 @@ class Handler(BaseHTTPRequestHandler):
         except OSError as exc:
             return self._send(500, f"cannot read {path}: {exc.strerror}\n".encode(), TEXT)
         self._send(200, body, TYPES.get(path.suffix, "application/octet-stream"))
+
+    def _vm(self, path: str, name: str, minutes: int) -> None:
+        """The page of one VM, its JSON, its event stream. A bad name is 400 on
+        all three; an unknown VM is 404 on the JSON and the stream, while the
+        page is served, says so (it asks /api/vm) and names the VMs there are."""
+        try:
+            check_vm_name(name)
+            if path == "/vm":
+                return self._send(200, (STATIC / "vm.html").read_bytes(), TYPES[".html"])
+            if path == "/events/vm":
+                feed = VmFeed(self.server.home, name, minutes)
+                return self._events(feed, feed.snapshot())
+            return self._send(200, json.dumps(vm_snapshot(self.server.home, name, minutes)).encode(),
+                              "application/json")
+        except UsageError as exc:
+            code, error = 400, str(exc)
+        except NotFound as exc:
+            code, error = 404, str(exc)
+        except (SfmpiError, sqlite3.Error) as exc:
+            code, error = 503, f"cannot read VM {name}: {exc}"
+        except OSError as exc:
+            code, error = 500, f"cannot read {STATIC / 'vm.html'}: {exc.strerror}"
+        if path == "/vm":
+            return self._send(code, f"{error}\n".encode(), TEXT)
+        self._send(code, json.dumps({"error": error, "name": name}).encode(), "application/json")
 
     def _send(self, code: int, body: bytes, ctype: str) -> None:
         self.send_response(code)
@@ -183,17 +213,17 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _events(self, minutes: int) -> None:
-        """Server-sent events: `state` (a snapshot) once, then `update` every PUSH_S.
-        A reconnecting EventSource gets a fresh snapshot, so nothing is missed."""
-        feed = Feed(self.server.home, minutes)
+    def _events(self, feed: Feed | VmFeed, first: dict | None = None) -> None:
+        """Server-sent events: `state` (a snapshot; `first` if one was taken
+        already) once, then `update` every PUSH_S. A reconnecting EventSource
+        gets a fresh snapshot, so nothing is missed."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         try:
             self.wfile.write(b"retry: 2000\n\n")
-            self._push("state", feed.snapshot())
+            self._push("state", first if first is not None else feed.snapshot())
             while not self.server.stopping.wait(PUSH_S):
                 self._push("update", feed.update())
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):

@@ -1,4 +1,5 @@
-/* The console page (docs/console.md): one card per pool, fed by /events.
+/* The console page (docs/console.md): the VMs of the host, each a link to its
+   page (vm.js), and one card per pool, fed by /events.
 
    /events sends a `state` snapshot first (again after every reconnect, so the
    page simply rebuilds) and then an `update` each second with the samples and
@@ -27,47 +28,12 @@
   let updates = 0;
   let ready = false;
 
+  const C = window.sfmpiCommon;
+  const { el, fixed, timeLabel, insertByX, trim } = C;
   const colour = kind => KIND_COLOURS[kind] || OTHER_KIND;
-  const fixed = x => (typeof x === "number" ? x.toFixed(1) : "–");
-  const timeLabel = ms => new Date(ms).toLocaleTimeString([], { hour12: false });
-
-  // The time axis ticks on whole minutes (a linear scale would tick wherever the window starts).
-  const STEPS_MIN = [1, 2, 5, 10, 15, 30, 60];
-  const minuteLabel = ms => new Date(ms).toLocaleTimeString([], { hour12: false, hour: "2-digit", minute: "2-digit" });
-  function minuteTicks(axis) {
-    const wanted = (axis.max - axis.min) / 60000 / 8;
-    const step = 60000 * (STEPS_MIN.find(m => m >= wanted) || 60);
-    const ticks = [];
-    for (let t = Math.ceil(axis.min / step) * step; t <= axis.max; t += step) ticks.push({ value: t });
-    axis.ticks = ticks;
-  }
-
-  function el(tag, attrs, ...children) {
-    const e = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (k === "class") e.className = v; else e.setAttribute(k, v);
-    }
-    for (const c of children) e.append(c);
-    return e;
-  }
 
   // -- charts ---------------------------------------------------------------
-  function baseOptions(yScales, tooltipLabel) {
-    return {
-      animation: false, responsive: true, maintainAspectRatio: false, parsing: false,
-      interaction: { mode: "nearest", intersect: false },
-      plugins: {
-        legend: { labels: { boxWidth: 12 } },
-        tooltip: { callbacks: { title: items => items.length ? timeLabel(items[0].parsed.x) : "",
-                                ...(tooltipLabel ? { label: tooltipLabel } : {}) } },
-      },
-      scales: {
-        x: { type: "linear", min: serverNow - windowMs, max: serverNow, afterBuildTicks: minuteTicks,
-             ticks: { callback: v => minuteLabel(v), maxRotation: 0, autoSkipPadding: 24 } },
-        ...yScales,
-      },
-    };
-  }
+  const baseOptions = (yScales, tooltipLabel) => C.baseOptions(serverNow - windowMs, serverNow, yScales, tooltipLabel);
 
   // Each event point carries its kind as a label: above it, else below it where that
   // would overlap a label already drawn; left out where both would (its tooltip still says).
@@ -137,19 +103,6 @@
     });
   }
 
-  // Samples arrive in id order; a late report can be older than the last point.
-  function insertByX(data, point) {
-    let i = data.length;
-    while (i > 0 && data[i - 1].x > point.x) i--;
-    data.splice(i, 0, point);
-  }
-
-  function trim(data, from) {
-    let n = 0;
-    while (n < data.length && data[n].x < from) n++;
-    if (n) data.splice(0, n);
-  }
-
   // -- a pool's card ------------------------------------------------------------
   function makeCard(name) {
     const p = { name, events: [], vms: new Map(), vmCount: 0, paramsJson: "" };
@@ -183,7 +136,7 @@
     const canvas = el("canvas");
     v = { info: el("span", { class: "muted" }) };
     v.box = el("div", { class: "vm", "data-vm": name },
-      el("div", { class: "vm-head" }, el("strong", {}, name), v.info), el("div", { class: "chart-box" }, canvas));
+      el("div", { class: "vm-head" }, el("strong", {}, el("a", { href: C.vmHref(name) }, name)), v.info), el("div", { class: "chart-box" }, canvas));
     p.vmsBox.append(v.box);
     v.chart = loadChart(canvas);
     p.vms.set(name, v);
@@ -260,10 +213,25 @@
     redraw(p.vmChart);
   }
 
-  function redraw(chart) {
-    chart.options.scales.x.min = serverNow - windowMs;
-    chart.options.scales.x.max = serverNow;
-    chart.update("none");
+  const redraw = chart => C.redraw(chart, serverNow - windowMs, serverNow);
+
+  // -- the host's VMs: a table of links to their pages ------------------------
+  let vmNames = [];
+  function showVms(msg) {
+    const vms = msg.vms || [];
+    vmNames = vms.map(v => v.name);
+    const rows = vms.map(v => el("tr", { "data-vm": v.name, "data-state": v.state },
+      el("td", {}, el("a", { href: C.vmHref(v.name) }, v.name)),
+      el("td", {}, v.role || "–"), el("td", { class: "vm-state" }, v.state), el("td", {}, v.family || "–"),
+      el("td", { class: "num" }, v.cpus == null ? "–" : String(v.cpus)),
+      el("td", { class: "num" }, v.mem_mb == null ? "–" : String(v.mem_mb)),
+      el("td", { class: "num" }, fixed(v.cpu_percent)), el("td", { class: "num" }, fixed(v.pss_mib))));
+    document.getElementById("vm-rows").replaceChildren(...rows);
+    document.getElementById("vm-list").hidden = vms.length === 0;
+    document.getElementById("no-vms").hidden = vms.length > 0 || Boolean(msg.vms_error);
+    const error = document.getElementById("vms-error");
+    error.textContent = msg.vms_error || "";
+    error.hidden = !msg.vms_error;
   }
 
   function dropCard(name) {
@@ -287,6 +255,7 @@
     [...pools.keys()].forEach(dropCard);
     msg.pools.forEach(applyPool);
     document.getElementById("no-pools").hidden = pools.size > 0;
+    showVms(msg);
     ready = true;
     updates++;
   }
@@ -297,6 +266,7 @@
     [...pools.keys()].filter(n => !names.has(n)).forEach(dropCard);
     msg.pools.forEach(applyPool);
     document.getElementById("no-pools").hidden = pools.size > 0;
+    showVms(msg);
     updates++;
   }
 
@@ -305,6 +275,7 @@
     ready: () => ready,                      // the first snapshot is drawn
     updates: () => updates,                  // messages drawn so far (snapshot included)
     pools: () => [...pools.keys()],
+    vms: () => vmNames.slice(),              // the host's VMs listed, in the table's order
     // Data points in all of a pool's charts (its VM-count chart and every VM's load chart).
     points(pool) {
       const p = pools.get(pool);
@@ -316,13 +287,9 @@
     events: pool => (pools.has(pool) ? pools.get(pool).events.map(e => e.kind) : null),  // oldest first
   };
 
-  const minutes = new URLSearchParams(location.search).get("minutes");
-  const source = new EventSource("/events" + (minutes ? `?minutes=${encodeURIComponent(minutes)}` : ""));
-  const connection = document.getElementById("connection");
-  const setConnection = (state, text) => { connection.dataset.state = state; connection.textContent = text; };
-  source.addEventListener("open", () => setConnection("live", "live"));
-  source.addEventListener("error", () => (source.readyState === EventSource.CLOSED
-    ? setConnection("lost", "disconnected") : setConnection("connecting", "reconnecting…")));
+  const query = C.windowQuery();
+  const source = new EventSource("/events" + (query ? `?${query}` : ""));
+  C.watch(source);
   source.addEventListener("state", e => onState(JSON.parse(e.data)));
   source.addEventListener("update", e => onUpdate(JSON.parse(e.data)));
 })();
