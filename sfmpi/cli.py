@@ -188,6 +188,31 @@ def vm_stop(name, as_json) -> None:
     _emit(res, as_json, lambda r: click.echo(f"{r['name']} stopped"))
 
 
+@vm.command("set")
+@click.argument("name")
+@click.option("--cpu-shares", default=None, metavar="N", help="Weight under CPU contention (2-262144; host default 1024).")
+@click.option("--cpu-limit", default=None, metavar="PCT", help="CPU ceiling in percent of one host core.")
+@click.option("--mem-limit", default=None, metavar="SIZE", help="Host memory ceiling (e.g. 384M).")
+@click.option("--disk-iops", default=None, metavar="N", help="Disk operations per second.")
+@click.option("--disk-bps", default=None, metavar="N", help="Disk bytes per second.")
+@click.option("--net-rate", default=None, metavar="RATE", help="Network rate each way (10mbit, 500kbit, 2MB/s).")
+@click.option("--priority", default=None, type=click.Choice(["low", "normal", "high"]),
+              help="CPU shares as vSphere gives them: low/normal/high = 1:2:4 (per vCPU).")
+@click.option("--json", "as_json", is_flag=True)
+def vm_set(name, as_json, **given) -> None:
+    """Set a VM's resources (a Set-VMResourceConfiguration). `none` clears a setting. Settings
+    persist with the VM, and its clones start with them."""
+    settings = {k: v for k, v in given.items() if v is not None}
+    if not settings:
+        raise UsageError("vm set: give at least one setting (see `sfmpi vm set --help`)")
+    res = _client().call("vm.set", name=name, settings=settings)
+
+    def human(r):
+        shown = ", ".join(f"{k}={v}" for k, v in r["resources"].items()) or "none"
+        click.echo(f"{r['name']}: {shown}{'' if r['applied'] else ' (applied when it runs)'}")
+    _emit(res, as_json, human)
+
+
 # -- checkpoint / clone -----------------------------------------------------
 class CheckpointGroup(click.Group):
     """`sfmpi checkpoint NAME` takes a checkpoint (the stable form); `checkpoint ls`
@@ -284,11 +309,15 @@ def clone(ckpt, n, allow_fewer, memory, policy, push, multicast, as_json) -> Non
     _emit(res, as_json, human)
 
 
-@main.command("stats")
+@main.group("stats", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True)
-def stats(as_json) -> None:
+@click.pass_context
+def stats(ctx, as_json) -> None:
     """Counters of the lazy memory path: the memory server and each memtap
-    (unicast and multicast bytes, ranges not sent again, repairs, push, prefetch)."""
+    (unicast and multicast bytes, ranges not sent again, repairs, push, prefetch).
+    `stats vm NAME`: a VM's statistics; `stats metrics`: all VMs' in the Prometheus format."""
+    if ctx.invoked_subcommand is not None:
+        return
     res = _client().call("stats")
 
     def human(r):
@@ -323,6 +352,11 @@ def stats(as_json) -> None:
     _emit(res, as_json, human)
 
 
+from .cli_stats import add_stats_commands  # noqa: E402 - registers on the stats group
+
+add_stats_commands(stats)
+
+
 @main.command("down")
 @click.option("--json", "as_json", is_flag=True)
 def down(as_json) -> None:
@@ -353,7 +387,10 @@ def down(as_json) -> None:
 @click.option("--stop-vms-on-signal", is_flag=True,
               help="SIGTERM, SIGINT or SIGHUP stops every VM before hostd exits (a batch job's hostd: "
                    "the job's VMs end with it). Without it they run on for the next hostd.")
-def hostd_cmd(mem_budget, vcpu_budget, no_multicast, stop_vms_on_signal) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve the VMs' statistics in the Prometheus text format on 127.0.0.1:PORT "
+                   "(default: SFMPI_METRICS_PORT; 0 or unset: none).")
+def hostd_cmd(mem_budget, vcpu_budget, no_multicast, stop_vms_on_signal, metrics_port) -> None:
     """Run hostd in the foreground (commands start it on demand otherwise)."""
     if no_multicast:
         os.environ["SFMPI_MULTICAST"] = "0"
@@ -367,7 +404,7 @@ def hostd_cmd(mem_budget, vcpu_budget, no_multicast, stop_vms_on_signal) -> None
         budget = Budget(parse_size_mb(mem_budget), budget.vcpus)
     if vcpu_budget:
         budget = Budget(budget.mem_mb, vcpu_budget)
-    serve(Paths.from_env(), budget, stop_vms_on_signal)
+    serve(Paths.from_env(), budget, stop_vms_on_signal, metrics_port)
 
 
 from .cli_cluster import add_cluster_commands  # noqa: E402 - registers on main

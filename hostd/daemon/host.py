@@ -8,6 +8,8 @@ Parts and what they depend on (docs/architecture.md has the picture):
     fork/    Checkpointer, Receivers, Cloner, Retention <- vm, net, policy
     guestapi/ TicketBook, CloneApi               <- CloneHost (this module's GuestSide)
     memory/  ServedMemory (memory server, memtap) <- netns; the cloner asks it for served RAM
+    monitor/ StatsTask (per-VM statistics, history) <- vm registry (read only), netns
+    resources/ Resources (cgroups, disk throttle, tap rates) <- vm registry, families' namespace
 Events: VmRegistry "gone" -> families (leave the network), clone API (finish
 the clone's slot; a parent takes its clones along), served memory (the last
 clone of a checkpoint takes its memtap along); "launched" -> clone API
@@ -41,6 +43,10 @@ from ..memory.farside import FarSide
 from ..memory.options import ServedOptions
 from ..memory.options import for_tickets as served_for_tickets
 from ..memory.served import MEMORY_MODES, ServedMemory
+from ..resources.applier import Resources
+from ..resources.cgroups import VmCgroups, probe_host
+from ..monitor.history import StatsHistory
+from ..monitor.sampling import StatsTask, interval_from_env, max_age_from_env
 from ..net import netplan
 from ..net.families import Families, NetOptions
 from ..net.namespace import HostNamespace
@@ -206,6 +212,11 @@ class Host:
         self.vms.on_gone(self.memory.vm_gone)
         self.vms.on_launched(self.clone_api.attach)
         self.runtime.add_explainer(self.memory.explain)
+        self.resources = Resources(self.vms, VmCgroups(paths.tag, probe_host()), self.families.in_namespace)
+        self.vms.on_launched(self.resources.vm_launched)
+        self.vms.on_gone(self.resources.vm_gone)
+        self.stats = StatsTask(self.vms, paths.netns, StatsHistory(paths.home / "stats.db", max_age_from_env()),
+                               interval_from_env())
 
     # -- bookkeeping -----------------------------------------------------
     def usage(self) -> Usage:
@@ -240,6 +251,7 @@ class Host:
             "netid": rec.netid if rec.family else None,
             "ip": str(netplan.ip(rec.family_no, rec.netid)) if rec.family_no else "",
             "ticket": rec.ticket, "host": self.host_name, **self.family_options(rec.family).to_json(),
+            "resources": rec.resources,
         }
 
     # -- operations ------------------------------------------------------
@@ -281,6 +293,18 @@ class Host:
     def stats(self) -> dict:
         """Counters of the lazy memory path (memory server, memtaps)."""
         return {"memory": self.memory.stats()}
+
+    def vm_stats(self, name: str, since: float = 0.0, last: int | None = None) -> dict:
+        """A VM's statistics history (a Get-Stat): samples from `since` (Unix s), or its `last` ones."""
+        if isinstance(since, bool) or not isinstance(since, (int, float)) or since < 0:
+            raise UsageError(f"--since must be a time (got {since!r})")
+        history = self.stats.history
+        samples = history.since_last(name, last) if last else history.since(name, float(since))
+        rec = self.vms.record(name)
+        if rec is None and not samples:
+            raise NotFound(f"no VM named {name} (see `sfmpi vm list`)")
+        return {"vm": name, "state": rec.state.value if rec else "gone", "interval_s": self.stats.interval,
+                "samples": samples}
 
     # -- recovery and teardown --------------------------------------------
     async def recover(self) -> dict:
@@ -362,6 +386,7 @@ class Host:
             await asyncio.gather(*(self.runtime.stop(r.name) for r in batch), return_exceptions=True)
             stopped += [r.name for r in batch]
         self.runtime.cancel_watchers()
+        await self.resources.down()
         if self.span is not None:
             await self.span.down()
         await asyncio.to_thread(self.memory.down)   # before the namespaces it runs in go

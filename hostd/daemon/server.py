@@ -28,6 +28,7 @@ from ..policy.admission import Budget
 from ..state.store import Store
 from ..cluster.config import ClusterConfig
 from ..cluster.spanning import Membership
+from ..monitor.export import MetricsServer, exposition, metrics_port_from_env
 from .host import Host
 from .lock import HostLock
 
@@ -45,8 +46,10 @@ def peer_uid(writer: asyncio.StreamWriter) -> int:
 
 
 class Hostd:
-    def __init__(self, paths: Paths, budget: Budget, stop_vms_on_signal: bool = False):
+    def __init__(self, paths: Paths, budget: Budget, stop_vms_on_signal: bool = False,
+                 metrics_port: int | None = None):
         self.paths = paths
+        self.metrics_port = metrics_port   # None: SFMPI_METRICS_PORT decides
         self.budget = budget
         # A batch job's hostd (jobs/runner.py): the scheduler ends a job by
         # signalling its processes, and the job's VMs must end with it. A
@@ -79,6 +82,12 @@ class Hostd:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             log.info("hostd %d serving %s (budget %d MiB, %d vCPUs)", os.getpid(), self.paths.socket,
                      self.budget.mem_mb, self.budget.vcpus)
+            self.host.stats.start()
+            metrics = None
+            metrics_port = self.metrics_port if self.metrics_port is not None else metrics_port_from_env()
+            if metrics_port:
+                metrics = MetricsServer(metrics_port, self.host.stats.latest_samples).start()
+                log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", metrics.port)
             membership = None
             if self.host.span is not None:
                 # A host of a cluster: the peer listener, and heartbeats to the master.
@@ -91,6 +100,9 @@ class Hostd:
                 log.info("signalled: stopped %s", ", ".join(stopped["stopped"]) or "no VM")
             if membership is not None:
                 await membership.stop()
+            await self.host.stats.stop()
+            if metrics is not None:
+                metrics.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths.socket)
             store.close()
@@ -182,6 +194,10 @@ class Hostd:
                 raise ConnectionError("client went away")
             gone.cancel()
             return {"code": job.result()}
+        if op == "vm.set":
+            if not isinstance(args["settings"], dict):
+                raise UsageError("vm.set: settings must be an object")
+            return await m.resources.set(str(args["name"]), args["settings"])
         if op == "vm.report_load":
             return await m.runtime.report_load(list(args["names"]), args.get("interval", 1.0))
         if op == "vm.loads":
@@ -198,6 +214,12 @@ class Hostd:
                                  ServedOptions.from_json(args.get("served")))
         if op == "stats":
             return m.stats()
+        if op == "stats.vm":
+            return m.vm_stats(str(args["name"]), args.get("since", 0.0), _count(args.get("last")))
+        if op == "stats.latest":
+            return m.stats.latest_samples()
+        if op == "stats.metrics":
+            return {"text": exposition(m.stats.latest_samples).decode()}
         if op == "down":
             return await m.down()
         if op == "shutdown":
@@ -207,5 +229,13 @@ class Hostd:
         raise UsageError(f"hostd does not know the operation {op!r}")
 
 
-def serve(paths: Paths, budget: Budget, stop_vms_on_signal: bool = False) -> None:
-    asyncio.run(Hostd(paths, budget, stop_vms_on_signal).run())
+def _count(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+        raise UsageError(f"a sample count must be 1-100000 (got {value!r})")
+    return value
+
+
+def serve(paths: Paths, budget: Budget, stop_vms_on_signal: bool = False, metrics_port: int | None = None) -> None:
+    asyncio.run(Hostd(paths, budget, stop_vms_on_signal, metrics_port).run())

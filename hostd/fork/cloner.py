@@ -29,6 +29,7 @@ from ..memory.options import ServedOptions
 from ..net import netplan
 from ..net.families import Families, Family
 from ..policy.admission import Admission
+from ..resources.settings import validate_stored
 from ..state.records import VmRecord, VmRole, VmState
 from ..vm.cmdline import NbdBacking, Nic, Qcow2Disk, Sockets, vm_argv
 from ..vm.registry import VmRegistry
@@ -76,6 +77,16 @@ def greeting_from(spec: dict) -> tuple[Greeting, str]:
                 "ip": ident["ip"], "hostname": ident["hostname"], "identity": ident, **extras}
     return greet, "cloned"
 
+
+
+def inherited_resources(ckpt: Checkpoint) -> dict:
+    """The settings a clone starts with: its checkpoint's VM's (a manifest from
+    another host is checked like any input; a bad one gives no settings, logged)."""
+    try:
+        return validate_stored(ckpt.resources, int(ckpt.machine.get("cpus", 1)))
+    except UsageError as exc:
+        log.warning("checkpoint %s: resource settings ignored: %s", ckpt.id, exc)
+        return {}
 
 
 def clone_preload(argv: list[str], ram_path: str, served: bool, reports_free_pages: bool) -> list[str]:
@@ -245,7 +256,7 @@ class Cloner:
                 rec = VmRecord(name=o.name, role=VmRole.CLONE, state=VmState.STARTING,
                                spec=ckpt.spec.to_json(), overlay=self.runtime.new_layer(o.name),
                                checkpoint=ckpt.id, family=fam.name, family_no=fam.number,
-                               netid=o.netid, ticket=ticket,
+                               netid=o.netid, ticket=ticket, resources=inherited_resources(ckpt),
                                backing=(ckpt.disk, *ckpt.disk_chain) if ckpt.disk else (),
                                **{**self.runtime.files(o.name), "ram_path": ram})
                 self.runtime.reserve(rec)

@@ -58,6 +58,8 @@ class Checkpoint:
     # Taken by checkpoint_parent() in the guest: the id of that pending call,
     # which clones created from this checkpoint are answered on.
     guest_req: int | None = None
+    # The VM's resource settings when it was taken: its clones start with them.
+    resources: dict = field(default_factory=dict)
 
     @property
     def state_file(self) -> Path:
@@ -182,8 +184,9 @@ def _check_types(ckpt: Checkpoint) -> None:
     for k in ("id", "vm", "state_sha256", "mode", "qemu_version", "family"):
         if not isinstance(getattr(ckpt, k), str):
             raise TypeError(f"{k} is not a string")
-    if not isinstance(ckpt.machine, dict) or not isinstance(ckpt.timings, dict):
-        raise TypeError("machine and timings must be objects")
+    if not isinstance(ckpt.machine, dict) or not isinstance(ckpt.timings, dict) \
+            or not isinstance(ckpt.resources, dict):
+        raise TypeError("machine, timings and resources must be objects")
     if ckpt.guest_req is not None and (isinstance(ckpt.guest_req, bool) or not isinstance(ckpt.guest_req, int)):
         raise TypeError("guest_req is not an integer")
 

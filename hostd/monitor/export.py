@@ -1,11 +1,15 @@
-"""Per-VM statistics in the Prometheus text format (issue 20, in progress: not
-served by hostd yet). A custom collector yields the latest sample of each VM at
-scrape time, so nothing is kept twice and a VM that is gone leaves no stale series."""
+"""Per-VM statistics in the Prometheus text format, served by hostd on a
+loopback port (`sfmpi hostd --metrics-port`, SFMPI_METRICS_PORT) and printed by
+`sfmpi stats metrics`. A custom collector yields the latest sample of each VM
+at scrape time, so nothing is kept twice and a VM that is gone leaves no stale series."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+
+from sfmpi.errors import UsageError
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 COUNTERS = {"disk_read_bytes": "Bytes the VM read from its disks",
@@ -39,3 +43,37 @@ def exposition(latest: Callable[[], list[dict]]) -> bytes:
     registry = CollectorRegistry()
     registry.register(VmCollector(latest))
     return generate_latest(registry)
+
+
+def metrics_port_from_env() -> int | None:
+    """SFMPI_METRICS_PORT: the loopback port for Prometheus (unset or 0: none)."""
+    text = os.environ.get("SFMPI_METRICS_PORT", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise UsageError(f"SFMPI_METRICS_PORT must be a port 1-65535, or 0 for none (got {text!r})")
+    return int(text) or None
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server on 127.0.0.1:port. Lifecycle: start() -> close()."""
+
+    def __init__(self, port: int, latest: Callable[[], list[dict]]):
+        self.port = port
+        self.registry = CollectorRegistry()
+        self.registry.register(VmCollector(latest))
+        self._httpd = None
+
+    def start(self) -> "MetricsServer":
+        try:
+            self._httpd, _thread = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+        except OSError as exc:
+            raise UsageError(f"metrics port 127.0.0.1:{self.port}: {exc.strerror}") from None
+        self.port = self._httpd.server_port
+        return self
+
+    def close(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None

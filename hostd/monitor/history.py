@@ -1,6 +1,7 @@
 """Per-VM statistics over time: a sampler that turns cumulative readings into
-rates, and their history in SQLite, bounded by age (issue 20, in progress:
-hostd does not run the sampler yet).
+rates, and their history in SQLite ($SFMPI_HOME/stats.db), bounded by age.
+The same database keeps the feedback controllers (hostd/control/) and every
+step they took, so the console can plot measurement, target and actuation.
 
 A sample's fields are what `sfmpi stats vm NAME --json` will print:
 cpu_percent (of one host core, the whole QEMU process), vcpu_percent (per vCPU
@@ -24,6 +25,17 @@ CREATE TABLE vm_sample (id INTEGER PRIMARY KEY, at REAL NOT NULL, vm TEXT NOT NU
                         net_rx_bytes INTEGER NOT NULL, net_tx_bytes INTEGER NOT NULL);
 CREATE INDEX vm_sample_vm_at ON vm_sample(vm, at)
 """
+# v2: feedback controllers. `control` holds each one's definition (JSON, see
+# hostd/control/spec.py); `control_step` every period's measurement, error,
+# integral and the actuation applied to the best-effort class.
+SCHEMA_V2 = """
+CREATE TABLE control (name TEXT PRIMARY KEY, body TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE control_step (id INTEGER PRIMARY KEY, at REAL NOT NULL, control TEXT NOT NULL,
+                           measurement REAL, target REAL NOT NULL, error REAL, integral REAL NOT NULL,
+                           actuation REAL NOT NULL, note TEXT NOT NULL DEFAULT '');
+CREATE INDEX control_step_at ON control_step(control, at)
+"""
+STEP_FIELDS = ("at", "control", "measurement", "target", "error", "integral", "actuation", "note")
 FIELDS = ("at", "vm", "cpu_percent", "vcpu_percent", "mem_pss_bytes", "disk_read_bytes", "disk_write_bytes",
           "net_rx_bytes", "net_tx_bytes")
 
@@ -72,7 +84,7 @@ class Sampler:
 
 
 class StatsHistory(VersionedDb):
-    MIGRATIONS = (SCHEMA_V1,)
+    MIGRATIONS = (SCHEMA_V1, SCHEMA_V2)
     WHAT = "statistics database"
 
     def __init__(self, path: Path | str, max_age_s: float = 3600.0):
@@ -84,9 +96,43 @@ class StatsHistory(VersionedDb):
             for s in samples:
                 self.db.execute(f"INSERT INTO vm_sample({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})",
                                 tuple(json.dumps(s[k]) if k == "vcpu_percent" else s[k] for k in FIELDS))
-            self.db.execute("DELETE FROM vm_sample WHERE at < ?", (time.time() - self.max_age_s,))
+            cutoff = time.time() - self.max_age_s
+            self.db.execute("DELETE FROM vm_sample WHERE at < ?", (cutoff,))
+            self.db.execute("DELETE FROM control_step WHERE at < ?", (cutoff,))
 
     def since(self, vm: str, t: float = 0.0) -> list[dict]:
         rows = self.db.execute(f"SELECT {', '.join(FIELDS)} FROM vm_sample WHERE vm = ? AND at >= ? ORDER BY at",
                                (vm, t))
         return [{k: json.loads(v) if k == "vcpu_percent" else v for k, v in zip(FIELDS, row)} for row in rows]
+
+    def latest(self, vm: str) -> dict | None:
+        rows = self.since_last(vm, 1)
+        return rows[0] if rows else None
+
+    def since_last(self, vm: str, count: int) -> list[dict]:
+        rows = self.db.execute(f"SELECT {', '.join(FIELDS)} FROM vm_sample WHERE vm = ? ORDER BY at DESC LIMIT ?",
+                               (vm, count)).fetchall()
+        return [{k: json.loads(v) if k == "vcpu_percent" else v for k, v in zip(FIELDS, row)} for row in rows[::-1]]
+
+    # -- feedback controllers (hostd/control/) ---------------------------
+    def put_control(self, name: str, body: dict) -> None:
+        self.db.execute("INSERT OR REPLACE INTO control (name, body, created) VALUES (?, ?, ?)",
+                        (name, json.dumps(body), time.time()))
+
+    def controls(self) -> dict[str, dict]:
+        return {r[0]: json.loads(r[1]) for r in self.db.execute("SELECT name, body FROM control ORDER BY created")}
+
+    def delete_control(self, name: str) -> None:
+        with self._transaction():
+            self.db.execute("DELETE FROM control WHERE name = ?", (name,))
+            self.db.execute("DELETE FROM control_step WHERE control = ?", (name,))
+
+    def add_step(self, step: dict) -> None:
+        self.db.execute(f"INSERT INTO control_step({', '.join(STEP_FIELDS)}) VALUES "
+                        f"({', '.join('?' * len(STEP_FIELDS))})", tuple(step.get(k, "") if k == "note" else step[k]
+                                                                  for k in STEP_FIELDS))
+
+    def steps(self, control: str, t: float = 0.0) -> list[dict]:
+        rows = self.db.execute(f"SELECT {', '.join(STEP_FIELDS)} FROM control_step WHERE control = ? AND at >= ? "
+                               "ORDER BY at", (control, t))
+        return [dict(zip(STEP_FIELDS, row)) for row in rows]

@@ -49,6 +49,8 @@ class VmRecord:
     # The files under `overlay`, nearest first (frozen layers, the image): what
     # this VM needs on disk while it lives (hostd/fork/retention.py).
     backing: tuple[str, ...] = ()
+    # `sfmpi vm set`'s settings (hostd/resources/settings.py), applied whenever the VM comes up.
+    resources: dict = field(default_factory=dict)
     created: float = field(default_factory=time.time)
 
     def with_(self, **changes) -> "VmRecord":
