@@ -196,7 +196,7 @@ def vm_stop(name, as_json) -> None:
 @click.option("--disk-iops", default=None, metavar="N", help="Disk operations per second.")
 @click.option("--disk-bps", default=None, metavar="N", help="Disk bytes per second.")
 @click.option("--net-rate", default=None, metavar="RATE", help="Network rate each way (10mbit, 500kbit, 2MB/s).")
-@click.option("--priority", default=None, type=click.Choice(["low", "normal", "high"]),
+@click.option("--priority", default=None, type=click.Choice(["low", "normal", "high", "none"]),
               help="CPU shares as vSphere gives them: low/normal/high = 1:2:4 (per vCPU).")
 @click.option("--json", "as_json", is_flag=True)
 def vm_set(name, as_json, **given) -> None:
@@ -418,6 +418,10 @@ add_jobs_commands(main)
 from .cli_pool import add_pool_commands  # noqa: E402 - registers on main
 
 add_pool_commands(main)
+
+from .cli_control import add_control_commands  # noqa: E402 - registers on main
+
+add_control_commands(main)
 
 from .cli_console import add_console_commands  # noqa: E402 - registers on main
 

@@ -72,6 +72,11 @@ def leaks(home: Path, shm: Path, whole_host_network: bool = False) -> list[str]:
         found.append("hostd socket left")
     if (home / "net").exists() and any((home / "net").iterdir()):
         found.append(f"family network state left: {sorted(x.name for x in (home / 'net').iterdir())}")
+    # cgroups sfmpi made for this home's VMs (hostd/resources/cgroups.py), in any hierarchy.
+    for mount in sorted({ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines()
+                         if ln.split()[2] in ("cgroup", "cgroup2")}):
+        for cg in [*Path(mount).glob(f"sfmpi-{Paths(home).tag}"), *Path(mount).glob(f"*/sfmpi-{Paths(home).tag}")]:
+            found.append(f"cgroup left: {cg}")
     if whole_host_network:
         found += network_leaks()
     return found

@@ -10,6 +10,7 @@ Parts and what they depend on (docs/architecture.md has the picture):
     memory/  ServedMemory (memory server, memtap) <- netns; the cloner asks it for served RAM
     monitor/ StatsTask (per-VM statistics, history) <- vm registry (read only), netns
     resources/ Resources (cgroups, disk throttle, tap rates) <- vm registry, families' namespace
+    control/ ControlLoops (PI controllers)        <- statistics history, resources
 Events: VmRegistry "gone" -> families (leave the network), clone API (finish
 the clone's slot; a parent takes its clones along), served memory (the last
 clone of a checkpoint takes its memtap along); "launched" -> clone API
@@ -43,6 +44,7 @@ from ..memory.farside import FarSide
 from ..memory.options import ServedOptions
 from ..memory.options import for_tickets as served_for_tickets
 from ..memory.served import MEMORY_MODES, ServedMemory
+from ..control.loops import ControlLoops
 from ..resources.applier import Resources
 from ..resources.cgroups import VmCgroups, probe_host
 from ..monitor.history import StatsHistory
@@ -217,6 +219,7 @@ class Host:
         self.vms.on_gone(self.resources.vm_gone)
         self.stats = StatsTask(self.vms, paths.netns, StatsHistory(paths.home / "stats.db", max_age_from_env()),
                                interval_from_env())
+        self.control = ControlLoops(self.vms, self.stats.history, self.resources)
 
     # -- bookkeeping -----------------------------------------------------
     def usage(self) -> Usage:
@@ -379,6 +382,7 @@ class Host:
 
     async def down(self) -> dict:
         """Stop every VM (clones first), remove every runtime file."""
+        await self.control.clear()
         recs = self.vms.records()
         stopped = []
         for role in (VmRole.CLONE, VmRole.RECEIVER, VmRole.PARENT):

@@ -83,6 +83,7 @@ class Hostd:
             log.info("hostd %d serving %s (budget %d MiB, %d vCPUs)", os.getpid(), self.paths.socket,
                      self.budget.mem_mb, self.budget.vcpus)
             self.host.stats.start()
+            self.host.control.start()
             metrics = None
             metrics_port = self.metrics_port if self.metrics_port is not None else metrics_port_from_env()
             if metrics_port:
@@ -100,11 +101,13 @@ class Hostd:
                 log.info("signalled: stopped %s", ", ".join(stopped["stopped"]) or "no VM")
             if membership is not None:
                 await membership.stop()
+            await self.host.control.stop()
             await self.host.stats.stop()
             if metrics is not None:
                 metrics.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths.socket)
+            self.host.stats.history.close()
             store.close()
         finally:
             self.lock.release()
@@ -214,6 +217,21 @@ class Hostd:
                                  ServedOptions.from_json(args.get("served")))
         if op == "stats":
             return m.stats()
+        if op == "control.add":
+            params = args.get("params") or {}
+            if not isinstance(params, dict):
+                raise UsageError("control.add: params must be an object")
+            return await m.control.add(str(args["name"]), args["class"], args.get("target"),
+                                       str(args.get("group") or "default"), params)
+        if op == "control.rm":
+            return await m.control.remove(str(args["name"]))
+        if op == "control.list":
+            return m.control.list()
+        if op == "control.log":
+            since = args.get("since", 0.0)
+            if isinstance(since, bool) or not isinstance(since, (int, float)):
+                raise UsageError(f"--since must be a time (got {since!r})")
+            return m.control.steps(str(args.get("group") or "default"), float(since))
         if op == "stats.vm":
             return m.vm_stats(str(args["name"]), args.get("since", 0.0), _count(args.get("last")))
         if op == "stats.latest":

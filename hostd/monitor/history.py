@@ -98,7 +98,8 @@ class StatsHistory(VersionedDb):
                                 tuple(json.dumps(s[k]) if k == "vcpu_percent" else s[k] for k in FIELDS))
             cutoff = time.time() - self.max_age_s
             self.db.execute("DELETE FROM vm_sample WHERE at < ?", (cutoff,))
-            self.db.execute("DELETE FROM control_step WHERE at < ?", (cutoff,))
+            # A controller's log is read as a whole step response: kept at least a day.
+            self.db.execute("DELETE FROM control_step WHERE at < ?", (min(cutoff, time.time() - 86400.0),))
 
     def since(self, vm: str, t: float = 0.0) -> list[dict]:
         rows = self.db.execute(f"SELECT {', '.join(FIELDS)} FROM vm_sample WHERE vm = ? AND at >= ? ORDER BY at",

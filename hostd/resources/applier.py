@@ -48,6 +48,9 @@ class Resources:
         self.vms, self.cgroups, self.in_namespace = vms, cgroups, in_namespace
         self._tasks: set[asyncio.Task] = set()
         self._rated: set[str] = set()     # taps with a rate table
+        # CPU limits a feedback controller (hostd/control/) puts on top of the
+        # user's: the lower one holds; never persisted (the controller re-applies them).
+        self.overrides: dict[str, float] = {}
 
     # -- the operation -----------------------------------------------------
     def check_host(self, settings: dict) -> None:
@@ -81,10 +84,8 @@ class Resources:
             raise HostdError(f"VM {vm.name} has no QEMU process yet")
         cpus = int(vm.rec.spec.get("cpus", 1))
         layout = self.cgroups.layout
-        if _cpu_wanted(settings) or _cpu_wanted(previous):
-            h = layout.require("cpu", "--cpu-shares/--cpu-limit/--priority")
-            self.cgroups.place(h, vm.name, pid, cpu_files(h.version, S.effective_shares(settings, cpus),
-                                                          settings.get("cpu_limit")))
+        if _cpu_wanted(settings) or _cpu_wanted(previous) or vm.name in self.overrides:
+            self._place_cpu(vm, settings)
         if "mem_limit" in settings or "mem_limit" in previous:
             h = layout.require("memory", "--mem-limit")
             self.cgroups.place(h, vm.name, pid, memory_files(h.version, settings.get("mem_limit")))
@@ -99,6 +100,26 @@ class Resources:
             await self._rate(netplan.tap_name(vm.rec.family_no, vm.rec.netid), settings.get("net_rate"))
         if settings:
             log.info("VM %s: resources %s", vm.name, settings)
+
+    def _place_cpu(self, vm: Vm, settings: dict) -> None:
+        h = self.cgroups.layout.require("cpu", "--cpu-shares/--cpu-limit/--priority")
+        limits = [v for v in (settings.get("cpu_limit"), self.overrides.get(vm.name)) if v is not None]
+        self.cgroups.place(h, vm.name, vm.rec.pid, cpu_files(h.version,
+                                                             S.effective_shares(settings, int(vm.rec.spec.get("cpus", 1))),
+                                                             min(limits) if limits else None))
+
+    def limit_cpu(self, name: str, limit: float | None) -> bool:
+        """A controller's CPU limit for a VM (None: lifted). False if the VM does not run here."""
+        if limit is None:
+            had = self.overrides.pop(name, None) is not None
+        else:
+            had, self.overrides[name] = True, float(limit)
+        vm = self.vms.find(name)
+        if vm is None or vm.rec.pid is None:
+            return False
+        if had:
+            self._place_cpu(vm, vm.rec.resources)
+        return True
 
     async def _rate(self, tap: str, rate: int | None) -> None:
         def run() -> None:
@@ -116,7 +137,7 @@ class Resources:
     # -- registry events -----------------------------------------------------
     def vm_launched(self, vm: Vm) -> None:
         """A VM came up (started, cloned, or re-attached by a new hostd): its settings go on."""
-        if not vm.rec.resources:
+        if not vm.rec.resources and vm.name not in self.overrides:
             return
         task = asyncio.ensure_future(self._apply_logged(vm))
         self._tasks.add(task)

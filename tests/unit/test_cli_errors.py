@@ -86,7 +86,9 @@ COMMANDS = [[], ["image"], ["image", "build"], ["vm"], ["vm", "start"], ["vm", "
             ["jobs"], ["jobs", "script"], ["jobs", "submit"], ["jobs", "run"], ["jobs", "cleanup"], ["jobs", "sge-pe"],
             ["slurm"], ["slurm", "config"], ["slurm", "worker-image"], ["slurm", "resume"], ["slurm", "suspend"],
             ["slurm", "mode"], ["pool"], ["pool", "up"], ["pool", "status"], ["pool", "set"],
-            ["pool", "client"], ["pool", "down"], ["pool", "serve"], ["console"]]
+            ["pool", "client"], ["pool", "down"], ["pool", "serve"], ["console"], ["vm", "set"],
+            ["stats", "vm"], ["stats", "metrics"], ["control"], ["control", "add"], ["control", "rm"],
+            ["control", "list"], ["control", "log"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "main")
