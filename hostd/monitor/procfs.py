@@ -59,11 +59,13 @@ def blockstats_totals(blockstats: list[dict]) -> dict[str, int]:
 class ProcessSample:
     ticks: int                  # the whole process
     thread_ticks: dict[int, int]  # the asked-for threads (vCPUs) that still exist
-    pss_bytes: int
+    pss_bytes: int | None       # None: not read this time
 
 
-def read_process(pid: int, threads: list[int] = ()) -> ProcessSample:
-    """One reading of a live process; OSError if it is gone."""
+def read_process(pid: int, threads: list[int] = (), with_pss: bool = True) -> ProcessSample:
+    """One reading of a live process; OSError if it is gone. with_pss False skips
+    smaps_rollup: the kernel walks every mapping for it (measured: about 4.6 ms of
+    CPU for a 256 MiB TCG guest, against 0.02 ms for its stat line)."""
     base = Path(f"/proc/{pid}")
     ticks = cpu_ticks((base / "stat").read_text())
     per_thread = {}
@@ -72,4 +74,5 @@ def read_process(pid: int, threads: list[int] = ()) -> ProcessSample:
             per_thread[tid] = cpu_ticks((base / "task" / str(tid) / "stat").read_text())
         except FileNotFoundError:
             continue
-    return ProcessSample(ticks, per_thread, pss_bytes((base / "smaps_rollup").read_text()))
+    pss = pss_bytes((base / "smaps_rollup").read_text()) if with_pss else None
+    return ProcessSample(ticks, per_thread, pss)
