@@ -217,9 +217,9 @@ class Host:
         self.resources = Resources(self.vms, VmCgroups(paths.tag, probe_host()), self.families.in_namespace)
         self.vms.on_launched(self.resources.vm_launched)
         self.vms.on_gone(self.resources.vm_gone)
-        self.stats = StatsTask(self.vms, paths.netns, StatsHistory(paths.home / "stats.db", max_age_from_env()),
+        self.sampling = StatsTask(self.vms, paths.netns, StatsHistory(paths.home / "stats.db", max_age_from_env()),
                                interval_from_env())
-        self.control = ControlLoops(self.vms, self.stats.history, self.resources)
+        self.control = ControlLoops(self.vms, self.sampling.history, self.resources)
 
     # -- bookkeeping -----------------------------------------------------
     def usage(self) -> Usage:
@@ -301,12 +301,12 @@ class Host:
         """A VM's statistics history (a Get-Stat): samples from `since` (Unix s), or its `last` ones."""
         if isinstance(since, bool) or not isinstance(since, (int, float)) or since < 0:
             raise UsageError(f"--since must be a time (got {since!r})")
-        history = self.stats.history
+        history = self.sampling.history
         samples = history.since_last(name, last) if last else history.since(name, float(since))
         rec = self.vms.record(name)
         if rec is None and not samples:
             raise NotFound(f"no VM named {name} (see `sfmpi vm list`)")
-        return {"vm": name, "state": rec.state.value if rec else "gone", "interval_s": self.stats.interval,
+        return {"vm": name, "state": rec.state.value if rec else "gone", "interval_s": self.sampling.interval,
                 "samples": samples}
 
     # -- recovery and teardown --------------------------------------------

@@ -82,12 +82,12 @@ class Hostd:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             log.info("hostd %d serving %s (budget %d MiB, %d vCPUs)", os.getpid(), self.paths.socket,
                      self.budget.mem_mb, self.budget.vcpus)
-            self.host.stats.start()
+            self.host.sampling.start()
             self.host.control.start()
             metrics = None
             metrics_port = self.metrics_port if self.metrics_port is not None else metrics_port_from_env()
             if metrics_port:
-                metrics = MetricsServer(metrics_port, self.host.stats.latest_samples).start()
+                metrics = MetricsServer(metrics_port, self.host.sampling.latest_samples).start()
                 log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", metrics.port)
             membership = None
             if self.host.span is not None:
@@ -102,12 +102,12 @@ class Hostd:
             if membership is not None:
                 await membership.stop()
             await self.host.control.stop()
-            await self.host.stats.stop()
+            await self.host.sampling.stop()
             if metrics is not None:
                 metrics.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths.socket)
-            self.host.stats.history.close()
+            self.host.sampling.history.close()
             store.close()
         finally:
             self.lock.release()
@@ -235,9 +235,9 @@ class Hostd:
         if op == "stats.vm":
             return m.vm_stats(str(args["name"]), args.get("since", 0.0), _count(args.get("last")))
         if op == "stats.latest":
-            return m.stats.latest_samples()
+            return m.sampling.latest_samples()
         if op == "stats.metrics":
-            return {"text": exposition(m.stats.latest_samples).decode()}
+            return {"text": exposition(m.sampling.latest_samples).decode()}
         if op == "down":
             return await m.down()
         if op == "shutdown":
