@@ -84,6 +84,31 @@ def add_stats_commands(stats: click.Group) -> None:
                 click.echo(f"no samples of {r['vm']} since {time.strftime('%H:%M:%S', time.localtime(float(parse_since(since))))}")
         _emit(res, as_json, human)
 
+    @stats.command("latest")
+    @click.option("--all", "all_hosts", is_flag=True, help="Every host's VMs, through the lab's master.")
+    @click.option("--json", "as_json", is_flag=True)
+    def stats_latest(all_hosts, as_json) -> None:
+        """The latest sample of every VM (with --all: of every host, each with its host)."""
+        if all_hosts:
+            from .hostd.lab.lab import Lab
+            rows = Lab().admin("stats")
+        else:
+            rows = _client().call("stats.latest")
+
+        def human(rows):
+            if not rows:
+                click.echo("no samples")
+            fmt = "{:<28} {:<8} {:>7} {:>9} {:>12} {:>12}"
+            click.echo(fmt.format("VM", "HOST", "CPU %", "PSS MiB", "NET RX MiB", "NET TX MiB"))
+            for r in rows:
+                if "vm" not in r:   # a host that did not answer the master
+                    click.echo(f"{r.get('host')}: {r.get('error')}")
+                    continue
+                click.echo(fmt.format(r["vm"], r.get("host") or "-", f"{r['cpu_percent']:.1f}",
+                                      f"{r['mem_pss_bytes'] / 2 ** 20:.1f}", f"{r['net_rx_bytes'] / 2 ** 20:.1f}",
+                                      f"{r['net_tx_bytes'] / 2 ** 20:.1f}"))
+        _emit(rows, as_json, human)
+
     @stats.command("metrics")
     def stats_metrics() -> None:
         """Every live VM's latest statistics in the Prometheus text format (what

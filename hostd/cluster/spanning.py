@@ -382,12 +382,15 @@ class Spanning:
             self.cloner.remote_disks.pop(ckpt_id, None)
 
     # -- the peer listener's operations -------------------------------------
-    def handlers(self, list_vms) -> dict:
+    def handlers(self, list_vms, latest_stats=lambda: []) -> dict:
         async def ping(peer, _args):
             return {"host": self.host, "pid": os.getpid()}
 
         async def vm_list(peer, _args):
             return list_vms()
+
+        async def stats_latest(peer, _args):
+            return latest_stats()
 
         async def clones_start(peer, args):
             return await self.start_here(peer, args.get("descriptor"), args.get("family"), args.get("orders"),
@@ -420,7 +423,7 @@ class Spanning:
                 raise UsageError(f"{peer} does not hold clone {name}")
             self.member_ended(name, status=status)
             return {}
-        return {"ping": ping, "vm.list": vm_list, "clones.start": clones_start, "clones.stop": clones_stop,
+        return {"ping": ping, "vm.list": vm_list, "stats.latest": stats_latest, "clones.start": clones_start, "clones.stop": clones_stop,
                 "family.peers": family_peers,
                 "clone.gone": clone_gone, "clone.exited": clone_exited}
 
@@ -439,9 +442,10 @@ async def _virtual_size(disk: str) -> int:
 class Membership:
     """Registration with the master and the heartbeats after it; the peer listener."""
 
-    def __init__(self, span: Spanning, usage, budget, list_vms):
+    def __init__(self, span: Spanning, usage, budget, list_vms, latest_stats=lambda: []):
         self.span, self.usage, self.budget = span, usage, budget
-        self.server = wire.WireServer(keys.server_context(span.config.keys, span.host), span.handlers(list_vms))
+        self.server = wire.WireServer(keys.server_context(span.config.keys, span.host),
+                                      span.handlers(list_vms, latest_stats))
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:

@@ -70,7 +70,7 @@ class Master:
 
     def _handlers(self) -> dict:
         return {"ping": self.op_ping, "register": self.op_register, "heartbeat": self.op_heartbeat, "leave": self.op_leave,
-                "place": self.op_place, "ticket.state": self.op_ticket_state, "hosts": self.op_hosts, "vms": self.op_vms, "policy": self.op_policy}
+                "place": self.op_place, "ticket.state": self.op_ticket_state, "hosts": self.op_hosts, "vms": self.op_vms, "stats": self.op_stats, "policy": self.op_policy}
 
     async def run(self) -> None:
         os.umask(0o077)
@@ -227,18 +227,27 @@ class Master:
 
     async def op_vms(self, peer: str, _args: dict) -> list[dict]:
         """Every up host's VMs, each with its host (what `vm list` shows through the master)."""
+        return await self._every_host(peer, "vm.list", "lists the cluster's VMs")
+
+    async def op_stats(self, peer: str, _args: dict) -> list[dict]:
+        """Every up host's latest statistics sample of each VM, with its host (`sfmpi stats latest --all`)."""
+        return await self._every_host(peer, "stats.latest", "reads the cluster's statistics")
+
+    async def _every_host(self, peer: str, op: str, what: str) -> list[dict]:
         if peer != ADMIN_NAME:
-            raise RoleError(f"only {ADMIN_NAME} lists the cluster's VMs (not {peer})")
+            raise RoleError(f"only {ADMIN_NAME} {what} (not {peer})")
         assert self.store is not None
         hosts = [h for h in self.store.hosts() if h["state"] == "up"]
 
         async def of(h: dict) -> list[dict]:
             host, _, port = h["address"].rpartition(":")
             try:
-                vms = await wire.call(host, int(port or PEER_PORT), self._client, h["name"], "vm.list", timeout=15)
+                rows = await wire.call(host, int(port or PEER_PORT), self._client, h["name"], op, timeout=15)
             except Exception as exc:  # one host's trouble does not hide the others
                 return [{"host": h["name"], "error": str(exc)}]
-            return [{**vm, "host": h["name"]} for vm in vms]
+            if not isinstance(rows, list):
+                return [{"host": h["name"], "error": f"{op}: not a list"}]
+            return [{**row, "host": h["name"]} for row in rows if isinstance(row, dict)]
         rows: list[dict] = []
         for part in await asyncio.gather(*(of(h) for h in hosts)):
             rows += part

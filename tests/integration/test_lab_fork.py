@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,11 @@ def test_a_parent_on_lab1_forks_six_clones_spread_over_three_hosts(lab):
     finally:
         if listener.poll() is None:
             listener.kill()
+    # Statistics through the master: every VM with its host; the clone on lab2 received both transfers.
+    time.sleep(2.5)   # a sample after the transfers
+    latest = json.loads(sfmpi("stats", "latest", "--all", "--json", env=env).stdout)
+    assert {(r["vm"], r["host"]) for r in latest} == {("p", "lab1"), *res["hosts"].items()}
+    assert next(r for r in latest if r["vm"] == server)["net_rx_bytes"] >= 200_000
     _stop(env, res["hosts"])
     # What lab1 served for the other hosts' clones is let go of with them.
     for host in ("lab2", "lab3"):

@@ -87,7 +87,7 @@ COMMANDS = [[], ["image"], ["image", "build"], ["vm"], ["vm", "start"], ["vm", "
             ["slurm"], ["slurm", "config"], ["slurm", "worker-image"], ["slurm", "resume"], ["slurm", "suspend"],
             ["slurm", "mode"], ["pool"], ["pool", "up"], ["pool", "status"], ["pool", "set"],
             ["pool", "client"], ["pool", "down"], ["pool", "serve"], ["console"], ["vm", "set"],
-            ["stats", "vm"], ["stats", "metrics"], ["control"], ["control", "add"], ["control", "rm"],
+            ["stats", "vm"], ["stats", "latest"], ["stats", "metrics"], ["control"], ["control", "add"], ["control", "rm"],
             ["control", "list"], ["control", "log"]]
 
 
