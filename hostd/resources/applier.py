@@ -82,7 +82,6 @@ class Resources:
         pid = vm.rec.pid
         if pid is None:
             raise HostdError(f"VM {vm.name} has no QEMU process yet")
-        cpus = int(vm.rec.spec.get("cpus", 1))
         layout = self.cgroups.layout
         if _cpu_wanted(settings) or _cpu_wanted(previous) or vm.name in self.overrides:
             self._place_cpu(vm, settings)
