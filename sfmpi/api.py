@@ -33,6 +33,7 @@ class Ticket:
     granted: int
     family: str
     timeout: float | None = None
+    resources: dict | None = None   # the settings its clones get instead of this VM's
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,16 @@ def _ticket_id(ticket: Ticket | str) -> str:
     return ticket.id if isinstance(ticket, Ticket) else str(ticket)
 
 
-def request_ticket(n: int, timeout: float | None = None) -> Ticket:
-    """Reserve up to n clones; the ticket says how many (m) were granted."""
-    t = call("ticket", n=n, timeout=timeout)["ticket"]
+def request_ticket(n: int, timeout: float | None = None, resources: dict | None = None) -> Ticket:
+    """Reserve up to n clones; the ticket says how many (m) were granted.
+
+    Clones inherit this VM's resource settings (`sfmpi vm set`); `resources`
+    changes them for this ticket's clones only: {"priority": "low",
+    "cpu_limit": 50, "net_rate": "10mbit", "cpu_shares": None, ...}, the names
+    and values of `sfmpi vm set`, None dropping an inherited setting."""
+    t = call("ticket", n=n, timeout=timeout, resources=resources)["ticket"]
     return Ticket(id=t["id"], requested=t["requested"], granted=t["granted"], family=t["family"],
-                  timeout=t.get("timeout"))
+                  timeout=t.get("timeout"), resources=t.get("resources"))
 
 
 def clone(ticket: Ticket | str) -> int:

@@ -27,10 +27,21 @@ def main() -> None:
 @main.command()
 @click.argument("n", type=int)
 @click.option("--timeout", type=float, default=None, help="kill clones still alive after S seconds")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="a resource setting for the clones instead of this VM's (cpu_limit=50, priority=low, "
+                   "net_rate=10mbit; KEY=none drops it); repeatable")
 @click.option("--json", "as_json", is_flag=True)
-def ticket(n, timeout, as_json):
+def ticket(n, timeout, settings, as_json):
     """Reserve up to N clones; print the ticket id (granted count with --json)."""
-    t = api.request_ticket(n, timeout)
+    resources = None
+    if settings:
+        resources = {}
+        for item in settings:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+            resources[key.strip().replace("-", "_")] = None if value.strip().lower() == "none" else value.strip()
+    t = api.request_ticket(n, timeout, resources)
     _emit(t.__dict__, as_json, t.id)
 
 

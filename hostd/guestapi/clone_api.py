@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from sfmpi.errors import (BusyError, CapacityError, CloneError, RoleError, SfmpiError, TicketError,
                           UsageError)
 
+from ..resources.settings import merged
 from ..state.records import VmRecord, VmRole
 from .channel import AgentChannel
 from .tickets import Ticket, TicketBook, TicketState
@@ -117,7 +119,7 @@ class CloneApi:
         # host's share would be counted as taken by the ticket itself.
         here = self.host.room_here(family, spec["mem_mb"], spec["cpus"])
         t = self.tickets.grant(vm.rec.name, family, msg.get("n"), room,
-                               spec["mem_mb"], spec["cpus"], msg.get("timeout"))
+                               spec["mem_mb"], spec["cpus"], msg.get("timeout"), msg.get("resources"))
         try:
             placement = await self.host.place_ticket(family, t.granted, spec["mem_mb"], spec["cpus"], t.id, here)
         except BaseException:
@@ -230,6 +232,10 @@ class CloneApi:
     async def _spawn(self, parent: "Vm", t: Ticket, ckpt, req_id, t_request: float | None = None) -> dict:
         t0 = time.monotonic()
         t_request = t0 if t_request is None else t_request
+        if t.resources is not None:
+            # The ticket says otherwise: its clones start with the parent's
+            # settings changed by the ticket's (and the checkpoint travels so to other hosts).
+            ckpt = replace(ckpt, resources=merged(ckpt.resources, t.resources))
         def register(names: list[str]) -> None:
             # Before any clone runs: one may call exit the moment it resumes.
             self.tickets.register_slots(t, names)

@@ -20,6 +20,8 @@ from jsonschema import Draft202012Validator, validators
 
 from sfmpi.errors import ProtocolError
 
+from ..resources.settings import KEYS as RESOURCE_KEYS
+
 # One line from the agent: exec output comes in chunks of at most 32 KiB
 # (base64: ~44 KiB); nothing else comes near this.
 MAX_LINE = 128 << 10
@@ -35,6 +37,13 @@ _ms_map = {"type": "object", "maxProperties": 64,
            "propertyNames": {"maxLength": 64},
            "additionalProperties": {"type": "number", "minimum": -1e9, "maximum": 1e9}}
 _text = {"type": "string", "maxLength": 4096}
+# A ticket's resource settings for its clones (hostd/resources/settings.py
+# checks each value's range; this bounds what reaches it).
+_RESOURCE_KEYS = list(RESOURCE_KEYS)
+_resources = {"anyOf": [{"type": "null"}, {
+    "type": "object", "maxProperties": len(_RESOURCE_KEYS), "propertyNames": {"enum": _RESOURCE_KEYS},
+    "additionalProperties": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 64},
+                                       {"type": "number", "minimum": 0, "maximum": 1e15}]}}]}
 
 
 def _request(op: str, **fields) -> dict:
@@ -43,7 +52,8 @@ def _request(op: str, **fields) -> dict:
 
 
 REQUESTS = {
-    "ticket": _request("ticket", n={"type": "integer", "minimum": 1, "maximum": MAX_CLONES}, timeout=_timeout),
+    "ticket": _request("ticket", n={"type": "integer", "minimum": 1, "maximum": MAX_CLONES}, timeout=_timeout,
+                      resources=_resources),
     "clone": _request("clone", ticket=_ticket_id),
     "checkpoint": _request("checkpoint"),
     "create_clones": _request("create_clones", checkpoint={"type": "string", "minLength": 1, "maxLength": 128,

@@ -16,6 +16,8 @@ from typing import Callable
 
 from sfmpi.errors import CapacityError, RoleError, TicketError, UsageError
 
+from ..resources.settings import parse_changes
+
 DEFAULT_FAMILY_LIMIT = 32
 # A ticket never used holds its slots this long, then expires: a program that
 # asked and then crashed must not keep the host's room forever.
@@ -46,13 +48,16 @@ class Ticket:
     # In a cluster: where the master placed its clones (host -> count); this
     # host holds only its own share of them. None: all on this host.
     placement: dict[str, int] | None = None
+    # Resource settings its clones get instead of the parent's ({key: value, or
+    # None to drop the parent's}); None: they inherit the parent's as they are.
+    resources: dict | None = None
 
     def with_(self, **changes) -> "Ticket":
         return replace(self, **changes)
 
     def to_wire(self) -> dict:
         return {"id": self.id, "requested": self.requested, "granted": self.granted,
-                "family": self.family, "timeout": self.timeout}
+                "family": self.family, "timeout": self.timeout, "resources": self.resources}
 
 
 @dataclass
@@ -175,11 +180,18 @@ class TicketBook:
         return total
 
     def grant(self, owner: str, family: str, n: int, host_room: int, mem_mb: int, cpus: int,
-              timeout: float | None) -> Ticket:
+              timeout: float | None, resources: dict | None = None) -> Ticket:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise UsageError(f"request_ticket: n must be an integer >= 1 (got {n!r})")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise UsageError(f"request_ticket: timeout must be a positive number of seconds (got {timeout!r})")
+        if resources is not None:
+            if not isinstance(resources, dict):
+                raise UsageError(f"request_ticket: resources must be an object of settings (got {resources!r})")
+            try:
+                resources = parse_changes(resources, cpus)
+            except UsageError as exc:
+                raise UsageError(f"request_ticket: resources: {exc}") from None
         family_room = max(0, self.family_limit - self.family_load(family))
         granted = min(n, family_room, host_room)
         if granted < 1:
@@ -189,7 +201,7 @@ class TicketBook:
         self._seq += 1
         ticket = Ticket(id=f"{owner}-t{self._seq}", owner=owner, family=family, requested=n,
                         granted=granted, mem_mb=mem_mb, cpus=cpus,
-                        timeout=float(timeout) if timeout else None)
+                        timeout=float(timeout) if timeout else None, resources=resources)
         self.tickets[ticket.id] = ticket
         self._save(ticket.id)
         return ticket

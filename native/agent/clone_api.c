@@ -25,12 +25,12 @@
  * answer differs in the parent and each clone. */
 struct api_op {
     const char *name;
-    const char *fields[3];
+    const char *fields[4]; /* NULL-terminated: at most 3 */
     double timeout_s;
     bool fork;
 };
 static const struct api_op API_OPS[] = {
-    {"ticket", {"n", "timeout", NULL}, 60, false},
+    {"ticket", {"n", "timeout", "resources"}, 60, false},
     {"clone", {"ticket", NULL, NULL}, 900, true},
     {"checkpoint", {NULL, NULL, NULL}, 900, true},
     {"create_clones", {"checkpoint", "ticket", NULL}, 900, true},

@@ -306,12 +306,27 @@ static int parse_id(const char *key, int *id)
 
 int sfc_request_ticket(int n, double timeout_s, sfc_ticket *out)
 {
+    return sfc_request_ticket_with(n, timeout_s, NULL, out);
+}
+
+int sfc_request_ticket_with(int n, double timeout_s, const char *resources_json, sfc_ticket *out)
+{
     if (out == NULL)
         return fail(SFC_EUSAGE, "sfc_request_ticket: out is NULL");
+    json_object *resources = NULL;
+    if (resources_json != NULL) {
+        resources = json_tokener_parse(resources_json);
+        if (resources == NULL || !json_object_is_type(resources, json_type_object)) {
+            json_object_put(resources);
+            return fail(SFC_EUSAGE, "sfc_request_ticket: resources is not a JSON object: %s", resources_json);
+        }
+    }
     json_object *req = new_request("ticket"), *ans, *t, *to;
     json_object_object_add(req, "n", json_object_new_int(n));
     if (timeout_s > 0)
         json_object_object_add(req, "timeout", json_object_new_double(timeout_s));
+    if (resources != NULL)
+        json_object_object_add(req, "resources", resources);
     int rc = call(req, &ans, 0);
     if (rc != 0)
         return rc;

@@ -66,6 +66,11 @@ typedef struct {
  * after the clone, timeout_s <= 0 sends no timeout. */
 int sfc_request_ticket(int n, double timeout_s, sfc_ticket *out);
 
+/* The same, with resource settings for the ticket's clones instead of this
+ * VM's: a JSON object such as {"priority": "low", "cpu_limit": 50} (the names
+ * of `sfmpi vm set`; null drops an inherited setting).  NULL: they inherit. */
+int sfc_request_ticket_with(int n, double timeout_s, const char *resources_json, sfc_ticket *out);
+
 /* Fork the VM: returns once in the parent with *id_out = 0 (after every clone
  * is up) and once in each of the m clones with *id_out = 1..m. */
 int sfc_clone(const sfc_ticket *t, int *id_out);

@@ -5,6 +5,7 @@ of it, in their own state directory; both in one family, so traffic between
 them passes their taps."""
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import socket
@@ -267,6 +268,57 @@ def test_settings_survive_a_restart_and_clones_inherit_them(mon):
         mon("vm", "stop", clone)
         mon("vm", "set", "m1", "--cpu-limit", "none", "--disk-iops", "none")
     assert not os.path.exists(os.path.dirname(path))          # the clone's cgroup went with it
+
+
+# The clone lives until the test says so (a file it waits for), so its record can be read.
+TICKET_WITH_SETTINGS = r'''
+set -e
+T=$(sfclone ticket 1 --set cpu_limit=none --set priority=low)
+ID=$(sfclone clone "$T")
+if [ "$ID" = 0 ]; then
+    sfclone join "$T"
+else
+    while [ ! -e /tmp/go ]; do sleep 0.2; done
+    sfclone exit 0
+fi
+'''
+
+
+def test_a_ticket_overrides_what_its_clones_inherit(mon):
+    mon("vm", "set", "m1", "--cpu-limit", "40", "--disk-iops", "500")
+    tag = mon.paths.tag
+    before = set(mon.clones_of("m1"))
+    mon.put("m1", "/root/low.sh", TICKET_WITH_SETTINGS)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            run = pool.submit(mon.exec, "m1", "sh /root/low.sh", False)
+            deadline = time.monotonic() + 300
+            while not (set(mon.clones_of("m1")) - before) and time.monotonic() < deadline:
+                assert not run.done(), run.result().stderr
+                time.sleep(0.5)
+            (clone,) = set(mon.clones_of("m1")) - before
+            # The parent's limit dropped, its disk limit kept, the priority added.
+            assert vm_row(mon, clone)["resources"] == {"disk_iops": 500, "priority": "low"}
+            cg = f"/sys/fs/cgroup/cpu/sfmpi-{tag}/{clone}"
+            while not os.path.exists(cg + "/cpu.shares") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert open(cg + "/cpu.shares").read().strip() == "500"          # low: 500 per vCPU
+            assert open(cg + "/cpu.cfs_quota_us").read().strip() == "-1"
+            assert vm_row(mon, "m1")["resources"] == {"cpu_limit": 40.0, "disk_iops": 500}
+            mon.exec(clone, "touch /tmp/go")
+            p = run.result(timeout=300)
+        assert p.returncode == 0 and p.stdout.split() == ["1", "0"], (p.stdout, p.stderr)
+        end = time.monotonic() + 30
+        while set(mon.clones_of("m1")) != before and time.monotonic() < end:
+            time.sleep(0.5)
+        assert set(mon.clones_of("m1")) == before          # the ticket's clone went at its exit
+        # A setting out of range is refused before any clone is made, in the guest's words.
+        p = mon.exec("m1", "sfclone ticket 1 --set cpu_limit=500", check=False)
+        assert p.returncode != 0 and "1-100 for a VM of 1 vCPU" in p.stderr, p.stderr
+        p = mon.exec("m1", "sfclone ticket 1 --set speed=3", check=False)
+        assert p.returncode != 0 and "unknown setting(s) speed" in p.stderr, p.stderr
+    finally:
+        mon("vm", "set", "m1", "--cpu-limit", "none", "--disk-iops", "none")
 
 
 def test_bad_input_gives_one_clear_line(mon):

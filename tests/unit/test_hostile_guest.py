@@ -31,7 +31,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -76,6 +76,7 @@ class FakeCheckpoint:
     vm: str
     family: str
     guest_req: int | None
+    resources: dict = field(default_factory=dict)
 
 
 class FakeHost:
@@ -350,8 +351,12 @@ VALID_FIELD = {
     "ticket": lambda v: isinstance(v, str) and 1 <= len(v) <= 128,
     "checkpoint": lambda v: isinstance(v, str) and len(v) <= 128 and re.fullmatch(r"[a-z0-9][a-z0-9-]*", v),
     "status": lambda v: v is None or (is_int(v) and 0 <= v <= 255),
+    # Settings by name (docs/monitoring.md); any dict of known names counts as
+    # valid here, so that a bad one is always refused for its names or its shape.
+    "resources": lambda v: v is None or (isinstance(v, dict) and all(k in RESOURCE_NAMES for k in v)),
 }
-FIELDS = {"ticket": ("n", "timeout"), "clone": ("ticket",), "create_clones": ("checkpoint", "ticket"),
+RESOURCE_NAMES = ("cpu_shares", "cpu_limit", "mem_limit", "disk_iops", "disk_bps", "net_rate", "priority")
+FIELDS = {"ticket": ("n", "timeout", "resources"), "clone": ("ticket",), "create_clones": ("checkpoint", "ticket"),
           "exit": ("status",), "join": ("ticket", "timeout"), "kill": ("ticket",), "members": ("ticket",)}
 # Tickets are "p-tN", checkpoints "ck-N": a bogus one never names a real one.
 bogus_ticket = st.text(min_size=1, max_size=128).filter(lambda s: not s.startswith("p-t"))
@@ -359,7 +364,10 @@ bogus_checkpoint = st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,40}\Z").filter(lambda s
 
 
 def valid_call(op: str, draw) -> dict:
-    fields = {"ticket": {"n": draw(st.integers(1, 8)), "timeout": draw(st.sampled_from([None, 30, 0.5]))},
+    fields = {"ticket": {"n": draw(st.integers(1, 8)), "timeout": draw(st.sampled_from([None, 30, 0.5])),
+                         "resources": draw(st.sampled_from([None, {}, {"priority": "low"},
+                                                            {"cpu_limit": 50, "net_rate": "10mbit"},
+                                                            {"cpu_shares": None}]))},
               "clone": {"ticket": draw(bogus_ticket)}, "checkpoint": {},
               "create_clones": {"checkpoint": draw(bogus_checkpoint), "ticket": draw(bogus_ticket)},
               "exit": {"status": draw(st.integers(0, 255))},

@@ -37,6 +37,29 @@ def test_bad_timeout(timeout):
         grant(TicketBook(), timeout=timeout)
 
 
+def test_a_ticket_carries_checked_settings_for_its_clones():
+    book = TicketBook()
+    t = book.grant("p", "p", 2, 100, 512, 2, None, {"priority": "low", "cpu_limit": "50",
+                                                    "net_rate": "10mbit", "cpu_shares": None})
+    assert t.resources == {"priority": "low", "cpu_limit": 50.0, "net_rate": 10_000_000, "cpu_shares": None}
+    assert t.to_wire()["resources"] == t.resources
+    assert grant(book).resources is None and grant(book).to_wire()["resources"] is None
+
+
+@pytest.mark.parametrize("resources, says", [
+    ({"cpu_speed": 5}, "unknown setting"),
+    ({"cpu_limit": 500}, "--cpu-limit is in percent"),       # 2 vCPUs: at most 200
+    ({"priority": "urgent"}, "--priority must be"),
+    ({"net_rate": "fast"}, "as a rate"),
+    (["priority", "low"], "resources must be an object"),
+])
+def test_bad_ticket_settings_are_refused_and_grant_nothing(resources, says):
+    book = TicketBook()
+    with pytest.raises(UsageError, match=f"request_ticket: .*{says}"):
+        book.grant("p", "p", 2, 100, 512, 2, None, resources)
+    assert book.tickets == {} and book.reserved() == (0, 0)
+
+
 def test_reservations_count_until_clones_run():
     book = TicketBook()
     t = grant(book, n=3)
@@ -139,6 +162,11 @@ def test_a_restarted_book_knows_its_tickets_and_what_became_of_each_clone(tmp_pa
     assert again.get(spare.id, "p").state == TicketState.GRANTED
     # ... and ticket numbers go on from where they were.
     assert grant(again, n=1).id not in (t.id, spare.id)
+    # A ticket's settings for its clones survive too.
+    low = again.grant("p", "p", 1, 100, 512, 1, None, {"priority": "low"})
+    fourth = TicketBook(store=Store(tmp_path / "state.db"))
+    fourth.restore(alive={"p", "p-2"})
+    assert fourth.get(low.id, "p").resources == {"priority": "low"}
     # What the restarted hostd learns is written through too.
     s2.finish(status=0)
     third = TicketBook(store=Store(tmp_path / "state.db"))
