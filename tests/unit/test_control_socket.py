@@ -121,7 +121,9 @@ def test_another_user_is_refused_whatever_the_socket_mode(hostd):
     code = ("import json, os, socket, sys\n"
             f"os.setgid({NOBODY}); os.setuid({NOBODY})\n"
             "s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(sys.argv[1])\n"
-            "s.sendall(b'{\"op\": \"vm.list\"}\\n'); print(s.makefile().readline())\n")
+            # hostd may refuse (and hang up) before the request is sent: its answer is read all the same.
+            "try:\n    s.sendall(b'{\"op\": \"vm.list\"}\\n')\nexcept BrokenPipeError:\n    pass\n"
+            "print(s.makefile().readline())\n")
     out = subprocess.run([sys.executable, "-c", code, str(hostd.socket)], capture_output=True, text=True,
                          timeout=90)
     assert out.stdout.strip(), out.stderr
