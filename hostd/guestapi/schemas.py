@@ -40,10 +40,12 @@ _text = {"type": "string", "maxLength": 4096}
 # A ticket's resource settings for its clones (hostd/resources/settings.py
 # checks each value's range; this bounds what reaches it).
 _RESOURCE_KEYS = list(RESOURCE_KEYS)
-_resources = {"anyOf": [{"type": "null"}, {
-    "type": "object", "maxProperties": len(_RESOURCE_KEYS), "propertyNames": {"enum": _RESOURCE_KEYS},
-    "additionalProperties": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 64},
-                                       {"type": "number", "minimum": 0, "maximum": 1e15}]}}]}
+# Not an anyOf of null and object: jsonschema would then say only "not valid
+# under any of the given schemas", where this names the unknown setting.
+_resources = {"type": ["object", "null"], "maxProperties": len(_RESOURCE_KEYS),
+              "propertyNames": {"enum": _RESOURCE_KEYS},
+              "additionalProperties": {"type": ["string", "number", "null"], "maxLength": 64,
+                                       "minimum": 0, "maximum": 1e15}}
 
 
 def _request(op: str, **fields) -> dict:
