@@ -19,7 +19,8 @@ def add_control_commands(main: click.Group) -> None:
     @click.option("--class", "cls", required=True, type=click.Choice(["high", "best-effort"]),
                   help="high: its target is held; best-effort: its CPU limit is what the controller moves.")
     @click.option("--target", default=None, metavar="MEASURE=VALUE",
-                  help="A high member's target, e.g. cpu_percent=60 (percent of one host core it must get).")
+                  help="A high member's target: cpu_percent=60 for a VM (percent of one host core it must get), "
+                       "p95_ms=200 for pool:NAME (its 95th-percentile response time).")
     @click.option("--group", default="default", show_default=True, help="The controller this VM joins.")
     @click.option("--period", "period_s", type=float, default=None, help="Seconds per control step (default 2).")
     @click.option("--kp", type=float, default=None, help="Proportional gain (default 0.5).")
@@ -28,12 +29,13 @@ def add_control_commands(main: click.Group) -> None:
     @click.option("--max-limit", type=float, default=None, help="Released, % of a core (default 100).")
     @click.option("--json", "as_json", is_flag=True)
     def control_add(name, cls, target, group, as_json, **params) -> None:
-        """Put VM NAME under a controller, in the high or the best-effort class."""
+        """Put VM NAME (or a service pool, pool:NAME, as a high member) under a controller."""
         res = _client().call("control.add", name=name, **{"class": cls}, target=target, group=group,
                              params={k: v for k, v in params.items() if v is not None})
         _emit(res, as_json, lambda r: click.echo(
             f"controller {r['name']}: " + ", ".join(f"{vm} ({m['class']}"
-                                                    + (f", {m['measure']} >= {m['target']:g}" if 'target' in m else "")
+                                                    + (f", {m['measure']} {'<=' if m['measure'] == 'p95_ms' else '>='} {m['target']:g}"
+                                                       if 'target' in m else "")
                                                     + ")" for vm, m in r["members"].items())
             + ("" if r["running"] else " (idle until it has a high and a best-effort member)")))
 

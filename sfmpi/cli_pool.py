@@ -30,6 +30,11 @@ def _print_status(st: dict) -> None:
                       f"{(vm['ram'] or 0) / 2**20:.0f}", str(vm["free_count"]),
                       f"{age / 1000:.1f} s ago" if age is not None else "-")
     console.print(table)
+    lat = st.get("latency") or {}
+    if lat.get("count"):
+        console.print(f"last {lat['window_ms'] / 1000:g} s at the balancer: {lat['count']} requests, "
+                      f"{lat['errors']} errors, p50 {lat['p50_ms']:g} ms, p95 {lat['p95_ms']:g} ms, "
+                      f"max {lat['max_ms']:g} ms")
     console.print("params: " + "  ".join(f"{k}={v}" for k, v in st["params"].items()))
     for ev in st["events"][-5:]:
         console.print(f"  {time.strftime('%H:%M:%S', time.localtime(ev['at'] / 1000))} {ev['kind']:<10} "

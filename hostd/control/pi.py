@@ -46,12 +46,16 @@ class PI:
     def _output(self, error: float, integral: float) -> float:
         return self.g.u_max - self.g.kp * error - self.g.ki * integral
 
-    def step(self, measurement: float | None, target: float, used: float | None = None) -> Step:
-        """used: what the actuated class uses now (percent of a core), if known."""
+    def step(self, measurement: float | None, target: float, used: float | None = None,
+             error: float | None = None) -> Step:
+        """used: what the actuated class uses now (percent of a core), if known.
+        error: positive while the high class is short of its target; by
+        default target - measurement (a measure where higher is better)."""
         g = self.g
         if measurement is None:   # no sample this period: hold what is applied
             return Step(None, target, None, self.integral, self.u, "no measurement: actuation held")
-        error = target - measurement
+        if error is None:
+            error = target - measurement
         if self.u >= g.u_max and error > 0 and used is not None and used < g.u_max and g.ki > 0:
             # Engaging from released: a limit above what the class uses does nothing,
             # so start from its use (bumpless), not from u_max through a dead band.

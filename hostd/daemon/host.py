@@ -54,6 +54,7 @@ from ..net.families import Families, NetOptions
 from ..net.namespace import HostNamespace
 from ..net.uplink import Uplink
 from ..net.uplink import plan as uplink_plan
+from ..pool.status import PoolLatency
 from ..policy.admission import Admission, Budget, Usage
 from ..policy.quotas import FamilyQuota, Quotas
 from ..state.records import VmRecord, VmRole, VmState
@@ -219,7 +220,8 @@ class Host:
         self.vms.on_gone(self.resources.vm_gone)
         self.sampling = StatsTask(self.vms, paths.netns, StatsHistory(paths.home / "stats.db", max_age_from_env()),
                                interval_from_env())
-        self.control = ControlLoops(self.vms, self.sampling.history, self.resources)
+        self.control = ControlLoops(self.vms, self.sampling.history, self.resources,
+                                    pools=PoolLatency(paths.home))
 
     # -- bookkeeping -----------------------------------------------------
     def usage(self) -> Usage:

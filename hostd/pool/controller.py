@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 from sfmpi.errors import SfmpiError
 
@@ -31,8 +32,10 @@ class Launch:
 
 
 class Controller:
-    def __init__(self, db: PoolDb, balancer: RuntimeApi, workers, hostd: Hostd, port: int):
+    def __init__(self, db: PoolDb, balancer: RuntimeApi, workers, hostd: Hostd, port: int,
+                 requests: Callable[[], list] = list):
         self.db, self.balancer, self.workers, self.hostd, self.port = db, balancer, workers, hostd, port
+        self.requests = requests   # what the request log read since the last tick (latency.RequestLog.drain)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pool-launch")
         self.launches: list[Launch] = []
         self.queued_since_ms: int | None = None
@@ -52,6 +55,7 @@ class Controller:
             self.queued_since_ms = now
         elif not queued:
             self.queued_since_ms = None
+        self.db.add_requests(self.requests())
         self._land_launches(params)
         self._apply_maxconn(params)
         self._take_reports(params, stat, queued)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..state.sqlite import VersionedDb
 
+from .latency import percentile
 from .params import PARAMS, check_together
 
 SCHEMA_V1 = """
@@ -36,8 +37,15 @@ CREATE INDEX load_sample_at ON load_sample(at);
 CREATE TABLE pool_event (id INTEGER PRIMARY KEY, at INTEGER NOT NULL, kind TEXT NOT NULL, vm TEXT,
                          detail TEXT NOT NULL DEFAULT '', vm_count INTEGER NOT NULL)
 """
+# Version 3: each request's response time (latency.py), for the pool's percentiles.
+SCHEMA_V3 = """
+CREATE TABLE request_time (at INTEGER NOT NULL, ms INTEGER NOT NULL, status INTEGER NOT NULL);
+CREATE INDEX request_time_at ON request_time(at)
+"""
 # Samples older than this go (the console shows the last hour at most).
 HISTORY_MS = 3600_000
+# Request times are many: ten minutes of them (a controller looks at seconds).
+REQUEST_HISTORY_MS = 600_000
 
 
 def now_ms() -> int:
@@ -45,7 +53,7 @@ def now_ms() -> int:
 
 
 class PoolDb(VersionedDb):
-    MIGRATIONS = (SCHEMA_V1, SCHEMA_V2)
+    MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3)
     WHAT = "pool database"
 
     def __init__(self, path: Path | str):
@@ -168,7 +176,24 @@ class PoolDb(VersionedDb):
         return [dict(zip(("id", "at", "vm", "cpu", "ram"), r)) for r in self.db.execute(
             "SELECT id, at, vm, cpu, ram FROM load_sample WHERE at >= ? ORDER BY id", (since_ms,))]
 
+    def add_requests(self, rows: list[tuple[int, int, int]]) -> None:
+        """(at ms, response ms, status) per request, as the request log read them."""
+        if rows:
+            with self._transaction():
+                self.db.executemany("INSERT INTO request_time(at, ms, status) VALUES (?, ?, ?)", rows)
+
+    def latency(self, since_ms: int, until_ms: int | None = None) -> dict:
+        """Response times of the requests that ended in [since, until): count, errors (5xx), p50/p95/p99/max ms."""
+        until_ms = now_ms() + 1 if until_ms is None else until_ms
+        rows = self.db.execute("SELECT ms, status FROM request_time WHERE at >= ? AND at < ?",
+                               (since_ms, until_ms)).fetchall()
+        times = [ms for ms, _ in rows]
+        return {"count": len(rows), "errors": sum(1 for _, st in rows if st >= 500 or st < 0),
+                "p50_ms": percentile(times, 50), "p95_ms": percentile(times, 95),
+                "p99_ms": percentile(times, 99), "max_ms": float(max(times)) if times else None}
+
     def trim_history(self) -> None:
+        self.db.execute("DELETE FROM request_time WHERE at < ?", (now_ms() - REQUEST_HISTORY_MS,))
         cutoff = now_ms() - HISTORY_MS
         self.db.execute("DELETE FROM load_sample WHERE at < ?", (cutoff,))
         self.db.execute("DELETE FROM pool_event WHERE at < ?", (cutoff,))

@@ -28,21 +28,29 @@ from pathlib import Path
 
 from sfmpi.errors import PoolError, UsageError
 
+from .latency import LOG_FORMAT, MAX_DATAGRAM
+
 log = logging.getLogger("sfmpi.pool.haproxy")
 BACKEND = "workers"
 FRONTEND = "front"
 PR_SET_PDEATHSIG = 1
 
 
-def haproxy_config(api_socket: Path, listen_fd: int, queue_timeout_s: float = 60.0) -> str:
-    """The whole configuration (pure). Workers are added at run time."""
+def haproxy_config(api_socket: Path, listen_fd: int, queue_timeout_s: float = 60.0,
+                   request_log: Path | None = None) -> str:
+    """The whole configuration (pure). Workers are added at run time.
+    request_log: the datagram socket each request's time goes to (latency.py)."""
+    log_global = log_defaults = ""
+    if request_log is not None:
+        log_global = f"\n    log {request_log} len {MAX_DATAGRAM} format raw local0 info"
+        log_defaults = f'\n    log global\n    log-format "{LOG_FORMAT}"'
     return f"""\
 global
     stats socket {api_socket} mode 600 level admin
-    maxconn 4096
+    maxconn 4096{log_global}
 
 defaults
-    mode http
+    mode http{log_defaults}
     timeout connect 3s
     timeout client 120s
     timeout server 120s
@@ -85,8 +93,10 @@ def _die_with_parent() -> None:
 class HAProxy:
     """The balancer process of one pool (start, stop safe twice, context manager)."""
 
-    def __init__(self, workdir: Path, netns_path: str, port: int, queue_timeout_s: float = 60.0):
+    def __init__(self, workdir: Path, netns_path: str, port: int, queue_timeout_s: float = 60.0,
+                 request_log: Path | None = None):
         self.workdir = Path(workdir)
+        self.request_log = request_log
         self.netns_path = netns_path
         self.port = port
         self.queue_timeout_s = queue_timeout_s
@@ -103,7 +113,8 @@ class HAProxy:
         self.port = sock.getsockname()[1]
         try:
             # The child keeps the socket under the same number (pass_fds).
-            self.config.write_text(haproxy_config(self.api_socket, sock.fileno(), self.queue_timeout_s))
+            self.config.write_text(haproxy_config(self.api_socket, sock.fileno(), self.queue_timeout_s,
+                                                   self.request_log))
             argv = haproxy_argv(self.config, self.netns_path)
             log.info("starting %s", " ".join(argv))
             with open(self.log_path, "ab") as out:

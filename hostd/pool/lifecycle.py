@@ -27,6 +27,7 @@ from sfmpi.errors import AlreadyExists, HostdError, PoolError, SfmpiError, Usage
 from .controller import Controller
 from .db import PoolDb
 from .haproxy import HAProxy
+from .latency import RequestLog
 from .status import controller_alive, open_pool, pool_dir, pool_names
 from .workers import BootWorkers, CloneWorkers, default_service, start_service
 
@@ -126,7 +127,9 @@ def serve(home: Path, name: str, paths) -> None:
                     service=info.get("service", ""), port=int(info["port"]), front_port=int(info["front_port"]),
                     mem_mb=int(info["mem_mb"]), cpus=int(info["cpus"]), workers=info.get("workers", "clone"),
                     probe_timeout_s=float(info.get("probe_timeout_s", "120")))
-    balancer = HAProxy(pool_dir(home, name), f"/run/netns/{paths.netns}", spec.front_port)
+    requests = RequestLog(pool_dir(home, name) / "requests.sock")
+    balancer = HAProxy(pool_dir(home, name), f"/run/netns/{paths.netns}", spec.front_port,
+                       request_log=requests.path)
     controller = None
     failed = ""
     try:
@@ -136,7 +139,7 @@ def serve(home: Path, name: str, paths) -> None:
         workers = (CloneWorkers(hostd, checkpoint) if spec.workers == "clone" else
                    BootWorkers(hostd, name, spec.image, spec.command, spec.port, spec.mem_mb, spec.cpus,
                                spec.probe_timeout_s))
-        controller = Controller(db, balancer.api, workers, hostd, spec.port)
+        controller = Controller(db, balancer.api, workers, hostd, spec.port, requests.drain)
         # The first workers exist before HAProxy starts: their family's network
         # namespace is where HAProxy must run.
         first = db.params()["min_vm_count"]
@@ -145,6 +148,7 @@ def serve(home: Path, name: str, paths) -> None:
         try:
             if spec.checkpoint and launched:
                 start_probe(hostd, launched[0].name, spec)
+            requests.start()
             balancer.start()
             controller.adopt(launched)
         except BaseException:
@@ -173,6 +177,7 @@ def serve(home: Path, name: str, paths) -> None:
             with contextlib.suppress(SfmpiError):
                 controller.shutdown()
         balancer.stop()
+        requests.stop()
         if info.get("own_checkpoint") or db.info().get("own_checkpoint"):
             with contextlib.suppress(SfmpiError):
                 hostd.call("checkpoint.rm", id=db.info()["checkpoint"])

@@ -9,6 +9,7 @@ from sfmpi.errors import NotFound, UsageError
 
 from .db import PoolDb, now_ms
 
+LATENCY_WINDOW_MS = 10_000
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
 
 
@@ -72,6 +73,30 @@ def pool_status(home: Path, name: str, events: int = 20) -> dict:
             "port": int(info.get("port", "0") or 0), "error": info.get("error", ""),
             "params": db.params(), "vm_count": sum(1 for v in vms if v["state"] == "serving"),
             "vms": vms, "ip_pool": db.ip_pool(), "events": db.events()[-events:],
+            # Response times at the balancer, over the last LATENCY_WINDOW_MS.
+            "latency": {"window_ms": LATENCY_WINDOW_MS, **db.latency(t - LATENCY_WINDOW_MS)},
         }
     finally:
         db.close()
+
+
+class PoolLatency:
+    """What hostd's controllers read of this state directory's pools (control/loops.py):
+    each pool's database, opened for one query at a time (WAL: never in the controller's way)."""
+
+    def __init__(self, home: Path):
+        self.home = Path(home)
+
+    def exists(self, name: str) -> bool:
+        return NAME_RE.match(name or "") is not None and name in pool_names(self.home)
+
+    def p95_ms(self, name: str, since: float, until: float) -> float | None:
+        """The p95 of the requests that ended in [since, until) (Unix seconds); None: no request, no pool."""
+        try:
+            db = open_pool(self.home, name)
+        except NotFound:
+            return None
+        try:
+            return db.latency(int(since * 1000), int(until * 1000))["p95_ms"]
+        finally:
+            db.close()

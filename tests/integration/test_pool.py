@@ -198,6 +198,9 @@ def test_bad_input_is_refused_clearly(pool_cli):
     fails("pool", "up", POOL, "--checkpoint", status(pool_cli)["checkpoint"], says="already up")
     fails("pool", "up", "nock", "--checkpoint", "nosuch-ck", says="nosuch-ck")
     fails("pool", "client", POOL, "--rate", "0", says="--rate")
+    fails("control", "add", "pool:nosuch", "--class", "high", "--target", "p95_ms=200", says="no pool named 'nosuch'")
+    fails("control", "add", f"pool:{POOL}", "--class", "high", "--target", "cpu_percent=50",
+          says="cpu_percent is a target for a VM")
     # A checkpoint whose service does not listen where the pool is told: a clear error, nothing left running.
     ck = status(pool_cli)["checkpoint"]
     fails("pool", "up", "deaf", "--checkpoint", ck, "--port", "9999", "--probe-timeout", "5",
@@ -208,6 +211,56 @@ def test_bad_input_is_refused_clearly(pool_cli):
 
 
 @pytest.mark.browser
+def test_the_balancer_times_each_request_and_a_controller_holds_the_p95(pool_cli):
+    from hostd.pool.status import open_pool
+    db = open_pool(pool_cli.home, POOL)
+    try:
+        # Every request is timed at the balancer, and HAProxy's time is within what the client saw.
+        t0 = time.time() * 1000
+        res = Load(pool_cli, 4, 6, "--rounds", "200").result()
+        assert res["failed"] == 0, res
+        wait_for("every request in the pool's database", lambda: db.latency(int(t0))["count"] == res["requests"], 10)
+        lat = db.latency(int(t0))
+        assert 0 < lat["p50_ms"] <= res["latency_s"]["p50"] * 1000 + 20, (lat, res)
+        assert lat["max_ms"] <= res["latency_s"]["max"] * 1000 + 20, (lat, res)
+        assert status(pool_cli)["latency"]["window_ms"] == 10_000
+    finally:
+        db.close()
+    # A best-effort VM limited for the pool's p95: a target no request meets clamps it to its floor;
+    # when the load ends nothing waits, and the limit is released.
+    pool_cli("pool", "set", POOL, "max_vm_count=1")      # no scale-out: the limit is the only lever here
+    pool_cli("vm", "start", "be", "--mem", "256M")
+    tag = pool_cli.paths.tag
+    quota_file = f"/sys/fs/cgroup/cpu/sfmpi-{tag}/be/cpu.cfs_quota_us"
+
+    def quota() -> str:
+        try:
+            return open(quota_file).read().strip()
+        except FileNotFoundError:
+            return ""
+    try:
+        pool_cli("control", "add", f"pool:{POOL}", "--class", "high", "--target", "p95_ms=1", "--period", "1")
+        pool_cli("control", "add", "be", "--class", "best-effort", "--min-limit", "10")
+        load = Load(pool_cli, 4, 20, "--rounds", "200")
+        wait_for("the best-effort VM limited to its floor", lambda: quota() == "10000", 15)
+        steps = pool_cli.json("control", "log")["steps"]
+        measured = [s["measurement"] for s in steps if s["measurement"]]
+        assert measured and all(m >= 1 for m in measured), steps
+        assert steps[-1]["target"] == 1.0 and steps[-1]["actuation"] == 10.0, steps[-1]
+        assert load.result()["failed"] == 0
+        wait_for("the limit released once no request waits", lambda: quota() == "-1", 30)
+        last = pool_cli.json("control", "log")["steps"][-1]
+        assert last["measurement"] == 0.0 and last["note"] == "released", last
+        rows = pool_cli.json("control", "list")
+        assert rows[0]["members"][f"pool:{POOL}"] == {"class": "high", "measure": "p95_ms", "target": 1.0}
+    finally:
+        pool_cli("control", "rm", f"pool:{POOL}", check=False)
+        pool_cli("control", "rm", "be", check=False)
+        pool_cli("vm", "stop", "be")
+        pool_cli("pool", "set", POOL, "max_vm_count=4")
+    assert pool_cli.json("control", "list") == []
+
+
 def test_console_follows_the_real_pool_in_chromium(pool_cli):
     from tests.browser import Chromium
     from tests.integration.conftest import ARTIFACTS

@@ -165,7 +165,8 @@ def test_pi_output_always_within_its_bounds(measurements, target, kp, ki):
 def test_control_targets_and_parameters():
     assert parse_target("cpu_percent=60") == ("cpu_percent", 60.0)
     assert parse_target("cpu_percent >= 75.5") == ("cpu_percent", 75.5)
-    for bad in ("cpu_percent", "speed=3", "cpu_percent=0"):
+    assert parse_target("p95_ms<=250") == ("p95_ms", 250.0)
+    for bad in ("cpu_percent", "speed=3", "cpu_percent=0", "cpu_percent=6401", "p95_ms=0", "p95_ms=700000"):
         with pytest.raises(UsageError):
             parse_target(bad)
     assert checked_params({"kp": 1})["kp"] == 1.0
@@ -194,3 +195,88 @@ def test_net_dev_is_the_guests_view():
             "sft1x0:  1000 10 0 0 0 0 0 0  5000 50 0 0 0 0 0 0\n"
             "    lo: 1 1 0 0 0 0 0 0 1 1 0 0 0 0 0 0\n")
     assert parse_net_dev(text)["sft1x0"] == {"net_tx_bytes": 1000, "net_rx_bytes": 5000}
+
+
+class FakeVms:
+    def record(self, name):
+        return object() if name in ("be", "hi") else None
+
+
+class FakeResources:
+    def __init__(self):
+        self.limits: dict[str, float | None] = {}
+
+    def check_host(self, _settings):
+        pass
+
+    def limit_cpu(self, vm, limit):
+        self.limits[vm] = limit
+
+
+class FakePools:
+    """One pool, web, whose p95 the test sets period by period."""
+    def __init__(self):
+        self.p95: float | None = None
+        self.asked: list[tuple[str, float, float]] = []
+
+    def exists(self, name):
+        return name == "web"
+
+    def p95_ms(self, name, since, until):
+        self.asked.append((name, since, until))
+        return self.p95
+
+
+def control_loops(tmp_path):
+    from sfmpi.hostd.control.loops import ControlLoops
+    from sfmpi.hostd.monitor.history import StatsHistory
+    now = [1_000.0]
+    loops = ControlLoops(FakeVms(), StatsHistory(tmp_path / "stats.db"), FakeResources(), clock=lambda: now[0],
+                         pools=FakePools())
+    return loops, now
+
+
+def test_a_pools_p95_is_a_target_held_by_limiting_best_effort_vms(tmp_path):
+    import asyncio
+    loops, now = control_loops(tmp_path)
+
+    async def setup():
+        await loops.add("pool:web", "high", "p95_ms=200", params={"period_s": 2})
+        await loops.add("be", "best-effort", None)
+        for g in loops.groups.values():      # stepped by hand below, not by the loop's task
+            await loops._cancel(g)
+    asyncio.run(setup())
+    pools, res = loops.pools, loops.resources
+    pools.p95 = 600.0                        # three times its target: the best-effort VM is limited
+    row = loops.step("default")
+    assert row["measurement"] == 600.0 and row["target"] == 200.0 and row["error"] == pytest.approx(200.0)
+    assert pools.asked[-1] == ("web", now[0] - 2, now[0])
+    first = res.limits["be"]
+    assert first is not None and first < 100
+    now[0] += 2
+    loops.step("default")
+    assert res.limits["be"] <= first         # still short: no looser
+    for _ in range(30):                      # no request any more: nothing waits, the limit unwinds
+        pools.p95 = None
+        now[0] += 2
+        row = loops.step("default")
+    assert res.limits["be"] is None and row["measurement"] == 0.0 and row["note"] == "released"
+    assert [s["measurement"] for s in loops.history.steps("default")][:2] == [600.0, 600.0]
+
+
+def test_pool_members_are_checked(tmp_path):
+    import asyncio
+    from sfmpi.errors import NotFound
+    loops, _now = control_loops(tmp_path)
+
+    async def fails(*args, says, kind=UsageError):
+        with pytest.raises(kind, match=says):
+            await loops.add(*args)
+
+    async def all_of_them():
+        await fails("pool:nosuch", "high", "p95_ms=200", says="no pool named 'nosuch'", kind=NotFound)
+        await fails("pool:web", "best-effort", None, says="is a high-class member")
+        await fails("pool:web", "high", "cpu_percent=50", says="cpu_percent is a target for a VM")
+        await fails("hi", "high", "p95_ms=200", says="p95_ms is a target for a pool")
+    asyncio.run(all_of_them())
+    assert loops.groups == {}

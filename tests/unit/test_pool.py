@@ -15,6 +15,7 @@ from sfmpi.hostd.guestapi import schemas
 from sfmpi.hostd.pool import loadgen
 from sfmpi.hostd.pool.db import PoolDb, now_ms
 from sfmpi.hostd.pool.haproxy import haproxy_argv, haproxy_config
+from sfmpi.hostd.pool.latency import parse_line, percentile
 from sfmpi.hostd.pool.params import PARAMS, parse_assignment
 from sfmpi.hostd.pool.rules import Snapshot, Worker, decide
 from sfmpi.hostd.pool.status import check_name, open_pool, pool_status
@@ -135,7 +136,7 @@ def test_a_version_1_database_is_migrated(tmp_path):
     db.commit()
     db.close()
     pool = PoolDb(path)
-    assert pool.version == 2
+    assert pool.version == 3
     assert pool.params()["free_count"] == 7
     vm = pool.vms()[0]
     assert vm["cpu"] == 3.5 and vm["state"] == "serving" and vm["ip"] == "10.0.0.5"
@@ -254,3 +255,43 @@ def test_hostile_load_reports_are_refused(line):
 
 def test_a_load_report_passes():
     schemas.check(schemas.parse_line(b'{"ev": "load", "cpu": 12.5, "ram": 1048576, "ram_total": 2097152}'))
+
+
+def test_request_log_lines_and_percentiles():
+    assert parse_line(b"12 200\n") == (12, 200)
+    assert parse_line(b"60003 503") == (60003, 503)
+    for bad in (b"", b"12", b"12 200 7", b"x 200", b"-5 200", b"12 2000", b"\xff\xfe", b"99999999999 200"):
+        assert parse_line(bad) is None, bad
+    assert percentile([], 95) is None
+    assert percentile([7], 95) == 7.0
+    values = list(range(1, 101))           # 1..100 ms
+    assert percentile(values, 95) == 95.0 and percentile(values, 50) == 50.0 and percentile(values, 100) == 100.0
+    assert percentile([5, 1, 3], 50) == 3.0
+
+
+@given(st.lists(st.integers(0, 10 ** 6), min_size=1, max_size=200), st.floats(1, 100))
+def test_a_percentile_is_a_time_some_request_took_and_bounds_its_share(values, q):
+    p = percentile(values, q)
+    assert p in values
+    assert sum(1 for v in values if v <= p) >= q / 100 * len(values)
+
+
+def test_the_database_keeps_request_times_and_summarises_a_window(tmp_path):
+    db = PoolDb(tmp_path / "pool.db")
+    t = now_ms()
+    db.add_requests([(t - 5000, 900, 200)] + [(t - 1000 + i, 10 + i, 200) for i in range(19)] + [(t - 10, 60000, 503)])
+    window = db.latency(t - 2000)
+    assert window["count"] == 20 and window["errors"] == 1
+    assert window["p50_ms"] == 19.0 and window["p95_ms"] == 28.0 and window["max_ms"] == 60000.0
+    assert db.latency(t - 6000, t - 4000)["p95_ms"] == 900.0
+    assert db.latency(t + 1)["count"] == 0 and db.latency(t + 1)["p95_ms"] is None
+    db.add_requests([(t - 700_000, 5, 200)])
+    db.trim_history()
+    assert db.latency(0)["count"] == 21             # older than ten minutes: gone
+
+
+def test_haproxy_logs_each_request_to_the_request_log_only_when_asked():
+    with_log = haproxy_config("/p/api.sock", 5, 60, "/p/requests.sock")
+    assert "log /p/requests.sock len 512 format raw local0 info" in with_log
+    assert 'log-format "%Ta %ST"' in with_log and "log global" in with_log
+    assert "log" not in haproxy_config("/p/api.sock", 5, 60).replace("/p/", "")

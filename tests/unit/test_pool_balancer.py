@@ -135,3 +135,27 @@ def test_a_busy_front_end_port_is_a_clear_error(netns, tmp_path):
         assert hp.proc is None
     finally:
         s.close()
+
+
+def test_each_request_time_comes_from_haproxys_log(netns):
+    """The request log (latency.py) gets one line per request from the real HAProxy: its time and status."""
+    from sfmpi.hostd.pool.latency import RequestLog, percentile
+    name, serve = netns
+    serve("10.250.0.3", "C", 0.3)
+    work = Path(tempfile.mkdtemp(prefix="sfmpi-hp-"))
+    with RequestLog(work / "requests.sock") as requests, \
+            HAProxy(work, f"/run/netns/{name}", 0, request_log=requests.path) as hp:
+        hp.api.add_server("w1", "10.250.0.3", 8080, 4)
+        hp.api.set_state("w1", "ready")
+        took = [post(hp.port)[0] for _ in range(5)]
+        deadline = time.monotonic() + 5
+        got: list = []
+        while len(got) < 5 and time.monotonic() < deadline:
+            got += requests.drain()
+            time.sleep(0.05)
+    assert [status for _at, _ms, status in got] == [200] * 5
+    # What HAProxy measured lies between the server's sleep and what the client saw.
+    for _at, ms, _status in got:
+        assert 300 <= ms <= max(took) * 1000 + 5, (got, took)
+    assert 300 <= percentile([ms for _a, ms, _s in got], 95) <= max(took) * 1000 + 5
+    assert not (work / "requests.sock").exists()

@@ -134,7 +134,7 @@
   // -- feedback controllers -----------------------------------------------------
   // The member that is measured (the controller keeps its measure near the target).
   const measured = def => Object.entries(def.members || {}).find(([, m]) => m && m.measure) || [null, {}];
-  const unit = measure => (/percent$/.test(measure || "") ? " %" : "");
+  const unit = measure => (/percent$/.test(measure || "") ? " %" : /_ms$/.test(measure || "") ? " ms" : "");
 
   function makeController(c) {
     const cname = c.name;
