@@ -3,8 +3,25 @@ say what failed and what `down` left, and turn that into the exit code."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from typing import Callable
+
+LEFT_AFTER_DOWN = "left after down"
+
+
+def measure(res: dict, body: Callable[[], dict | None]) -> dict:
+    """Run a benchmark's body; what it returns goes into res. A failure (a
+    RuntimeError, a command that timed out) becomes res["error"], and, when it
+    is what `down` left behind (raise RuntimeError(f"{LEFT_AFTER_DOWN}: ...")),
+    res["host_leaks"] too."""
+    res.setdefault("host_leaks", [])
+    try:
+        res.update(body() or {})
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        res["error"] = str(exc)
+        res["host_leaks"] = [str(exc)] if LEFT_AFTER_DOWN in str(exc) else []
+    return res
 
 
 def report(res: dict, as_json: bool, print_table: Callable[[dict], None], failed: bool = False,

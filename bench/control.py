@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import report  # noqa: E402
+from common import LEFT_AFTER_DOWN, measure, report  # noqa: E402
 
 import psutil  # noqa: E402
 
@@ -136,7 +136,7 @@ def run(target: float, step_s: float, cost_s: float) -> dict:
         left = leaks(home, Paths(home).shm)
         shutil.rmtree(home, ignore_errors=True)
         if left:
-            raise RuntimeError(f"left after down: {left}")
+            raise RuntimeError(f"{LEFT_AFTER_DOWN}: {left}")
     return out
 
 
@@ -165,12 +165,7 @@ def main() -> int:
     ap.add_argument("--step-s", type=float, default=40.0)
     ap.add_argument("--cost-s", type=float, default=30.0)
     args = ap.parse_args()
-    res: dict = {"target": args.target, "host_leaks": []}
-    try:
-        res.update(run(args.target, args.step_s, args.cost_s))
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        res["error"] = str(exc)
-        res["host_leaks"] = [str(exc)] if "left after down" in str(exc) else []
+    res = measure({"target": args.target}, lambda: run(args.target, args.step_s, args.cost_s))
     return report(res, args.json, print_table)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import report  # noqa: E402
+from common import LEFT_AFTER_DOWN, measure, report  # noqa: E402
 
 from sfmpi.hostd.pool import loadgen  # noqa: E402
 from sfmpi.paths import Paths  # noqa: E402
@@ -104,7 +104,7 @@ def one_pool(image: str, workers: str, step_rate: float, step_s: float, calm_s: 
         left = leaks(paths.home, paths.shm)
         shutil.rmtree(home, ignore_errors=True)
         if left:
-            raise RuntimeError(f"left after down: {left}")
+            raise RuntimeError(f"{LEFT_AFTER_DOWN}: {left}")
 
 
 def print_table(res: dict) -> None:
@@ -135,19 +135,16 @@ def main() -> int:
     ap.add_argument("--calm-s", type=float, default=40.0)
     args = ap.parse_args()
     from sfmpi.image import default_image
-    res: dict = {"step_rate": args.step_rate, "step_s": args.step_s, "host_leaks": []}
-    try:
+
+    def both() -> dict:
         image = default_image()
-        res["clone"] = one_pool(image, "clone", args.step_rate, args.step_s, args.calm_s)
-        res["boot"] = one_pool(image, "boot", args.step_rate, args.step_s, args.calm_s)
-        c, b = res["clone"]["scale_out_s"], res["boot"]["scale_out_s"]
-        res.update(scale_out_s=c, cold_scale_out_s=b,
-                   scale_out_speedup=round(b / c, 1) if c and b else None,
-                   failed_requests=res["clone"]["failed_requests"],
-                   cold_failed_requests=res["boot"]["failed_requests"])
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        res["error"] = str(exc)
-        res["host_leaks"] = [str(exc)] if "left after down" in str(exc) else []
+        clone = one_pool(image, "clone", args.step_rate, args.step_s, args.calm_s)
+        boot = one_pool(image, "boot", args.step_rate, args.step_s, args.calm_s)
+        c, b = clone["scale_out_s"], boot["scale_out_s"]
+        return dict(clone=clone, boot=boot, scale_out_s=c, cold_scale_out_s=b,
+                    scale_out_speedup=round(b / c, 1) if c and b else None,
+                    failed_requests=clone["failed_requests"], cold_failed_requests=boot["failed_requests"])
+    res = measure({"step_rate": args.step_rate, "step_s": args.step_s}, both)
     return report(res, args.json, print_table)
 
 
