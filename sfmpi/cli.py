@@ -198,18 +198,24 @@ def vm_stop(name, as_json) -> None:
 @click.option("--net-rate", default=None, metavar="RATE", help="Network rate each way (10mbit, 500kbit, 2MB/s).")
 @click.option("--priority", default=None, type=click.Choice(["low", "normal", "high", "none"]),
               help="CPU shares as vSphere gives them: low/normal/high = 1:2:4 (per vCPU).")
+@click.option("--all", "all_hosts", is_flag=True, help="NAME runs on any host of the lab: through the lab's master.")
 @click.option("--json", "as_json", is_flag=True)
-def vm_set(name, as_json, **given) -> None:
+def vm_set(name, all_hosts, as_json, **given) -> None:
     """Set a VM's resources (a Set-VMResourceConfiguration). `none` clears a setting. Settings
     persist with the VM, and its clones start with them."""
     settings = {k: v for k, v in given.items() if v is not None}
     if not settings:
         raise UsageError("vm set: give at least one setting (see `sfmpi vm set --help`)")
-    res = _client().call("vm.set", name=name, settings=settings)
+    if all_hosts:
+        from .hostd.lab.lab import Lab
+        res = Lab().admin("vm.set", name=name, settings=settings)
+    else:
+        res = _client().call("vm.set", name=name, settings=settings)
 
     def human(r):
         shown = ", ".join(f"{k}={v}" for k, v in r["resources"].items()) or "none"
-        click.echo(f"{r['name']}: {shown}{'' if r['applied'] else ' (applied when it runs)'}")
+        where = f" on {r['host']}" if r.get("host") else ""
+        click.echo(f"{r['name']}{where}: {shown}{'' if r['applied'] else ' (applied when it runs)'}")
     _emit(res, as_json, human)
 
 

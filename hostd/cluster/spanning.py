@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from sfmpi import proc
-from sfmpi.errors import CloneError, HostdError, SfmpiError, UsageError
+from sfmpi.errors import CloneError, HostdError, RoleError, SfmpiError, UsageError
 
 from ..fork.cloner import Order, greeting_from
 from ..fork.manifest import Checkpoint
@@ -382,7 +382,7 @@ class Spanning:
             self.cloner.remote_disks.pop(ckpt_id, None)
 
     # -- the peer listener's operations -------------------------------------
-    def handlers(self, list_vms, latest_stats=lambda: []) -> dict:
+    def handlers(self, list_vms, latest_stats=lambda: [], set_resources=None) -> dict:
         async def ping(peer, _args):
             return {"host": self.host, "pid": os.getpid()}
 
@@ -391,6 +391,15 @@ class Spanning:
 
         async def stats_latest(peer, _args):
             return latest_stats()
+
+        async def vm_set(peer, args):
+            # A VM's settings change only as the admin asked the master (`vm set --all`).
+            if peer != MASTER_NAME or set_resources is None:
+                raise RoleError(f"only the master sets a VM's resources on {self.host} (not {peer})")
+            name, settings = args.get("name"), args.get("settings")
+            if not isinstance(name, str) or not isinstance(settings, dict):
+                raise UsageError("vm.set: a VM name and an object of settings")
+            return await set_resources(name, settings)
 
         async def clones_start(peer, args):
             return await self.start_here(peer, args.get("descriptor"), args.get("family"), args.get("orders"),
@@ -423,7 +432,8 @@ class Spanning:
                 raise UsageError(f"{peer} does not hold clone {name}")
             self.member_ended(name, status=status)
             return {}
-        return {"ping": ping, "vm.list": vm_list, "stats.latest": stats_latest, "clones.start": clones_start, "clones.stop": clones_stop,
+        return {"ping": ping, "vm.list": vm_list, "stats.latest": stats_latest, "vm.set": vm_set,
+                "clones.start": clones_start, "clones.stop": clones_stop,
                 "family.peers": family_peers,
                 "clone.gone": clone_gone, "clone.exited": clone_exited}
 
@@ -442,10 +452,10 @@ async def _virtual_size(disk: str) -> int:
 class Membership:
     """Registration with the master and the heartbeats after it; the peer listener."""
 
-    def __init__(self, span: Spanning, usage, budget, list_vms, latest_stats=lambda: []):
+    def __init__(self, span: Spanning, usage, budget, list_vms, latest_stats=lambda: [], set_resources=None):
         self.span, self.usage, self.budget = span, usage, budget
         self.server = wire.WireServer(keys.server_context(span.config.keys, span.host),
-                                      span.handlers(list_vms, latest_stats))
+                                      span.handlers(list_vms, latest_stats, set_resources))
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:

@@ -93,7 +93,7 @@ class Hostd:
             if self.host.span is not None:
                 # A host of a cluster: the peer listener, and heartbeats to the master.
                 membership = Membership(self.host.span, self.host.usage, self.budget, self.host.list_vms,
-                                        self.host.sampling.latest_samples)
+                                        self.host.sampling.latest_samples, self.host.resources.set)
                 await membership.start()
             async with server:
                 await self.shutdown.wait()

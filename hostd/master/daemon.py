@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from sfmpi.errors import RoleError, TicketError, UsageError
+from sfmpi.errors import NotFound, RoleError, TicketError, UsageError
 
 from ..cluster import keys, wire
 from ..cluster.config import ADMIN_NAME, MASTER_NAME, PEER_PORT
@@ -70,7 +70,8 @@ class Master:
 
     def _handlers(self) -> dict:
         return {"ping": self.op_ping, "register": self.op_register, "heartbeat": self.op_heartbeat, "leave": self.op_leave,
-                "place": self.op_place, "ticket.state": self.op_ticket_state, "hosts": self.op_hosts, "vms": self.op_vms, "stats": self.op_stats, "policy": self.op_policy}
+                "place": self.op_place, "ticket.state": self.op_ticket_state, "hosts": self.op_hosts, "vms": self.op_vms, "stats": self.op_stats, "policy": self.op_policy,
+                "vm.set": self.op_vm_set}
 
     async def run(self) -> None:
         os.umask(0o077)
@@ -232,6 +233,24 @@ class Master:
     async def op_stats(self, peer: str, _args: dict) -> list[dict]:
         """Every up host's latest statistics sample of each VM, with its host (`sfmpi stats latest --all`)."""
         return await self._every_host(peer, "stats.latest", "reads the cluster's statistics")
+
+    async def op_vm_set(self, peer: str, args: dict) -> dict:
+        """A VM's resource settings, on whichever up host runs it (`sfmpi vm set NAME --all`)."""
+        name, settings = _str(args, "name"), args.get("settings")
+        if not isinstance(settings, dict):
+            raise UsageError("vm.set: settings must be an object")
+        rows = await self._every_host(peer, "vm.list", "sets a VM's resources")
+        on = [r["host"] for r in rows if r.get("name") == name]
+        if not on:
+            silent = sorted({r["host"] for r in rows if "error" in r})
+            raise NotFound(f"no VM named {name} on any up host of the lab"
+                           + (f" ({', '.join(silent)} did not answer)" if silent else ""))
+        h = next(h for h in self.store.hosts() if h["name"] == on[0])
+        host, _, port = h["address"].rpartition(":")
+        res = await wire.call(host, int(port or PEER_PORT), self._client, h["name"], "vm.set", timeout=30,
+                              name=name, settings=settings)
+        log.info("vm set %s on %s: %s", name, h["name"], settings)
+        return {**res, "host": h["name"]}
 
     async def _every_host(self, peer: str, op: str, what: str) -> list[dict]:
         if peer != ADMIN_NAME:

@@ -98,6 +98,16 @@ def test_a_parent_on_lab1_forks_six_clones_spread_over_three_hosts(lab):
     latest = json.loads(sfmpi("stats", "latest", "--all", "--json", env=env).stdout)
     assert {(r["vm"], r["host"]) for r in latest} == {("p", "lab1"), *res["hosts"].items()}
     assert next(r for r in latest if r["vm"] == server)["net_rx_bytes"] >= 200_000
+    # Resource settings through the master, wherever the VM runs; the host's own check still decides.
+    far = next(n for n, h in res["hosts"].items() if h == "lab3")
+    got = json.loads(sfmpi("vm", "set", far, "--cpu-limit", "50", "--all", "--json", env=env).stdout)
+    assert got["host"] == "lab3" and got["resources"] == {"cpu_limit": 50.0} and got["applied"], got
+    rows = json.loads(sfmpi("vm", "list", "--json", host="lab3", env=env).stdout)
+    assert next(r for r in rows if r["name"] == far)["resources"] == {"cpu_limit": 50.0}
+    for args, says in ((["nosuch", "--cpu-limit", "50"], "no VM named nosuch on any up host"),
+                       ([far, "--cpu-limit", "500"], "1-100 for a VM of 1 vCPU")):
+        p = sfmpi("vm", "set", *args, "--all", env=env, check=False, timeout=60)
+        assert p.returncode != 0 and says in p.stderr, p.stderr
     _stop(env, res["hosts"])
     # What lab1 served for the other hosts' clones is let go of with them.
     for host in ("lab2", "lab3"):

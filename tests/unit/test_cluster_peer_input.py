@@ -65,6 +65,23 @@ def test_a_malformed_clones_start_is_refused_before_anything_is_done(span, tmp_p
         not any((tmp_path / "home" / "checkpoints" / "remote").iterdir())
 
 
+def test_only_the_master_sets_resources_here_and_only_well_formed(span):
+    asked = []
+
+    async def set_resources(name, settings):
+        asked.append((name, settings))
+        return {"name": name, "resources": settings, "applied": True}
+    vm_set = span.handlers(lambda: [], set_resources=set_resources)["vm.set"]
+    with pytest.raises(RoleError, match="only the master sets a VM's resources on lab2 .not lab1."):
+        asyncio.run(vm_set("lab1", {"name": "p", "settings": {"cpu_limit": 50}}))
+    for bad in ({"name": 5, "settings": {}}, {"name": "p", "settings": ["cpu_limit"]}, {}):
+        with pytest.raises(UsageError, match="a VM name and an object of settings"):
+            asyncio.run(vm_set("master", bad))
+    assert asked == []
+    assert asyncio.run(vm_set("master", {"name": "p", "settings": {"cpu_limit": 50}}))["applied"]
+    assert asked == [("p", {"cpu_limit": 50})]
+
+
 def test_a_clone_stop_takes_only_a_list_of_names(span):
     with pytest.raises(UsageError):
         asyncio.run(span.stop_here("p-3"))
@@ -86,6 +103,10 @@ def test_the_master_lets_a_host_speak_only_for_itself(tmp_path):
         asyncio.run(master.op_vms("lab2", {}))
     with pytest.raises(RoleError, match="only admin"):
         asyncio.run(master.op_policy("lab2", {"policy": "pack"}))
+    with pytest.raises(RoleError, match="only admin sets a VM's resources"):
+        asyncio.run(master.op_vm_set("lab2", {"name": "p", "settings": {"cpu_limit": 50}}))
+    with pytest.raises(UsageError, match="settings must be an object"):
+        asyncio.run(master.op_vm_set("admin", {"name": "p", "settings": "cpu_limit=50"}))
     with pytest.raises(UsageError):
         asyncio.run(master.op_policy("admin", {"policy": "random"}))
     assert asyncio.run(master.op_policy("admin", {"policy": "pack"})) == {"policy": "pack"}
