@@ -5,7 +5,8 @@ PYTHON ?= python3
 DEBS := qemu-system-x86 qemu-utils debootstrap nftables iproute2 e2fsprogs util-linux fuse3 libfuse3-dev pkg-config \
         libjson-c-dev gcc g++ make dnsmasq-base busybox iputils-ping libssl-dev \
         slurm-wlm munge gridengine-master gridengine-exec gridengine-client \
-        haproxy libjs-chart.js chromium chromium-driver
+        haproxy libjs-chart.js chromium chromium-driver \
+        libvirt-daemon-system-sysv libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
 STAMP := .make
 
 .PHONY: deps image native test unit integration demo bench clean

@@ -59,7 +59,9 @@ setup(
                       "python-hostlist>=1.21",
                       # per-VM statistics in the Prometheus text format (hostd/monitor/export.py)
                       "prometheus_client>=0.16"],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "selenium>=4"]},
+    # libvirt-python only for the libvirt driver (imported lazily; built against libvirt-dev).
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "selenium>=4", "libvirt-python>=9"],
+                    "libvirt": ["libvirt-python>=9"]},
     entry_points={"console_scripts": ["sfmpi = sfmpi.cli:main", "sfclone = sfmpi.sfclone:run",
                                         "sfmpirun = sfmpi.launcher.run:main"]},
 )
