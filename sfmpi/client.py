@@ -72,16 +72,21 @@ class HostdClient:
         if s is None:
             raise HostdError(f"hostd on {self.paths.home} went away")
         with s, s.makefile("rb") as replies:
-            s.sendall((json.dumps({"op": op, "args": args}) + "\n").encode())
-            for line in replies:
-                msg = json.loads(line)
-                if "out" in msg:
-                    if on_output is not None:
-                        on_output(int(msg["out"]), base64.b64decode(msg["data"]))
-                    continue
-                if "error" in msg:
-                    raise from_wire(msg["error"]["type"], msg["error"]["message"])
-                return msg["ok"]
+            try:
+                s.sendall((json.dumps({"op": op, "args": args}) + "\n").encode())
+                for line in replies:
+                    msg = json.loads(line)
+                    if "out" in msg:
+                        if on_output is not None:
+                            on_output(int(msg["out"]), base64.b64decode(msg["data"]))
+                        continue
+                    if "error" in msg:
+                        raise from_wire(msg["error"]["type"], msg["error"]["message"])
+                    return msg["ok"]
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                # A hostd that stops meanwhile (signalled by a scheduler while a job's
+                # runner asks it to go down) resets the connection: one of our errors, not an OSError.
+                raise HostdError(f"hostd on {self.paths.home} went away during {op} ({exc.strerror})") from None
         raise HostdError(f"hostd on {self.paths.home} closed the connection during {op} "
                          f"(see {self.paths.hostd_log})")
 

@@ -129,3 +129,26 @@ def test_another_user_is_refused_whatever_the_socket_mode(hostd):
     assert out.stdout.strip(), out.stderr
     reply = json.loads(out.stdout)
     assert "ok" not in reply and f"uid {NOBODY} may not use this hostd" in reply["error"]["message"]
+
+
+def test_a_hostd_that_resets_the_connection_is_a_hostd_error(tmp_path):
+    """A hostd stopping while a client's call is in flight (a scheduler's signal and a
+    runner's `down` at once) resets the connection: the client says so as a HostdError."""
+    import threading
+    from sfmpi.client import HostdClient
+    paths = Paths(tmp_path)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(paths.socket))
+    server.listen(4)
+
+    def serve():
+        for _ in range(2):      # the liveness probe, then the call
+            conn, _ = server.accept()
+            time.sleep(0.2)     # the request arrives and is never read
+            conn.close()        # unread data: the peer's next read is ECONNRESET
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    with pytest.raises(HostdError, match="went away during down|closed the connection during down"):
+        HostdClient(paths, autostart=False).call("down")
+    t.join(5)
+    server.close()
