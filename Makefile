@@ -21,6 +21,10 @@ $(STAMP)/debs: Makefile | $(STAMP)
 	  echo "installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@# libvirtd will not start without the QEMU user it was built with (docs/platform.md, libvirt 9.0);
+	@# libvirt-daemon-system would make it, but brings a NAT network along.
+	@getent passwd libvirt-qemu >/dev/null || useradd --system --user-group --no-create-home \
+	  --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
 	touch $@
 
 $(STAMP)/python: setup.py | $(STAMP)

@@ -4,7 +4,7 @@ from setuptools import Extension, setup
 
 # hostd/'s sub-packages, one concern each (docs/architecture.md).
 HOSTD_PARTS = ("daemon", "state", "vm", "fork", "guestapi", "net", "policy", "memory", "master", "cluster", "lab",
-               "pool", "console", "monitor", "resources", "control")
+               "pool", "console", "monitor", "resources", "control", "vm.libvirt")
 
 
 def pkg_config(flag: str, package: str) -> list[str]:

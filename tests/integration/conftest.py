@@ -78,6 +78,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: real Slurm daemons over a lab (`-m slurm`)")
     config.addinivalue_line("markers", "sge: a real Grid Engine (`-m sge`)")
     config.addinivalue_line("markers", "browser: a headless Chromium (no VMs; `-m browser`)")
+    config.addinivalue_line("markers", "libvirt: a private libvirtd and virtlogd (`-m libvirt`)")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,0 +1,1 @@
+"""The libvirt driver (issue 21): domain XML, the private libvirtd."""

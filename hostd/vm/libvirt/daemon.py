@@ -1,0 +1,177 @@
+"""LibvirtDaemon: the one owner of a private libvirtd and its virtlogd.
+
+Why private, and how (docs/platform.md, "libvirt 9.0"): a root libvirtd is
+always the system instance, with its configuration in /etc/libvirt and its
+state in /run, /var/lib, /var/log and /var/cache. This one runs in a mount
+namespace of its own where directories of sfmpi's state directory are bound
+over those five, so it shares nothing with a system libvirtd and leaves
+nothing on the host, and in hostd's network namespace, so that the QEMUs it
+starts open the families' taps there. virsh reaches it by its socket:
+`virsh -c URI` (see `uri`). Lifecycle: created -> start() (running) ->
+stop(), safe twice; stop() ends only the two daemons it started, by PID.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from sfmpi.errors import HostdError, UsageError
+
+# Where a root libvirtd keeps things: each gets a directory of ours bound over it.
+SYSTEM_DIRS = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt",
+               "log": "/var/log/libvirt", "cache": "/var/cache/libvirt"}
+# libvirtd resolves the QEMU user it was built with before it reads qemu.conf (docs/platform.md).
+QEMU_USER = "libvirt-qemu"
+
+
+def libvirtd_conf() -> str:
+    """Only root reaches the socket (the directory is hostd's, mode 0700)."""
+    return ('unix_sock_group = "root"\nunix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
+            'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
+            'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+
+
+def qemu_conf() -> str:
+    """QEMU as hostd runs it: as root, no relabelling, no private /dev (the
+    families' taps and hostd's sockets must be reachable), no cgroups of
+    libvirt's (sfmpi makes its own, and touches no others)."""
+    return ('user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
+            'security_driver = "none"\nnamespaces = [ ]\ncgroup_controllers = [ ]\nstdio_handler = "logd"\n')
+
+
+def virtlogd_conf() -> str:
+    return 'log_outputs = "3:file:/var/log/libvirt/virtlogd.log"\n'
+
+
+def start_script(root: Path) -> str:
+    """Run under `unshare --mount`: the binds, virtlogd, then libvirtd in this process."""
+    binds = "".join(f"mount --bind {root / mine} {system}\n" for mine, system in SYSTEM_DIRS.items())
+    return ("set -e\nmount --make-rprivate /\n" + binds +
+            "virtlogd -d -f /etc/libvirt/virtlogd.conf -p /run/libvirt/virtlogd.pid\n"
+            "exec libvirtd -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid\n")
+
+
+def start_argv(root: Path, netns_path: str) -> list[str]:
+    return ["unshare", "--mount", "nsenter", f"--net={netns_path}", "sh", "-c", start_script(root)]
+
+
+class LibvirtDaemon:
+    def __init__(self, root: Path, netns_path: str):
+        self.root = Path(root)
+        self.netns_path = netns_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "libvirt-sock"
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+unix:///system?socket={self.socket}"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log" / "libvirtd.log"
+
+    def _prepare(self) -> None:
+        try:
+            pwd.getpwnam(QEMU_USER)
+        except KeyError:
+            raise UsageError(f"libvirtd needs the system user {QEMU_USER} (`make deps` makes it)") from None
+        for mine, system in SYSTEM_DIRS.items():
+            (self.root / mine).mkdir(parents=True, exist_ok=True, mode=0o700)
+            # The mount points: libvirt's own directories (empty on a host without libvirt-daemon-system).
+            Path(system).mkdir(parents=True, exist_ok=True)
+        (self.root / "etc" / "libvirtd.conf").write_text(libvirtd_conf())
+        (self.root / "etc" / "qemu.conf").write_text(qemu_conf())
+        (self.root / "etc" / "virtlogd.conf").write_text(virtlogd_conf())
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._prepare()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        with open(self.root / "daemon.out", "ab") as out:
+            self.proc = subprocess.Popen(start_argv(self.root, self.netns_path), stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=out, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                why = self._tail()
+                self.stop()
+                raise HostdError(f"libvirtd exited at start: {why}")
+            if self._answers():
+                return
+            time.sleep(0.1)
+        why = self._tail()
+        self.stop()
+        raise HostdError(f"libvirtd did not open {self.socket} within {timeout:g} s: {why}")
+
+    def _answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
+
+    def _tail(self, lines: int = 3) -> str:
+        text = ""
+        for path in (self.root / "daemon.out", self.log):
+            with contextlib.suppress(OSError):
+                text += path.read_text(errors="replace")
+        wanted = [ln for ln in text.splitlines() if "error" in ln.lower()] or text.splitlines()
+        return " | ".join(wanted[-lines:]) or "(no log)"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def virtlogd_pid(self) -> int | None:
+        try:
+            return int((self.root / "run" / "virtlogd.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """libvirtd first (domains it started keep running: the driver ends them before), then virtlogd."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        pid = self.virtlogd_pid()
+        if pid is not None and _is_virtlogd(pid, self.root):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _is_virtlogd(pid, self.root) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "run" / "virtlogd.pid").unlink()
+
+    def __enter__(self) -> "LibvirtDaemon":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _is_virtlogd(pid: int, root: Path) -> bool:
+    """The virtlogd this daemon started (a PID from its pid file may have been
+    reused): a live virtlogd whose own view of /run/libvirt is our run directory."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        state = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State:"))
+        own_pid_file = Path(f"/proc/{pid}/root/run/libvirt/virtlogd.pid").read_text().strip()
+    except (OSError, StopIteration):
+        return False
+    return comm == "virtlogd" and "Z" not in state.split()[1] and own_pid_file == str(pid) \
+        and (root / "run" / "virtlogd.pid").is_file()
