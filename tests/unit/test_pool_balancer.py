@@ -3,6 +3,7 @@ servers in a network namespace this test makes, HAProxy runs in it with its
 front end on the host's loopback, as a pool runs it."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ def balancer(netns):
     assert not hp.alive()
     assert not [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy"
                 and str(work) in " ".join(p.info["cmdline"] or [])], "HAProxy left running"
+    shutil.rmtree(work)
 
 
 def post(port: int, timeout: float = 30) -> tuple[float, str]:
@@ -159,3 +161,4 @@ def test_each_request_time_comes_from_haproxys_log(netns):
         assert 300 <= ms <= max(took) * 1000 + 5, (got, took)
     assert 300 <= percentile([ms for _a, ms, _s in got], 95) <= max(took) * 1000 + 5
     assert not (work / "requests.sock").exists()
+    shutil.rmtree(work)
