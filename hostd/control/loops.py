@@ -244,7 +244,7 @@ class ControlLoops:
         values = [s["cpu_percent"] for s in self.history.since(vm, since)]
         return sum(values) / len(values) if values else None
 
-    def _measured(self, member: str, measure: str, since: float, now: float) -> float | None:
+    def _measured(self, member: str, since: float, now: float) -> float | None:
         if member.startswith(POOL_PREFIX):
             # No request ended in the period (no load, or the pool went): nobody
             # waits, so the target is met and the limit unwinds, not held.
@@ -260,7 +260,7 @@ class ControlLoops:
         worst = None
         for vm in g.members("high"):
             m = g.body["members"][vm]
-            y = self._measured(vm, m["measure"], since, now)
+            y = self._measured(vm, since, now)
             if y is None:
                 continue
             measure = MEASURES[m["measure"]]

@@ -246,11 +246,14 @@ class Master:
             raise NotFound(f"no VM named {name} on any up host of the lab"
                            + (f" ({', '.join(silent)} did not answer)" if silent else ""))
         h = next(h for h in self.store.hosts() if h["name"] == on[0])
-        host, _, port = h["address"].rpartition(":")
-        res = await wire.call(host, int(port or PEER_PORT), self._client, h["name"], "vm.set", timeout=30,
-                              name=name, settings=settings)
+        res = await self._call_host(h, "vm.set", 30, name=name, settings=settings)
         log.info("vm set %s on %s: %s", name, h["name"], settings)
         return {**res, "host": h["name"]}
+
+    async def _call_host(self, h: dict, op: str, timeout: float, **args):
+        """Peer operation OP on host h (a row of the store's hosts), as the master."""
+        host, _, port = h["address"].rpartition(":")
+        return await wire.call(host, int(port or PEER_PORT), self._client, h["name"], op, timeout=timeout, **args)
 
     async def _every_host(self, peer: str, op: str, what: str) -> list[dict]:
         if peer != ADMIN_NAME:
@@ -259,9 +262,8 @@ class Master:
         hosts = [h for h in self.store.hosts() if h["state"] == "up"]
 
         async def of(h: dict) -> list[dict]:
-            host, _, port = h["address"].rpartition(":")
             try:
-                rows = await wire.call(host, int(port or PEER_PORT), self._client, h["name"], op, timeout=15)
+                rows = await self._call_host(h, op, 15)
             except Exception as exc:  # one host's trouble does not hide the others
                 return [{"host": h["name"], "error": str(exc)}]
             if not isinstance(rows, list):

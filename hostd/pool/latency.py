@@ -55,7 +55,6 @@ class RequestLog:
         self.path = Path(path)
         self.sock: socket.socket | None = None
         self.pending: deque[tuple[int, int, int]] = deque(maxlen=MAX_PENDING)   # (at ms, ms, status)
-        self.unreadable = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -78,10 +77,8 @@ class RequestLog:
             except OSError:
                 return
             parsed = parse_line(data)
-            if parsed is None:
-                self.unreadable += 1
-                continue
-            self.pending.append((int(time.time() * 1000), *parsed))
+            if parsed is not None:   # a truncated or foreign line is dropped
+                self.pending.append((int(time.time() * 1000), *parsed))
 
     def drain(self) -> list[tuple[int, int, int]]:
         """What arrived since the last drain: (at ms, response ms, status) per request."""

@@ -166,12 +166,12 @@ class LibvirtDaemon:
 
 def _is_virtlogd(pid: int, root: Path) -> bool:
     """The virtlogd this daemon started (a PID from its pid file may have been
-    reused): a live virtlogd whose own view of /run/libvirt is our run directory."""
+    reused): a live virtlogd whose own /run/libvirt is our run directory (bound there)."""
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
         state = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State:"))
-        own_pid_file = Path(f"/proc/{pid}/root/run/libvirt/virtlogd.pid").read_text().strip()
+        theirs, ours = os.stat(f"/proc/{pid}/root/run/libvirt"), os.stat(root / "run")
     except (OSError, StopIteration):
         return False
-    return comm == "virtlogd" and "Z" not in state.split()[1] and own_pid_file == str(pid) \
-        and (root / "run" / "virtlogd.pid").is_file()
+    return comm == "virtlogd" and "Z" not in state.split()[1] \
+        and (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
