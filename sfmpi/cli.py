@@ -396,10 +396,15 @@ def down(as_json) -> None:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve the VMs' statistics in the Prometheus text format on 127.0.0.1:PORT "
                    "(default: SFMPI_METRICS_PORT; 0 or unset: none).")
-def hostd_cmd(mem_budget, vcpu_budget, no_multicast, stop_vms_on_signal, metrics_port) -> None:
+@click.option("--driver", type=click.Choice(["direct", "libvirt"]), default=None,
+              help="What runs the VMs: hostd itself (direct, the default) or a private libvirtd, "
+                   "each VM a libvirt domain (docs/libvirt.md). The same as SFMPI_DRIVER.")
+def hostd_cmd(mem_budget, vcpu_budget, no_multicast, stop_vms_on_signal, metrics_port, driver) -> None:
     """Run hostd in the foreground (commands start it on demand otherwise)."""
     if no_multicast:
         os.environ["SFMPI_MULTICAST"] = "0"
+    if driver:
+        os.environ["SFMPI_DRIVER"] = driver
     from .hostd.policy.admission import Budget, parse_size_mb
     from .hostd.daemon.server import serve
 

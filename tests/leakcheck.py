@@ -55,6 +55,8 @@ def leaks(home: Path, shm: Path, whole_host_network: bool = False) -> list[str]:
             found.append(f"pool controller {p.info['pid']}: {cmd[:120]}")
         if ("sfmpi.native.memserver" in cmd or "sfmpi.native.memtap" in cmd) and str(home) in cmd:
             found.append(f"memory daemon {p.info['pid']}: {cmd[:120]}")
+        if (p.info["name"] or "") in ("libvirtd", "virtlogd") and _libvirt_of(p.info["pid"], home):
+            found.append(f"{p.info['name']} process {p.info['pid']} of {home}")
     if shm.exists() and any(shm.iterdir()):
         found.append(f"tmpfs files left: {sorted(x.name for x in shm.iterdir())}")
     huge = leftover_files(shm.name)
@@ -80,6 +82,16 @@ def leaks(home: Path, shm: Path, whole_host_network: bool = False) -> list[str]:
     if whole_host_network:
         found += network_leaks()
     return found
+
+
+def _libvirt_of(pid: int, home: Path) -> bool:
+    """A libvirtd or virtlogd of this home's libvirt driver: its /run/libvirt is
+    the home's (bound there in its mount namespace, hostd/vm/libvirt/daemon.py)."""
+    try:
+        theirs, ours = Path(f"/proc/{pid}/root/run/libvirt").stat(), (home / "libvirt" / "run").stat()
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _env_home(p: psutil.Process) -> str | None:

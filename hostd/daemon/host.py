@@ -59,6 +59,7 @@ from ..policy.admission import Admission, Budget, Usage
 from ..policy.quotas import FamilyQuota, Quotas
 from ..state.records import VmRecord, VmRole, VmState
 from ..state.store import Store
+from ..vm.driver import driver_from_env, make_driver
 from ..vm import hugepages
 from ..vm.parents import Parents
 from ..vm.qemu import is_our_qemu, pid_alive
@@ -183,17 +184,28 @@ class Host:
                                  uplink=Uplink(uplink_plan(paths.tag), paths.netns),
                                  first_family=cluster.family_start if cluster else 1)
         # QEMU runs in the families' namespace: it opens its tap there by name.
-        self.runtime = VmRuntime(paths, store, self.vms, wrap=self.netns.wrap)
+        self.driver = make_driver(driver_from_env(), paths, self.netns.path, paths.tag, self.netns.wrap,
+                                  self.families.in_namespace)
+        self.runtime = VmRuntime(paths, store, self.vms, self.driver)
         self.tickets = TicketBook(FAMILY_LIMIT, store, host=self.host_name)
         self.admission = Admission(budget, self.usage)
         self.quotas = Quotas(FamilyQuota.from_env(), budget, self.family_usage,
                              lambda family: sum(1 for r in store.checkpoint_rows() if r["family"] == family),
                              self.tickets.outstanding)
         self.parents = Parents(self.runtime, self.vms, self.admission, self.families, store, self.host_name)
-        self.checkpoints = Checkpointer(paths, store, self.vms, self.runtime, Receivers(self.runtime, self.admission, self.families.in_namespace))
+        self.checkpoints = Checkpointer(paths, store, self.vms, self.runtime, Receivers(self.runtime, self.admission))
         self.retention = Retention(paths, store, self.vms)
         # Served memory: the memory server on the far side of a veth, memtap here.
         self.clone_memory = clone_memory_mode()
+        if self.driver.name == "libvirt":
+            # libvirtd's QEMUs live in a mount namespace of their own, made
+            # when it starts: memtap's later FUSE mounts are not in it, and a
+            # host of a cluster serves and fetches memory that way (docs/libvirt.md).
+            if cluster is not None:
+                raise UsageError("the libvirt driver runs one host's VMs: a host of a cluster needs "
+                                 "--driver direct")
+            if self.clone_memory == "served":
+                raise UsageError("SFMPI_CLONE_MEMORY=served needs the direct driver (docs/libvirt.md)")
         # In a cluster the server listens on this host's address, for every host's memtaps.
         self.memory = ServedMemory(paths.home / "memory", FarSide(self.netns), near_wrap=self.netns.wrap,
                                    listen=cluster.address if cluster else None)
@@ -291,6 +303,8 @@ class Host:
 
     async def clone(self, ref: str, n: int, allow_fewer: bool = False, memory: str = "local",
                     policy: str | None = None, served: ServedOptions = ServedOptions()) -> dict:
+        if memory == "served" and self.driver.name == "libvirt":
+            raise UsageError("clone: --memory served needs the direct driver (docs/libvirt.md)")
         if policy is not None and self.span is None:
             raise UsageError("clone: --policy places clones over the hosts of a cluster; this hostd is alone")
         return await self.cloner.clone(ref, n, allow_fewer, memory, policy, served)
@@ -396,6 +410,7 @@ class Host:
         if self.span is not None:
             await self.span.down()
         await asyncio.to_thread(self.memory.down)   # before the namespaces it runs in go
+        await self.driver.close(down=True)          # libvirtd runs in the families' namespace
         await self.families.down()
         shutil.rmtree(self.paths.shm, ignore_errors=True)
         for ram in hugepages.leftover_files(self.paths.shm.name):  # a parent whose stop failed

@@ -104,6 +104,7 @@ class Hostd:
                 await membership.stop()
             await self.host.control.stop()
             await self.host.sampling.stop()
+            await self.host.driver.close(down=False)   # libvirtd runs on with the VMs kept
             if metrics is not None:
                 metrics.close()
             with contextlib.suppress(FileNotFoundError):

@@ -31,7 +31,7 @@ from ..net.families import Families, Family
 from ..policy.admission import Admission
 from ..resources.settings import validate_stored
 from ..state.records import VmRecord, VmRole, VmState
-from ..vm.cmdline import NbdBacking, Nic, Qcow2Disk, Sockets, vm_argv
+from ..vm.cmdline import Launch, NbdBacking, Nic, Qcow2Disk, Sockets
 from ..vm.registry import VmRegistry
 from ..vm.runtime import VmRuntime
 from ..vm.tap import open_tap
@@ -89,16 +89,17 @@ def inherited_resources(ckpt: Checkpoint) -> dict:
         return {}
 
 
-def clone_preload(argv: list[str], ram_path: str, served: bool, reports_free_pages: bool) -> list[str]:
-    """A clone's QEMU command with the shims it needs preloaded: served memory
-    takes no huge-page advice (else every fault reads 4 MiB from the server);
-    a guest that reports free pages must not punch holes in the RAM file every
-    clone maps (QEMU 7.2 does, even on a private mapping)."""
+def clone_env(ram_path: str, served: bool, reports_free_pages: bool) -> tuple[tuple[str, str], ...]:
+    """The shims a clone's QEMU runs with preloaded: served memory takes no
+    huge-page advice (else every fault reads 4 MiB from the server); a guest
+    that reports free pages must not punch holes in the RAM file every clone
+    maps (QEMU 7.2 does, even on a private mapping)."""
     shims = ([nothp_path()] if served else []) + ([keepram_path()] if reports_free_pages else [])
     if not shims:
-        return argv
-    keep = [f"SFMPI_KEEP_FILE={ram_path}"] if reports_free_pages else []
-    return ["env", f"LD_PRELOAD={':'.join(shims)}", *keep, *argv]
+        return ()
+    keep = (("SFMPI_KEEP_FILE", ram_path),) if reports_free_pages else ()
+    return (("LD_PRELOAD", ":".join(shims)), *keep)
+
 
 class Cloner:
     """Depends on the VM runtime (launch, abandon), the registry, the host's
@@ -332,18 +333,18 @@ class Cloner:
         tap_fd = await self.families.in_namespace(open_tap, tap) if remote_disk is not None else None
         nic = Nic(mac=netplan.mac(fam.number, order.netid), tap=None if tap_fd is not None else tap, tap_fd=tap_fd)
         # The checkpoint's RAM file, or memtap's file of it (served memory): mapped privately either way.
-        argv = vm_argv(ckpt.spec, name=rec.name, ram_path=rec.ram_path, share_ram=False,
-                       disk=Qcow2Disk(rec.overlay, ephemeral=True, backing=self.remote_disks.get(ckpt.id)),
-                       sockets=Sockets(rec.qmp_path, rec.agent_path),
-                       serial_log=rec.serial_log, nic=nic, vmgenid=str(uuid.uuid4()), incoming="defer")
-        argv = clone_preload(argv, rec.ram_path, served=rec.ram_path != str(ckpt.ram_file),
-                             reports_free_pages=ckpt.spec.free_page_reporting)
-        # QEMU reads the device state from an inherited descriptor: no shell and
+        launch = Launch(ckpt.spec, name=rec.name, ram_path=rec.ram_path, share_ram=False,
+                        disk=Qcow2Disk(rec.overlay, ephemeral=True, backing=self.remote_disks.get(ckpt.id)),
+                        sockets=Sockets(rec.qmp_path, rec.agent_path),
+                        serial_log=rec.serial_log, nic=nic, vmgenid=str(uuid.uuid4()), incoming="defer",
+                        env=clone_env(rec.ram_path, served=rec.ram_path != str(ckpt.ram_file),
+                                      reports_free_pages=ckpt.spec.free_page_reporting),
+                        in_families_netns=tap_fd is None)
+        # QEMU reads the device state from a descriptor it is given: no shell and
         # no `cat` process per clone (QEMU 7.2 has no file: migration URI).
         state_fd = os.open(ckpt.state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            vm = await self.runtime.launch(rec, argv, pass_fds=(state_fd,) + ((tap_fd,) if tap_fd is not None else ()),
-                                           in_families_netns=tap_fd is None)
+            vm = await self.runtime.launch(rec, launch, state_fd=state_fd)
         finally:
             os.close(state_fd)
             if tap_fd is not None:
@@ -354,7 +355,7 @@ class Cloner:
         await set_capabilities(qemu, events=True, x_ignore_shared=True)
         listener = qemu.listen("MIGRATION")
         with qemu.listening(listener):
-            await qemu.execute("migrate-incoming", {"uri": f"fd:{state_fd}"})
+            await qemu.execute("migrate-incoming", {"uri": self.runtime.state_uri(state_fd)})
             await qemu.wait_migration(listener, {"completed"}, 60.0)
         t_loaded = time.monotonic()
         # All clones of one request resume together, from the same instant: a

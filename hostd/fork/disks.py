@@ -14,7 +14,7 @@ from pathlib import Path
 from sfmpi import proc
 from sfmpi.errors import CheckpointError, QemuError
 
-from ..vm.cmdline import DISK_DEVICE, DISK_NODE, overlay_argv
+from ..vm.cmdline import DISK_NODE, overlay_argv
 from ..vm.qemu import QemuProcess
 
 
@@ -29,9 +29,9 @@ async def top_disk(vm: QemuProcess) -> tuple[str, str]:
     """(node name, file) the guest disk currently writes to (changes at each snapshot)."""
     for dev in await vm.execute("query-block"):
         # qdev is a QOM path such as /machine/peripheral/vblk0/virtio-backend
-        if DISK_DEVICE in dev.get("qdev", "").split("/"):
+        if vm.disk_device in dev.get("qdev", "").split("/"):
             return dev["inserted"]["node-name"], dev["inserted"]["file"]
-    raise CheckpointError(f"VM {vm.name}: no disk device {DISK_DEVICE}")
+    raise CheckpointError(f"VM {vm.name}: no disk device {vm.disk_device}")
 
 
 class DiskFreeze:

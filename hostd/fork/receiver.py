@@ -15,19 +15,16 @@ from pathlib import Path
 from ..net import netplan
 from ..policy.admission import Admission
 from ..state.records import VmRecord, VmRole, VmState
-from ..vm.cmdline import MachineSpec, Nic, NullDisk, Sockets, vm_argv
+from ..vm.cmdline import Launch, MachineSpec, Nic, NullDisk, Sockets
 from ..vm.registry import Vm
 from ..vm.runtime import VmRuntime
-from ..vm.tap import open_unattached_tap
 from .capture import set_capabilities
 
 
 class Receivers:
-    def __init__(self, runtime: VmRuntime, admission: Admission, in_namespace=None):
-        """in_namespace(fn): runs fn where the families' links live (the tap goes there)."""
+    def __init__(self, runtime: VmRuntime, admission: Admission):
         self.runtime = runtime
         self.admission = admission
-        self.in_namespace = in_namespace
 
     def socket(self, name: str) -> str:
         return str(self.runtime.paths.shm / f"{name}.mig")
@@ -42,17 +39,12 @@ class Receivers:
             self.runtime.reserve(rec)
         try:
             # The receiver's NIC must negotiate what the parent's did (a tap's
-            # offloads), but it never runs: a tap that vanishes with it, on no bridge.
-            tap_fd = (await self.in_namespace(open_unattached_tap) if self.in_namespace
-                      else open_unattached_tap())
-            try:
-                argv = vm_argv(spec, name=name, ram_path=str(ram_file), share_ram=True,
-                               disk=NullDisk(spec.disk_size), sockets=Sockets(rec.qmp_path, rec.agent_path),
-                               serial_log=rec.serial_log, nic=Nic(mac=netplan.mac(1, 0), tap_fd=tap_fd),
-                               vmgenid=str(uuid.uuid4()), incoming=f"unix:{self.socket(name)}", paused=True)
-                vm = await self.runtime.launch(rec, argv, pass_fds=(tap_fd,), agent=False, state=VmState.PAUSED)
-            finally:
-                os.close(tap_fd)
+            # offloads), but it never runs: a tap the driver makes, on no bridge.
+            launch = Launch(spec, name=name, ram_path=str(ram_file), share_ram=True,
+                            disk=NullDisk(spec.disk_size), sockets=Sockets(rec.qmp_path, rec.agent_path),
+                            serial_log=rec.serial_log, nic=Nic(mac=netplan.mac(1, 0)),
+                            vmgenid=str(uuid.uuid4()), incoming=f"unix:{self.socket(name)}", paused=True)
+            vm = await self.runtime.launch(rec, launch, agent=False, state=VmState.PAUSED)
             await set_capabilities(vm.qemu, events=True)
         except BaseException as exc:
             await self.drop_named(name, exc)

@@ -32,10 +32,10 @@ log = logging.getLogger("sfmpi.hostd.resources")
 InNamespace = Callable[..., Awaitable]
 
 
-def throttle_args(settings: dict) -> dict:
+def throttle_args(settings: dict, disk_device: str = DISK_DEVICE) -> dict:
     """QMP block_set_io_throttle's arguments (0: no limit)."""
     # The virtio-blk-pci proxy has no block backend of its own: its virtio child has.
-    return {"id": f"/machine/peripheral/{DISK_DEVICE}/virtio-backend", "bps": int(settings.get("disk_bps", 0)), "bps_rd": 0, "bps_wr": 0,
+    return {"id": f"/machine/peripheral/{disk_device}/virtio-backend", "bps": int(settings.get("disk_bps", 0)), "bps_rd": 0, "bps_wr": 0,
             "iops": int(settings.get("disk_iops", 0)), "iops_rd": 0, "iops_wr": 0}
 
 
@@ -90,7 +90,7 @@ class Resources:
             self.cgroups.place(h, vm.name, pid, memory_files(h.version, settings.get("mem_limit")))
         if any(k in d for d in (settings, previous) for k in ("disk_iops", "disk_bps")):
             try:
-                await vm.qemu.execute("block_set_io_throttle", throttle_args(settings), timeout=10)
+                await vm.qemu.execute("block_set_io_throttle", throttle_args(settings, vm.qemu.disk_device), timeout=10)
             except QemuError as exc:
                 raise HostdError(f"VM {vm.name}: cannot throttle its disk: {exc}") from None
         if "net_rate" in settings or "net_rate" in previous:

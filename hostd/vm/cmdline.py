@@ -232,6 +232,42 @@ def vm_argv(
     return argv
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One VM to start, whichever driver starts it (hostd/vm/driver.py): what
+    vm_argv takes, and what goes around the command line.
+
+    A NIC with neither a tap name nor a descriptor is an unattached tap the
+    driver makes (the checkpoint receiver's). env: variables QEMU runs with
+    (a clone's preloaded shims). in_families_netns False: QEMU runs in hostd's
+    own namespace (it reaches the hosts' network, for a remote disk).
+    """
+    spec: MachineSpec
+    name: str
+    ram_path: str
+    share_ram: bool
+    disk: Qcow2Disk | NullDisk
+    sockets: Sockets
+    serial_log: str
+    nic: Nic
+    vmgenid: str
+    incoming: str | None = None
+    paused: bool = False
+    prealloc: bool = False
+    env: tuple[tuple[str, str], ...] = ()
+    in_families_netns: bool = True
+
+
+def launch_argv(launch: Launch, nic: Nic | None = None) -> list[str]:
+    """The direct driver's command line for `launch` (nic: the NIC as opened, if
+    the driver opened it)."""
+    argv = vm_argv(launch.spec, name=launch.name, ram_path=launch.ram_path, share_ram=launch.share_ram,
+                   disk=launch.disk, sockets=launch.sockets, serial_log=launch.serial_log,
+                   nic=nic or launch.nic, vmgenid=launch.vmgenid, incoming=launch.incoming,
+                   paused=launch.paused, prealloc=launch.prealloc)
+    return ["env", *(f"{k}={v}" for k, v in launch.env), *argv] if launch.env else argv
+
+
 def remote_overlay_argv(path: str, backing: NbdBacking, size: int, qemu_img: str = "qemu-img") -> list[str]:
     """An overlay on a remote frozen disk (raw over NBD). -u: the backing is not
     opened here (it needs TLS credentials QEMU's command line gives it), so the

@@ -24,7 +24,7 @@ from ..state.records import VmRecord, VmRole, VmState
 from ..state.store import Store
 from . import accel as accel_mod
 from . import hugepages
-from .cmdline import MachineSpec, Nic, Qcow2Disk, Sockets, overlay_argv, vm_argv
+from .cmdline import Launch, MachineSpec, Nic, Qcow2Disk, Sockets, overlay_argv
 from .registry import Vm, VmRegistry
 from .runtime import VmRuntime
 
@@ -87,11 +87,11 @@ class Parents:
             tap = (await self.families.add(fam, [(name, 0)]))[name]
             rec = self.vms.update(name, family_no=fam.number)
             await proc.run_async(overlay_argv(rec.overlay, str(img.disk)))
-            argv = vm_argv(spec, name=name, ram_path=rec.ram_path, share_ram=True,
-                           disk=Qcow2Disk(rec.overlay), sockets=Sockets(rec.qmp_path, rec.agent_path),
-                           serial_log=rec.serial_log, nic=Nic(mac=netplan.mac(fam.number, 0), tap=tap),
-                           vmgenid=str(uuid.uuid4()), prealloc=True)
-            vm = await self.runtime.launch(rec, argv)
+            launch = Launch(spec, name=name, ram_path=rec.ram_path, share_ram=True,
+                            disk=Qcow2Disk(rec.overlay), sockets=Sockets(rec.qmp_path, rec.agent_path),
+                            serial_log=rec.serial_log, nic=Nic(mac=netplan.mac(fam.number, 0), tap=tap),
+                            vmgenid=str(uuid.uuid4()), prealloc=True)
+            vm = await self.runtime.launch(rec, launch)
             info = await vm.agent.wait_ready(timeout)
             t_agent = time.monotonic()
             system = await self._wait_booted(vm, max(1.0, timeout - (t_agent - t0)))

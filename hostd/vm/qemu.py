@@ -15,13 +15,15 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.qmp_client import ExecuteError
 from qemu.qmp.protocol import ConnectError
 
 from sfmpi.errors import QemuError
+
+from .cmdline import DISK_DEVICE
 
 log = logging.getLogger("sfmpi.hostd.qemu")
 
@@ -64,6 +66,10 @@ class QemuProcess:
         self.returncode: int | None = None
         self.stopping = False
         self._pidfd: int | None = None
+        # How this QEMU is ended when not by hostd's `quit` (a libvirt domain: libvirt destroys it).
+        self.terminate: Callable[[], Awaitable[None]] | None = None
+        # The guest disk's device ID (libvirt prefixes the IDs it is given with "ua-").
+        self.disk_device = DISK_DEVICE
 
     # -- lifecycle -------------------------------------------------------
     async def start(self, timeout: float = 30.0, on_spawned: Callable[[int], None] | None = None) -> None:
@@ -86,12 +92,18 @@ class QemuProcess:
         await self._connect(timeout)
 
     @classmethod
-    async def attach(cls, name: str, pid: int, qmp_path: str, log_path: str, serial_log: str) -> "QemuProcess":
-        """Take over a QEMU a previous hostd started (it is not our child)."""
+    async def attach(cls, name: str, pid: int, qmp_path: str, log_path: str, serial_log: str,
+                     timeout: float = 5.0, on_attached: Callable[["QemuProcess"], None] | None = None,
+                     disk_device: str = DISK_DEVICE) -> "QemuProcess":
+        """Take over a QEMU that is not our child (a previous hostd's, libvirt's).
+        on_attached(proc) before the wait for QMP, as start()'s on_spawned."""
         proc = cls(name, [], qmp_path, log_path, serial_log)
         proc.pid = pid
+        proc.disk_device = disk_device
         proc._watch_exit()
-        await proc._connect(5.0)
+        if on_attached is not None:
+            on_attached(proc)
+        await proc._connect(timeout)
         return proc
 
     def _watch_exit(self) -> None:
@@ -150,6 +162,10 @@ class QemuProcess:
     async def stop(self, timeout: float = 5.0) -> None:
         """Quit QEMU (QMP `quit`, then SIGTERM, then SIGKILL). Safe to call twice."""
         self.stopping = True
+        if self.terminate is not None and not self.exited.is_set():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.terminate(), timeout + 5.0)
+                await asyncio.wait_for(self.exited.wait(), timeout)
         if self.qmp is not None and not self.exited.is_set():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.execute("quit"), 2.0)

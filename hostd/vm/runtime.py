@@ -21,6 +21,8 @@ from sfmpi.paths import Paths
 from ..guestapi.channel import AgentChannel, OutputSink
 from ..state.records import VmRecord, VmRole, VmState
 from ..state.store import Store
+from .cmdline import Launch
+from .driver import VmDriver
 from .qemu import QemuProcess
 from .registry import Vm, VmRegistry
 
@@ -28,10 +30,9 @@ log = logging.getLogger("sfmpi.hostd.runtime")
 
 
 class VmRuntime:
-    def __init__(self, paths: Paths, store: Store, registry: VmRegistry,
-                 wrap: Callable[[list[str]], list[str]] = lambda argv: argv):
-        """wrap(argv): how QEMU is started (in hostd's network namespace)."""
-        self.wrap = wrap
+    def __init__(self, paths: Paths, store: Store, registry: VmRegistry, driver: VmDriver):
+        """driver: what starts and ends QEMU (hostd/vm/driver.py)."""
+        self.driver = driver
         self.paths = paths
         self.store = store          # counters only (layer names)
         self.vms = registry
@@ -55,7 +56,7 @@ class VmRuntime:
             ram_path=str(self.paths.shm / f"{name}.ram"),
             qmp_path=str(self.paths.shm / f"{name}.qmp"),
             agent_path=str(self.paths.shm / f"{name}.agent"),
-            log_path=str(vm_dir / "qemu.log"),
+            log_path=self.driver.log_path(name),
             serial_log=str(vm_dir / "serial.log"),
         )
 
@@ -67,15 +68,21 @@ class VmRuntime:
         self.paths.vm_dir(rec.name).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- start -----------------------------------------------------------
-    async def launch(self, rec: VmRecord, argv: list[str], pass_fds: tuple[int, ...] = (),
-                     agent: bool = True, state: VmState | None = None, in_families_netns: bool = True) -> Vm:
+    async def launch(self, rec: VmRecord, launch: Launch, state_fd: int | None = None,
+                     agent: bool = True, state: VmState | None = None) -> Vm:
         """Start QEMU for the reserved record `rec`, connect its agent, watch it.
-        in_families_netns False: QEMU stays in hostd's own namespace (it reaches
-        the hosts' network, for a remote disk) and gets its tap as a descriptor."""
-        qemu = QemuProcess(rec.name, self.wrap(argv) if in_families_netns else argv, rec.qmp_path, rec.log_path, rec.serial_log, pass_fds)
-        vm = Vm(rec=rec, qemu=qemu)
-        self.vms.add(vm)
-        await qemu.start(on_spawned=lambda pid: self.vms.update(vm, pid=pid))
+        state_fd: the device state a clone loads (see state_uri)."""
+        started: list[Vm] = []
+
+        def spawned(qemu: QemuProcess) -> None:
+            # On record before anything can stall: a hostd killed while it
+            # waits still finds and reaps this QEMU, a failure here ends it.
+            vm = Vm(rec=rec, qemu=qemu)
+            self.vms.add(vm)
+            self.vms.update(vm, pid=qemu.pid)
+            started.append(vm)
+        await self.driver.start(rec, launch, state_fd, spawned)
+        vm = started[0]
         if state is not None:
             self.vms.update(vm, state=state)
         self._watch(vm)
@@ -85,9 +92,13 @@ class VmRuntime:
             self.vms.announce_launched(vm)
         return vm
 
+    def state_uri(self, fd: int) -> str:
+        """migrate-incoming's URI for the state_fd given to launch()."""
+        return self.driver.state_uri(fd)
+
     async def attach(self, rec: VmRecord) -> Vm:
         """Take over a VM whose QEMU a previous hostd started."""
-        qemu = await QemuProcess.attach(rec.name, rec.pid, rec.qmp_path, rec.log_path, rec.serial_log)
+        qemu = await self.driver.attach(rec)
         vm = Vm(rec=rec, qemu=qemu)
         self.vms.add(vm)
         self._watch(vm)
@@ -106,14 +117,17 @@ class VmRuntime:
         if vm.qemu.stopping or self.vms.find(vm.name) is not vm:
             return
         report = self.explain(vm.rec) + vm.qemu.failure_report()
-        log.warning("VM %s: QEMU exited unexpectedly (code %s)%s", vm.name, vm.qemu.returncode, report)
+        # A QEMU hostd did not start itself (a libvirt domain's, a re-attached
+        # one) has no exit code to read.
+        how = f"with code {vm.qemu.returncode}" if vm.qemu.returncode is not None else "while hostd did not stop it"
+        log.warning("VM %s: QEMU exited unexpectedly (%s)%s", vm.name, how, report)
         self.vms.detach(vm.name)
         if vm.agent is not None:
             await vm.agent.close()
         await vm.qemu.stop()
         rec = self.vms.update(vm, state=VmState.CRASHED, pid=None,
-                              error=f"QEMU exited with code {vm.qemu.returncode}{report}")
-        self.release(rec, keep_logs=True, reason=f"crashed: QEMU exited with code {vm.qemu.returncode}")
+                              error=f"QEMU exited {how}{report}")
+        self.release(rec, keep_logs=True, reason=f"crashed: QEMU exited {how}")
 
     # -- end -------------------------------------------------------------
     def release(self, rec: VmRecord, keep_logs: bool = False, reason: str = "stopped") -> None:

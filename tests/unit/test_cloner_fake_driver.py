@@ -29,7 +29,7 @@ from sfmpi.hostd.net.families import Family
 from sfmpi.hostd.policy.admission import Admission, Budget, Usage
 from sfmpi.hostd.state.records import VmRecord, VmRole, VmState
 from sfmpi.hostd.state.store import Store
-from sfmpi.hostd.vm.cmdline import MachineSpec
+from sfmpi.hostd.vm.cmdline import Launch, MachineSpec, launch_argv
 from sfmpi.hostd.vm.registry import Vm, VmRegistry
 
 SPEC = MachineSpec(mem_mb=256, cpus=1, accel="tcg", kernel="/k", initrd="/i", append="x", disk_size=1 << 30)
@@ -136,13 +136,17 @@ class FakeRuntime:
     def reserve(self, rec: VmRecord) -> None:
         self.vms.reserve(rec)
 
-    async def launch(self, rec: VmRecord, argv: list[str], pass_fds: tuple[int, ...] = (),
-                     in_families_netns: bool = True) -> Vm:
+    def state_uri(self, fd: int) -> str:
+        return f"fd:{fd}"     # the direct driver's: inherited under the same number
+
+    async def launch(self, rec: VmRecord, launch: Launch, state_fd: int | None = None,
+                     agent: bool = True, state: VmState | None = None) -> Vm:
+        pass_fds = (state_fd,) if state_fd is not None else ()
         for fd in pass_fds:
             os.fstat(fd)  # the device state's descriptor is open while QEMU starts
         assert self.vms.store.get_vm(rec.name) is not None, "launched before its record was reserved"
         self.on_launch(rec)
-        self.launched.append(SimpleNamespace(name=rec.name, argv=argv, fds=pass_fds,
+        self.launched.append(SimpleNamespace(name=rec.name, argv=launch_argv(launch), fds=pass_fds,
                                              overlay=open(rec.overlay, "rb").read()))
         vm = Vm(rec=rec, qemu=FakeQemu(rec.name, self.journal, rec.name in self.fail_load,
                                        self.load_s.get(rec.name, 0.0)),

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sfmpi.hostd.vm.cmdline import (AGENT_PORT_NAME, LINUX_BOOT_ROM, MachineSpec, Nic, NullDisk, Qcow2Disk, Sockets,
-                                      cpu_args, nic_args, overlay_argv, probe_argv, vm_argv)
+                                      Launch, cpu_args, launch_argv, nic_args, overlay_argv, probe_argv, vm_argv)
 
 SPEC = MachineSpec(mem_mb=512, cpus=2, accel="tcg", kernel="/img/vmlinuz", initrd="/img/initrd.img",
                    append="root=/dev/vda rw", disk_size=3 << 30)
@@ -196,11 +196,17 @@ def test_a_spec_from_before_free_page_reporting_loads_without_it():
 
 
 def test_a_clone_gets_the_shims_it_needs():
-    from sfmpi.hostd.fork.cloner import clone_preload
+    from sfmpi.hostd.fork.cloner import clone_env
     from sfmpi.native import keepram_path, nothp_path
-    argv = ["qemu-system-x86_64", "-m", "512M"]
-    assert clone_preload(argv, "/ck/ram", served=False, reports_free_pages=False) == argv
-    assert clone_preload(argv, "/mt/ram", served=True, reports_free_pages=False) == \
-        ["env", f"LD_PRELOAD={nothp_path()}", *argv]
-    assert clone_preload(argv, "/mt/ram", served=True, reports_free_pages=True) == \
-        ["env", f"LD_PRELOAD={nothp_path()}:{keepram_path()}", "SFMPI_KEEP_FILE=/mt/ram", *argv]
+    assert clone_env("/ck/ram", served=False, reports_free_pages=False) == ()
+    assert clone_env("/mt/ram", served=True, reports_free_pages=False) == (("LD_PRELOAD", nothp_path()),)
+    env = clone_env("/mt/ram", served=True, reports_free_pages=True)
+    assert env == (("LD_PRELOAD", f"{nothp_path()}:{keepram_path()}"), ("SFMPI_KEEP_FILE", "/mt/ram"))
+    # The direct driver says it with env(1) in front of QEMU.
+    spec = MachineSpec(mem_mb=256, cpus=1, accel="tcg", kernel="/k", initrd="/i", append="", disk_size=1 << 30)
+    launch = Launch(spec, name="c", ram_path="/mt/ram", share_ram=False, disk=Qcow2Disk("/d.qcow2"),
+                    sockets=Sockets("/q", "/a"), serial_log="/s", nic=Nic(mac="52:54:00:01:00:01", tap="t"),
+                    vmgenid="x", incoming="defer", env=env)
+    argv = launch_argv(launch)
+    assert argv[:3] == ["env", f"LD_PRELOAD={nothp_path()}:{keepram_path()}", "SFMPI_KEEP_FILE=/mt/ram"]
+    assert argv[3].startswith("qemu-system") and argv[argv.index("-incoming") + 1] == "defer"

@@ -7,8 +7,9 @@ namespace of its own where directories of sfmpi's state directory are bound
 over those five, so it shares nothing with a system libvirtd and leaves
 nothing on the host, and in hostd's network namespace, so that the QEMUs it
 starts open the families' taps there. virsh reaches it by its socket:
-`virsh -c URI` (see `uri`). Lifecycle: created -> start() (running) ->
-stop(), safe twice; stop() ends only the two daemons it started, by PID.
+`virsh -c URI` (see `uri`). Lifecycle: created -> start() (running: started,
+or adopted from a hostd that exited and left it, with its domains) -> stop(),
+safe twice; stop() ends only the two daemons of this root, by PID.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ class LibvirtDaemon:
     def __init__(self, root: Path, netns_path: str):
         self.root = Path(root)
         self.netns_path = netns_path
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | None = None   # when started by this process
+        self.pid: int | None = None
 
     @property
     def socket(self) -> Path:
@@ -92,13 +94,25 @@ class LibvirtDaemon:
         (self.root / "etc" / "qemu.conf").write_text(qemu_conf())
         (self.root / "etc" / "virtlogd.conf").write_text(virtlogd_conf())
 
+    def adopt(self) -> bool:
+        """Take over the libvirtd of this root that a previous hostd left running."""
+        pid = self._pid_of("libvirtd")
+        if pid is None or not _is_ours(pid, "libvirtd", self.root) or not self._answers():
+            return False
+        self.pid = pid
+        return True
+
     def start(self, timeout: float = 30.0) -> None:
+        if self.alive() or self.adopt():
+            return
         self._prepare()
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         with open(self.root / "daemon.out", "ab") as out:
             self.proc = subprocess.Popen(start_argv(self.root, self.netns_path), stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=out, start_new_session=True)
+        # unshare, nsenter and sh each exec the next: the PID is libvirtd's.
+        self.pid = self.proc.pid
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -129,17 +143,23 @@ class LibvirtDaemon:
         return " | ".join(wanted[-lines:]) or "(no log)"
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.pid is not None and _is_ours(self.pid, "libvirtd", self.root)
 
-    def virtlogd_pid(self) -> int | None:
+    def _pid_of(self, daemon: str) -> int | None:
         try:
-            return int((self.root / "run" / "virtlogd.pid").read_text().strip())
+            return int((self.root / "run" / f"{daemon}.pid").read_text().strip())
         except (OSError, ValueError):
             return None
+
+    def virtlogd_pid(self) -> int | None:
+        return self._pid_of("virtlogd")
 
     def stop(self, timeout: float = 10.0) -> None:
         """libvirtd first (domains it started keep running: the driver ends them before), then virtlogd."""
         proc, self.proc = self.proc, None
+        pid, self.pid = self.pid, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
@@ -147,14 +167,14 @@ class LibvirtDaemon:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout)
-        pid = self.virtlogd_pid()
-        if pid is not None and _is_virtlogd(pid, self.root):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while _is_virtlogd(pid, self.root) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        with contextlib.suppress(FileNotFoundError):
-            (self.root / "run" / "virtlogd.pid").unlink()
+        elif proc is None and pid is not None:   # adopted: not our child
+            _end(pid, "libvirtd", self.root, timeout)
+        virtlogd = self.virtlogd_pid()
+        if virtlogd is not None:
+            _end(virtlogd, "virtlogd", self.root, timeout)
+        for daemon in ("libvirtd", "virtlogd"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / "run" / f"{daemon}.pid").unlink()
 
     def __enter__(self) -> "LibvirtDaemon":
         self.start()
@@ -164,14 +184,27 @@ class LibvirtDaemon:
         self.stop()
 
 
-def _is_virtlogd(pid: int, root: Path) -> bool:
-    """The virtlogd this daemon started (a PID from its pid file may have been
-    reused): a live virtlogd whose own /run/libvirt is our run directory (bound there)."""
+def _end(pid: int, daemon: str, root: Path, timeout: float) -> None:
+    if not _is_ours(pid, daemon, root):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _is_ours(pid, daemon, root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _is_ours(pid, daemon, root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _is_ours(pid: int, daemon: str, root: Path) -> bool:
+    """The libvirtd or virtlogd of this root (a PID from a pid file may have been
+    reused): a live `daemon` whose own /run/libvirt is our run directory (bound there)."""
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
         state = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State:"))
         theirs, ours = os.stat(f"/proc/{pid}/root/run/libvirt"), os.stat(root / "run")
     except (OSError, StopIteration):
         return False
-    return comm == "virtlogd" and "Z" not in state.split()[1] \
+    return comm == daemon and "Z" not in state.split()[1] \
         and (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)

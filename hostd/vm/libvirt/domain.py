@@ -4,42 +4,37 @@ What the direct driver says on QEMU's command line (hostd/vm/cmdline.py) is
 said here in libvirt's elements where libvirt has them: memory and vCPUs,
 direct kernel boot, the qcow2 disk, the NIC on the family's tap (opened by a
 libvirtd that runs in hostd's network namespace), the agent's virtio-serial
-port, the serial log, the generation ID, what happens at power-off and reboot.
-Where it has none, `<qemu:commandline>` adds the QEMU options: the QMP monitor
-of hostd's own beside libvirt's (hostd's checkpoint and clone steps speak QMP),
-and -no-reboot. docs/platform.md ("libvirt 9.0") has what was measured.
+port, the serial log, the generation ID, what happens at power-off and reboot,
+the environment QEMU runs with. Where it has none, `<qemu:commandline>` adds
+the QEMU options: the QMP monitor of hostd's own beside libvirt's (hostd's
+checkpoint and clone steps speak QMP), the incoming migration, -no-reboot,
+and the guest's RAM.
 
-A parent's RAM is libvirt's file-backed shared memory
-(`<memoryBacking><source type='file'/><access mode='shared'/>`): QEMU's
-memory-backend-file `pc.ram`, in libvirt's memory directory, whose path hostd
-asks QEMU for (qom-get /objects/pc.ram mem-path) when it checkpoints.
+The RAM (docs/libvirt.md, "Why the RAM is sfmpi's"): libvirt's
+`<memoryBacking>` makes a file of its own, in its own directory, under a name
+hostd cannot choose, and a clone's RAM must be the checkpoint's RAM file
+mapped privately (the receiver's, that file shared). So every sfmpi domain has
+sfmpi's memory backend, the direct driver's `ram0` on the file hostd names,
+and `-machine memory-backend=ram0` overrides libvirt's (QEMU merges -machine
+options, the last wins); libvirt's own `pc.ram` stays an untouched anonymous
+mapping. Parents, receivers and clones thus have the same RAM block and the
+same devices at the same PCI addresses (one builder), and migration streams
+load between them as between direct VMs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
 
-from ..cmdline import AGENT_PORT_NAME, MachineSpec, Nic, Qcow2Disk, Sockets, opt
+from ..cmdline import AGENT_PORT_NAME, DISK_DEVICE, RAM_BACKEND_ID, Launch, NullDisk, opt, ram_args
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 EMULATOR = "/usr/bin/qemu-system-x86_64"
-# The memory backend libvirt makes for a domain's RAM: its id is the RAM block's name in a migration stream.
-RAM_BACKEND_ID = "pc.ram"
 DOMAIN_PREFIX = "sfmpi-"
+# libvirt names a device it was given an alias for "ua-" + the alias (user aliases).
+DISK_ALIAS = f"ua-{DISK_DEVICE}"
 
 ET.register_namespace("qemu", QEMU_NS)
-
-
-@dataclass(frozen=True)
-class Parent:
-    """A VM booted from an image, RAM in a shared file of libvirt's."""
-    name: str                  # the VM's name in sfmpi
-    spec: MachineSpec
-    disk: Qcow2Disk
-    sockets: Sockets
-    serial_log: str
-    nic: Nic
-    vmgenid: str
 
 
 def domain_name(tag: str, vm: str) -> str:
@@ -64,21 +59,26 @@ def _cpu(domain: ET.Element, accel: str) -> None:
         _sub(domain, "cpu", mode="maximum", check="none")   # QEMU's -cpu max
 
 
-def parent_xml(vm: Parent, domain: str, emulator: str = EMULATOR) -> str:
-    """The transient domain of a parent VM (pure: the tests parse what it returns)."""
-    if vm.nic.tap is None:
-        raise ValueError("a libvirt domain's NIC is a tap by name (libvirt opens it)")
+def domain_xml(vm: Launch, domain: str, null_disk: str | None = None, emulator: str = EMULATOR) -> str:
+    """The transient domain of one VM, parent, receiver or clone (pure: the tests
+    parse what it returns). null_disk: the sparse raw file standing in for a
+    receiver's disk (libvirt has no null block driver; the file is never read)."""
+    if vm.nic.tap_fd is not None or not vm.in_families_netns:
+        raise ValueError("a libvirt domain's NIC is a tap libvirt opens in the families' namespace")
+    if isinstance(vm.disk, NullDisk) and null_disk is None:
+        raise ValueError("a receiver's domain needs a file for its never-read disk")
+    if not isinstance(vm.disk, NullDisk) and vm.disk.backing is not None:
+        raise ValueError("a libvirt domain's disk is a local file (no NBD backing)")
     spec = vm.spec
     root = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     _sub(root, "name", domain)
     _sub(root, "title", f"sfmpi VM {vm.name}")
     _sub(root, "memory", str(spec.mem_mb), unit="MiB")
     _sub(root, "vcpu", str(spec.cpus))
-    backing = _sub(root, "memoryBacking")
-    _sub(backing, "source", type="file")
-    _sub(backing, "access", mode="shared")
     os_ = _sub(root, "os")
     _sub(os_, "type", "hvm", arch="x86_64", machine="q35")
+    # Every role boots the same way: the kernel loader's option ROM is a RAM
+    # block of the migration stream, so a clone must have it too.
     _sub(os_, "kernel", spec.kernel)
     _sub(os_, "initrd", spec.initrd)
     _sub(os_, "cmdline", spec.append)
@@ -95,12 +95,19 @@ def parent_xml(vm: Parent, domain: str, emulator: str = EMULATOR) -> str:
     else:
         _sub(devices, "memballoon", model="none")
     disk = _sub(devices, "disk", type="file", device="disk")
-    _sub(disk, "driver", name="qemu", type="qcow2", **({"cache": "unsafe"} if vm.disk.ephemeral else {}))
-    _sub(disk, "source", file=vm.disk.path)
+    if isinstance(vm.disk, NullDisk):
+        _sub(disk, "driver", name="qemu", type="raw")
+        _sub(disk, "source", file=null_disk)
+    else:
+        _sub(disk, "driver", name="qemu", type="qcow2", **({"cache": "unsafe"} if vm.disk.ephemeral else {}))
+        _sub(disk, "source", file=vm.disk.path)
     _sub(disk, "target", dev="vda", bus="virtio")
+    _sub(disk, "alias", name=DISK_ALIAS)   # hostd finds the disk by it (throttling, checkpoints)
     nic = _sub(devices, "interface", type="ethernet")
     _sub(nic, "mac", address=vm.nic.mac)
-    _sub(nic, "target", dev=vm.nic.tap, managed="no")
+    if vm.nic.tap is not None:
+        _sub(nic, "target", dev=vm.nic.tap, managed="no")
+    # else (the receiver's): libvirt makes a tap of its own, on no bridge, and removes it with the domain.
     _sub(nic, "model", type="virtio")
     channel = _sub(devices, "channel", type="unix")
     _sub(channel, "source", mode="bind", path=vm.sockets.agent)
@@ -109,7 +116,13 @@ def parent_xml(vm: Parent, domain: str, emulator: str = EMULATOR) -> str:
     _sub(serial, "source", path=vm.serial_log)
     _sub(serial, "target", port="0")
     extra = _sub(root, f"{{{QEMU_NS}}}commandline")
-    for arg in ("-qmp", f"unix:{opt(vm.sockets.qmp)},server=on,wait=off", "-no-reboot"):
+    args = ["-qmp", f"unix:{opt(vm.sockets.qmp)},server=on,wait=off", "-no-reboot",
+            *ram_args(spec, vm.ram_path, vm.share_ram, vm.prealloc)[2:],   # libvirt gives -m
+            "-machine", f"memory-backend={RAM_BACKEND_ID}"]
+    if vm.incoming is not None:
+        args += ["-incoming", vm.incoming]
+    for arg in args:
         _sub(extra, f"{{{QEMU_NS}}}arg", value=arg)
+    for name, value in vm.env:
+        _sub(extra, f"{{{QEMU_NS}}}env", name=name, value=value)
     return ET.tostring(root, encoding="unicode")
-
