@@ -156,6 +156,7 @@ def test_what_libvirt_cannot_run_is_refused():
 def test_the_private_libvirtd_is_configured_for_sfmpis_qemus(tmp_path):
     conf = daemon.qemu_conf()
     for line in ('user = "root"', 'security_driver = "none"', "namespaces = [ ]", "cgroup_controllers = [ ]",
+                 "seccomp_sandbox = 0",
                  "dynamic_ownership = 0"):
         assert line in conf
     assert 'auth_unix_rw = "none"' in daemon.libvirtd_conf() and 'unix_sock_rw_perms = "0700"' in daemon.libvirtd_conf()
