@@ -56,7 +56,9 @@ def test_a_parent_is_a_transient_domain_named_after_its_vm():
     assert d.find("os/type").attrib == {"arch": "x86_64", "machine": "q35"}
     assert (d.findtext("os/kernel"), d.findtext("os/initrd"), d.findtext("os/cmdline")) == \
         ("/img/vmlinuz", "/img/initrd.img", "root=/dev/vda rw console=ttyS0")
-    assert d.find("cpu").get("mode") == "maximum"
+    assert d.find("cpu") is None   # the CPU is hostd's -cpu, as under the direct driver
+    cpu = qemu_args(d).index("-cpu")
+    assert qemu_args(d)[cpu + 1] == "max"
     assert d.findtext("genid") == "a91c4f13-2b03-41a3-b044-1b8656e9bf61"
     assert [d.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
 
@@ -130,11 +132,11 @@ def test_hostd_gets_its_own_qmp_monitor_and_commas_stay_in_the_path():
     assert args[:3] == ["-qmp", "unix:/shm/a,,b.qmp,server=on,wait=off", "-no-reboot"]
 
 
-def test_kvm_hosts_get_host_passthrough_without_arch_capabilities():
+def test_kvm_hosts_get_the_host_cpu_without_arch_capabilities():
     d = parsed(parent(spec=MachineSpec(**{**SPEC.to_json(), "accel": "kvm"})))
-    assert d.get("type") == "kvm"
-    assert d.find("cpu").get("mode") == "host-passthrough"
-    assert d.find("cpu/feature").attrib == {"policy": "disable", "name": "arch-capabilities"}
+    assert d.get("type") == "kvm" and d.find("cpu") is None
+    args = qemu_args(d)
+    assert args[args.index("-cpu") + 1] == "host,-arch-capabilities"
 
 
 def test_text_is_escaped_not_interpreted():

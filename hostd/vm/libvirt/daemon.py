@@ -33,9 +33,12 @@ QEMU_USER = "libvirt-qemu"
 
 
 def libvirtd_conf() -> str:
-    """Only root reaches the socket (the directory is hostd's, mode 0700)."""
+    """Only root reaches the socket (the directory is hostd's, mode 0700).
+    hostd is one client that starts a request's clones at once: libvirtd's
+    default of 5 requests in flight per client would queue them."""
     return ('unix_sock_group = "root"\nunix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
             'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
+            'max_client_requests = 64\nmax_workers = 64\nmin_workers = 16\n'
             'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
 
 
