@@ -2,6 +2,7 @@
 """Fork benchmark: clone N vs cold-boot N, and the parent's pause per checkpoint.
 
     python3 bench/fork.py [--json] [--ns 1,4,8,16] [--cold-ns 1,4,8,16] [--sizes 256,512,1024]
+    python3 bench/fork.py --driver libvirt [--json] [--repeats 5]
 
 1. For each N: time from the clone request to all N clones running guest code
    (their agent answered), median of --repeats, vs cold-booting N VMs from the
@@ -11,6 +12,11 @@
    (from QEMU's STOP/RESUME event timestamps) for the background snapshot
    (default), the live pre-copy and the copy-while-paused fallback, with the
    guest idle and with a guest process dirtying 64 MiB of memory in a loop.
+
+With --driver libvirt, instead: the libvirt driver beside the direct one in
+one run (a hostd of each, a settled parent in each, their clone-8 requests and
+background checkpoints alternating): the time to 8 clones' agents answering
+and the parent's pause; JSON key libvirt_vs_direct_clone8 (the medians' ratio).
 
 Everything runs against its own state directory and is torn down at the end
 (with the same leak check as the tests). Side by side in one run: this machine
@@ -60,7 +66,7 @@ def ints(text: str) -> list[int]:
 
 
 class Bench:
-    def __init__(self, image: str):
+    def __init__(self, image: str, driver: str | None = None):
         self.home = Path(tempfile.mkdtemp(prefix="sfmpi-bench-", dir="/tmp"))
         os.environ["SFMPI_HOME"] = str(self.home)
         # N = 16 clones plus the parent exceed the default 8 vCPUs per core of a
@@ -69,6 +75,10 @@ class Bench:
         self.paths = Paths(self.home)
         self.client = HostdClient(self.paths)
         self.image = image
+        if driver is not None:
+            # hostd reads both from its environment when the first call starts it: now.
+            os.environ["SFMPI_DRIVER"] = driver
+            self.client.call("ping")
 
     def start(self, name: str, mem_mb: int, timeout: float = 300, ram_backing: str = "tmpfs") -> dict:
         return self.client.call("vm.start", name=name, image=self.image, mem_mb=mem_mb, cpus=1,
@@ -217,6 +227,69 @@ class Bench:
         return rows
 
 
+def compare_drivers(image: str, repeats: int, mem_mb: int, n: int = 8) -> dict:
+    """clone-n and the background checkpoint's pause on the direct and the
+    libvirt driver, alternating, each with its own hostd and settled parent."""
+    benches = {}
+    result: dict = {"drivers": [], "leaks": []}
+    try:
+        for driver in ("direct", "libvirt"):
+            benches[driver] = Bench(image, driver)
+        for driver, b in benches.items():
+            b.start(f"{driver[:3]}p", mem_mb)
+        for driver, b in benches.items():
+            b.settle(f"{driver[:3]}p")
+        cks = {d: b.client.call("checkpoint", name=f"{d[:3]}p") for d, b in benches.items()}
+        runs: dict = {d: {"clone_s": [], "resumed_s": [], "pause_ms": []} for d in benches}
+        for _ in range(repeats):
+            for driver, b in benches.items():
+                t0 = time.monotonic()
+                res = b.client.call("clone", checkpoint=cks[driver]["id"], n=n)
+                runs[driver]["clone_s"].append(time.monotonic() - t0)
+                runs[driver]["resumed_s"].append(res["resumed_ms"] / 1000)
+                b.stop_all(res["clones"])
+                ck = b.client.call("checkpoint", name=f"{driver[:3]}p", mode="background")
+                runs[driver]["pause_ms"].append(ck["pause_ms"])
+                b.client.call("checkpoint.rm", id=ck["id"])
+        for driver, r in runs.items():
+            result["drivers"].append({
+                "driver": driver, "n": n, "clone_s": statistics.median(r["clone_s"]),
+                "resumed_s": statistics.median(r["resumed_s"]), "pause_ms": statistics.median(r["pause_ms"]),
+                "clone_runs_s": [round(x, 3) for x in r["clone_s"]],
+                "pause_runs_ms": [round(x, 1) for x in r["pause_ms"]]})
+        by = {r["driver"]: r for r in result["drivers"]}
+        result[f"libvirt_vs_direct_clone{n}"] = by["libvirt"]["clone_s"] / by["direct"]["clone_s"]
+        result["libvirt_vs_direct_pause"] = by["libvirt"]["pause_ms"] / by["direct"]["pause_ms"]
+    except Exception as exc:  # noqa: BLE001 - reported with the partial result
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        for b in benches.values():
+            result["accel"] = json.loads(b.paths.accel_cache.read_text())["accel"] \
+                if b.paths.accel_cache.exists() else "unknown"
+            result["leaks"] += b.down()
+    return result
+
+
+def print_driver_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 120))
+    t = Table(title=f"Direct vs libvirt driver ({result['mem_mb']} MiB guests, accel {result.get('accel')}, "
+                    f"median of {result['repeats']}, alternating in one run)")
+    for col in ("driver", "N", "all resumed (s)", "all agents answered (s)", "runs (s)", "pause ms", "runs (ms)"):
+        t.add_column(col, justify="right")
+    for r in result["drivers"]:
+        t.add_row(r["driver"], str(r["n"]), f"{r['resumed_s']:.3f}", f"{r['clone_s']:.3f}",
+                  " ".join(f"{x:.2f}" for x in r["clone_runs_s"]), f"{r['pause_ms']:.1f}",
+                  " ".join(f"{x:.0f}" for x in r["pause_runs_ms"]))
+    console.print(t)
+    ratio = result.get("libvirt_vs_direct_clone8")
+    if ratio is not None:
+        console.print(f"libvirt / direct, clone-8: {ratio:.2f}x (target <= 1.5x); "
+                      f"pause: {result['libvirt_vs_direct_pause']:.2f}x")
+
+
 def print_tables(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -263,9 +336,15 @@ def main() -> int:
                     help="parent RAM for the pause table: tmpfs and/or hugepages (a hugetlbfs the "
                          "benchmark reserves and mounts, and gives back)")
     ap.add_argument("--image", default=None)
+    ap.add_argument("--driver", choices=["direct", "libvirt"], default="direct",
+                    help="libvirt: only the libvirt driver beside the direct one (clone-8 and pause)")
     args = ap.parse_args()
 
     from sfmpi.cli import _default_image
+    if args.driver == "libvirt":
+        result = {"mem_mb": args.mem, "repeats": args.repeats, "cpus": os.cpu_count(),
+                  **compare_drivers(args.image or _default_image(), args.repeats, args.mem)}
+        return emit(result, args.json, print_driver_table)
     bench = Bench(args.image or _default_image())
     result = {"mem_mb": args.mem, "repeats": args.repeats, "cpus": os.cpu_count(),
               "clone_vs_cold": [], "guest_clone": [], "pauses": []}

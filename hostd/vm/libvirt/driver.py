@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from sfmpi.errors import HostdError, QemuError, UsageError
@@ -31,6 +32,10 @@ log = logging.getLogger("sfmpi.hostd.libvirt")
 
 # The name under which a clone's QEMU holds the checkpoint's device state (QMP getfd).
 STATE_FD_NAME = "sfmpi-state"
+# libvirt-python blocks: its calls run on threads. asyncio's default pool has
+# cores + 4 threads (6 here), which let only 6 of a clone-8's domains start at
+# once (measured in libvirtd's log); a request's clones all start together.
+LIBVIRT_THREADS = 32
 
 
 def _libvirt():
@@ -53,6 +58,11 @@ class LibvirtDriver:
         self.daemon = LibvirtDaemon(paths.home / "libvirt", netns_path)
         self._conn = None
         self._ready = asyncio.Lock()
+        self._threads = ThreadPoolExecutor(LIBVIRT_THREADS, thread_name_prefix="libvirt")
+
+    async def _call(self, fn, *args):
+        """fn(*args) on one of the driver's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
     # -- the daemon and the connection -------------------------------------
     async def _connection(self):
@@ -61,9 +71,9 @@ class LibvirtDriver:
         async with self._ready:
             if self._conn is not None and self.daemon.alive():
                 return self._conn
-            await asyncio.to_thread(self.daemon.start)
+            await self._call(self.daemon.start)
             try:
-                self._conn = await asyncio.to_thread(self.lv.open, self.daemon.uri)
+                self._conn = await self._call(self.lv.open, self.daemon.uri)
             except self.lv.libvirtError as exc:
                 raise HostdError(f"cannot connect to libvirtd at {self.daemon.uri}: {exc}") from None
             return self._conn
@@ -96,7 +106,7 @@ class LibvirtDriver:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.log_path(rec.name))   # a previous VM of this name's
         try:
-            await asyncio.to_thread(conn.createXML, xml, flags)
+            await self._call(conn.createXML, xml, flags)
         except self.lv.libvirtError as exc:
             raise QemuError(f"VM {rec.name}: libvirt could not start domain {domain}: "
                             f"{exc.get_error_message()}") from None
@@ -135,13 +145,13 @@ class LibvirtDriver:
         def destroy() -> None:
             with contextlib.suppress(self.lv.libvirtError):
                 conn.lookupByName(domain).destroy()
-        await asyncio.to_thread(destroy)
+        await self._call(destroy)
 
     async def attach(self, rec: VmRecord) -> QemuProcess:
         domain = self.domain(rec.name)
         conn = await self._connection()
         try:
-            await asyncio.to_thread(conn.lookupByName, domain)
+            await self._call(conn.lookupByName, domain)
         except self.lv.libvirtError:
             raise QemuError(f"VM {rec.name}: libvirt has no domain {domain}") from None
         return await QemuProcess.attach(rec.name, rec.pid, rec.qmp_path, rec.log_path, rec.serial_log,
@@ -165,14 +175,14 @@ class LibvirtDriver:
         the VMs'). Otherwise libvirtd keeps running with the VMs hostd keeps."""
         if down:
             if self._conn is None and self.daemon.adopt():
-                self._conn = await asyncio.to_thread(self.lv.open, self.daemon.uri)
-            for domain in await asyncio.to_thread(self.running):
+                self._conn = await self._call(self.lv.open, self.daemon.uri)
+            for domain in await self._call(self.running):
                 await self._destroy(domain)
         if self._conn is not None:
             with contextlib.suppress(self.lv.libvirtError):
-                await asyncio.to_thread(self._conn.close)
+                await self._call(self._conn.close)
             self._conn = None
         if down:
-            await asyncio.to_thread(self.daemon.stop)
+            await self._call(self.daemon.stop)
             shutil.rmtree(self.daemon.root / "log" / "qemu", ignore_errors=True)
 
