@@ -107,10 +107,9 @@ def domain_xml(vm: Launch, domain: str, null_disk: str | None = None, emulator: 
     _sub(serial, "target", port="0")
     extra = _sub(root, f"{{{QEMU_NS}}}commandline")
     args = ["-qmp", f"unix:{opt(vm.sockets.qmp)},server=on,wait=off", "-no-reboot",
-            # The CPU as the direct driver gives it, and no <cpu> element: with
-            # one, libvirt 9.0 reads the started guest's CPU back feature by
-            # feature over QMP (1.3 s per domain measured under TCG, with 8
-            # starting at once); QEMU takes the last -cpu.
+            # The CPU exactly as the direct driver gives it, and no <cpu>
+            # element for libvirt to compare and update (docs/libvirt.md);
+            # QEMU takes the last -cpu it is given.
             *cpu_args(spec.accel)[2:],
             *ram_args(spec, vm.ram_path, vm.share_ram, vm.prealloc)[2:],   # libvirt gives -m
             "-machine", f"memory-backend={RAM_BACKEND_ID}"]
