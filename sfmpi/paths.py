@@ -55,6 +55,11 @@ class Paths:
         return self.home / "disks"
 
     @property
+    def driver_file(self) -> Path:
+        """The VM driver this state directory runs until `sfmpi down` (hostd/vm/driver.py)."""
+        return self.home / "driver"
+
+    @property
     def accel_cache(self) -> Path:
         return self.home / "accel.json"
 

@@ -59,7 +59,7 @@ from ..policy.admission import Admission, Budget, Usage
 from ..policy.quotas import FamilyQuota, Quotas
 from ..state.records import VmRecord, VmRole, VmState
 from ..state.store import Store
-from ..vm.driver import driver_from_env, make_driver
+from ..vm.driver import choose_driver, make_driver
 from ..vm import hugepages
 from ..vm.parents import Parents
 from ..vm.qemu import is_our_qemu, pid_alive
@@ -184,7 +184,7 @@ class Host:
                                  uplink=Uplink(uplink_plan(paths.tag), paths.netns),
                                  first_family=cluster.family_start if cluster else 1)
         # QEMU runs in the families' namespace: it opens its tap there by name.
-        self.driver = make_driver(driver_from_env(), paths, self.netns.path, paths.tag, self.netns.wrap,
+        self.driver = make_driver(choose_driver(paths.driver_file), paths, self.netns.path, paths.tag, self.netns.wrap,
                                   self.families.in_namespace)
         self.runtime = VmRuntime(paths, store, self.vms, self.driver)
         self.tickets = TicketBook(FAMILY_LIMIT, store, host=self.host_name)
@@ -418,6 +418,7 @@ class Host:
         for leftover in self.paths.vms.glob("*"):  # logs of VMs that failed to start
             shutil.rmtree(leftover, ignore_errors=True)
         self.retention.collect_layers()
+        self.paths.driver_file.unlink(missing_ok=True)   # the next hostd may choose another
         return {"stopped": stopped}
 
 

@@ -167,7 +167,7 @@ class Checkpointer:
             state_size=(work / "state").stat().st_size, ram_size=ram_stat.st_size,
             ram_allocated=ram_stat.st_blocks * 512, mode=mode, pause_ms=timings["pause_ms"],
             qemu_version=self._qemu_version, timings=timings, family=vm.rec.family or vm.name,
-            guest_req=guest_req, resources=dict(vm.rec.resources),
+            guest_req=guest_req, resources=dict(vm.rec.resources), driver=self.runtime.driver.name,
         )
 
     @staticmethod

@@ -132,6 +132,10 @@ class Cloner:
             raise UsageError(f"clone: --memory is local or served (got {memory!r})")
         t0 = time.monotonic()
         ckpt = self.find(ref)
+        if ckpt.driver != self.runtime.driver.name:
+            raise UsageError(f"clone: checkpoint {ckpt.id} was taken under the {ckpt.driver} driver, and its "
+                             f"state loads only into a VM of that driver; this hostd runs the "
+                             f"{self.runtime.driver.name} driver (docs/libvirt.md)")
         spec = ckpt.spec
         if self.span is not None:
             placement = await self.span.place(ckpt.family or ckpt.vm, n, spec.mem_mb, spec.cpus, allow_fewer,

@@ -60,6 +60,10 @@ class Checkpoint:
     guest_req: int | None = None
     # The VM's resource settings when it was taken: its clones start with them.
     resources: dict = field(default_factory=dict)
+    # The VM driver that ran the VM (hostd/vm/driver.py): a libvirt domain's
+    # state loads only into a libvirt domain, a direct QEMU's only into a
+    # direct QEMU. Manifests without it were taken when direct was the only one.
+    driver: str = "direct"
 
     @property
     def state_file(self) -> Path:
@@ -181,7 +185,7 @@ def _check_types(ckpt: Checkpoint) -> None:
         v = getattr(ckpt, k)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise TypeError(f"{k} is not a non-negative integer")
-    for k in ("id", "vm", "state_sha256", "mode", "qemu_version", "family"):
+    for k in ("id", "vm", "state_sha256", "mode", "qemu_version", "family", "driver"):
         if not isinstance(getattr(ckpt, k), str):
             raise TypeError(f"{k} is not a string")
     if not isinstance(ckpt.machine, dict) or not isinstance(ckpt.timings, dict) \

@@ -7,7 +7,10 @@ restart, ends it, and says where its log is. Two drivers:
 - direct: hostd runs QEMU itself (this module);
 - libvirt: each VM is a transient libvirt domain of a private libvirtd
   (hostd/vm/libvirt/driver.py; libvirt-python is imported only there).
-`SFMPI_DRIVER` or `sfmpi hostd --driver` chooses; direct is the default.
+`SFMPI_DRIVER` or `sfmpi hostd --driver` chooses; direct is the default. A
+state directory keeps the driver its hostd started with until `sfmpi down`
+(choose_driver): a hostd of the other driver would neither re-attach to its
+VMs nor end the libvirtd they run under.
 """
 from __future__ import annotations
 
@@ -31,6 +34,25 @@ def driver_from_env() -> str:
     name = os.environ.get("SFMPI_DRIVER", "direct") or "direct"
     if name not in DRIVERS:
         raise UsageError(f"SFMPI_DRIVER must be one of {', '.join(DRIVERS)} (got {name!r})")
+    return name
+
+
+def choose_driver(recorded: Path) -> str:
+    """The driver of this hostd: the one `recorded` names (what the state
+    directory's hostd started with, until `sfmpi down` removes it), else the
+    environment's. A different one asked for explicitly is refused."""
+    asked = os.environ.get("SFMPI_DRIVER", "")
+    name = driver_from_env()
+    try:
+        before = recorded.read_text().strip()
+    except FileNotFoundError:
+        before = ""
+    if before in DRIVERS:
+        if asked and asked != before:
+            raise UsageError(f"this state directory runs the {before} driver until `sfmpi down` "
+                             f"(asked for {asked}): its VMs and daemons belong to that driver")
+        name = before
+    recorded.write_text(name + "\n")
     return name
 
 

@@ -214,3 +214,13 @@ def test_sparse_copy_copies_data_and_leaves_holes(tmp_path):
     asyncio.run(sparse_copy(str(src), str(dst)))
     assert dst.read_bytes() == bytes(data)
     assert os.stat(dst).st_blocks * 512 < len(data) // 2  # the zero blocks are holes
+
+
+def test_the_driver_is_kept_and_a_manifest_without_one_was_the_direct_drivers(ckpt):
+    assert Checkpoint.load(ckpt.path).driver == "direct"
+    edit_manifest(ckpt, lambda d: d.update(driver="libvirt"))
+    assert Checkpoint.load(ckpt.path).driver == "libvirt"
+    edit_manifest(ckpt, lambda d: d.pop("driver"))
+    assert Checkpoint.load(ckpt.path).driver == "direct"
+    edit_manifest(ckpt, lambda d: d.update(driver=["libvirt"]))
+    assert "corrupt" in load_error(ckpt)

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sfmpi.errors import CapacityError, CloneError, NetworkError, NotFound, QemuError
+from sfmpi.errors import CapacityError, CloneError, NetworkError, NotFound, QemuError, UsageError
 from sfmpi.hostd.daemon.host import GuestSide
 from sfmpi.hostd.fork.cloner import Cloner
 from sfmpi.hostd.fork.manifest import Checkpoint
@@ -109,6 +109,8 @@ class FakeAgent:
 class FakeRuntime:
     """What the Cloner (and GuestSide) use of VmRuntime. Records reserve, release
     and delete as the real one does, so the registry and its "gone" event are real."""
+
+    driver = SimpleNamespace(name="direct")
 
     def __init__(self, root, vms: VmRegistry):
         self.root, self.vms = root, vms
@@ -246,7 +248,7 @@ class FakeFamilies:
 
 
 # -- the world ----------------------------------------------------------------------
-def make_checkpoint(root, family: str = "p", guest_req: int | None = None) -> Checkpoint:
+def make_checkpoint(root, family: str = "p", guest_req: int | None = None, driver: str = "direct") -> Checkpoint:
     d = root / "checkpoints" / "p-ck1"
     d.mkdir(parents=True)
     (d / "state").write_bytes(STATE)
@@ -261,7 +263,8 @@ def make_checkpoint(root, family: str = "p", guest_req: int | None = None) -> Ch
     c = Checkpoint(id="p-ck1", vm="p", path=str(d), machine=SPEC.to_json(), disk=str(top),
                    disk_chain=(str(base),), state_sha256=hashlib.sha256(STATE).hexdigest(), state_size=len(STATE),
                    ram_size=SPEC.mem_mb << 20, ram_allocated=0, mode="paused", pause_ms=1.0,
-                   qemu_version="QEMU emulator version 7.2.0", family=family, guest_req=guest_req)
+                   qemu_version="QEMU emulator version 7.2.0", family=family, guest_req=guest_req,
+                   driver=driver)
     c.write()
     return Checkpoint.load(d)
 
@@ -307,6 +310,19 @@ def clone_records(w) -> list[VmRecord]:
 
 
 # -- host side: sfmpi clone CKPT -n N ------------------------------------------------------
+def test_a_checkpoint_of_the_other_driver_is_refused_before_anything_is_reserved(tmp_path):
+    # A libvirt domain's migration stream loads only into a libvirt domain (docs/libvirt.md).
+    w = build(tmp_path)
+    libvirt_ckpt = Checkpoint.load(w.ckpt.path)
+    libvirt_ckpt = Checkpoint(**{**{k: getattr(libvirt_ckpt, k) for k in Checkpoint.__dataclass_fields__},
+                                 "driver": "libvirt"})
+    w.cloner.find = lambda _ref: libvirt_ckpt
+    with pytest.raises(UsageError, match="taken under the libvirt driver.*this hostd runs the direct driver"):
+        asyncio.run(w.cloner.clone(w.ckpt.id, 2))
+    assert clone_records(w) == [] and w.runtime.launched == []
+    assert w.families.by_name["p"].members == {"p": 0}
+
+
 def test_a_clone_of_three_leaves_three_running_records_with_their_family_ids(tmp_path):
     w = build(tmp_path)
     # ID 2 is held by a clone of an earlier request; a crashed VM keeps the name p-1 until down.
