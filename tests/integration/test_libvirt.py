@@ -135,12 +135,39 @@ def test_sfmpirun_on_libvirt_clones(lv, parent):
     lv.assert_no_clones_left(parent)
 
 
+def _shut_hostd_down(cli: Cli) -> None:
+    """End hostd and keep its VMs (as a hostd restart does)."""
+    from sfmpi.client import HostdClient
+    HostdClient(cli.paths).call("shutdown")
+    deadline = time.monotonic() + 10
+    while (cli.home / "hostd.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_a_restarted_hostd_keeps_its_driver_and_reattaches_to_its_domains(lv, parent):
+    assert (lv.home / "driver").read_text() == "libvirt\n"
+    _shut_hostd_down(lv)
+    assert dom(lv, parent) in domains(lv)            # libvirtd and its domains outlive hostd
+    on_demand = {k: v for k, v in lv.env.items() if k != "SFMPI_DRIVER"}
+    refused = subprocess.run(["sfmpi", "vm", "list"], env={**on_demand, "SFMPI_DRIVER": "direct"},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "runs the libvirt driver until `sfmpi down`" in refused.stderr, refused.stderr
+    # Started on demand without SFMPI_DRIVER: the state directory's driver, re-attached over libvirt.
+    alive = subprocess.run(["sfmpi", "vm", "exec", parent, "--", "echo", "alive"], env=on_demand,
+                           capture_output=True, text=True, timeout=120)
+    assert (alive.returncode, alive.stdout) == (0, "alive\n"), alive.stderr
+    assert dom(lv, parent) in domains(lv)
+    assert next(r for r in lv.json("vm", "list") if r["name"] == parent)["state"] == "running"
+
+
 def test_down_leaves_no_domain_no_daemon_and_no_mount(lv, parent):
     run = lv.home / "libvirt" / "run"
     daemons = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in ("libvirtd", "virtlogd")
                and _root_run(p.pid) == _ino(run)]
     assert len(daemons) == 2, daemons
     lv("down")
+    assert not (lv.home / "driver").exists()         # the next hostd may choose either driver
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
                    for pid in daemons)
     # A libvirtd started afresh on the same state finds no sfmpi domain defined or running.
