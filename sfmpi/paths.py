@@ -68,6 +68,11 @@ class Paths:
         return self.home / "checkpoints"
 
     @property
+    def memory(self) -> Path:
+        """Served memory's daemons and memtap's FUSE mounts (hostd/memory)."""
+        return self.home / "memory"
+
+    @property
     def tag(self) -> str:
         """A short name of this state directory (a hash: two homes never share one)."""
         return hashlib.sha256(str(self.home).encode()).hexdigest()[:8]

@@ -49,6 +49,12 @@ class ClusterConfig:
     master: tuple[str, int]
     family_start: int = 1
 
+    @property
+    def qemu_tls(self) -> Path:
+        """This host's x509 directory for QEMU and qemu-nbd (keys.py makes it):
+        the NBD server's credentials and a client's, for remote clones' disks."""
+        return self.keys / f"qemu-{self.host}"
+
     @classmethod
     def from_env(cls, env: dict | None = None) -> "ClusterConfig | None":
         env = os.environ if env is None else env

@@ -86,7 +86,7 @@ class Spanning:
         self.cloner, self.families, self.memory = cloner, families, memory
         self.runtime, self.vms, self.admission = runtime, vms, admission
         self.client = keys.client_context(config.keys, config.host)
-        self.nbd = NbdExports(paths.home / "nbd", config.address, NBD_PORT, config.keys / f"qemu-{config.host}")
+        self.nbd = NbdExports(paths.home / "nbd", config.address, NBD_PORT, config.qemu_tls)
         self.addresses: dict[str, str] = {}          # host -> "ip:port" of its peer listener (from the master)
         self.exported: dict[str, set[str]] = {}      # checkpoint -> clones on other hosts using its disk
         self.origin: dict[str, tuple[str, str]] = {}  # clone here -> (parent's host, checkpoint), for clone.gone
@@ -279,7 +279,7 @@ class Spanning:
         working_set = await asyncio.to_thread(self._import_working_set, ckpt, mem.get("working_set"))
         disk = descriptor.get("disk") or {}
         backing = NbdBacking(host=str(disk.get("host")), port=int(disk.get("port")), export=ckpt_id,
-                             tls_dir=str(self.config.keys / f"qemu-{self.host}"), server_name=origin)
+                             tls_dir=str(self.config.qemu_tls), server_name=origin)
         template = ckpt.overlay_template
         if not template.exists():
             partial = template.with_name(template.name + ".partial")

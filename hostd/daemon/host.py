@@ -197,17 +197,13 @@ class Host:
         self.retention = Retention(paths, store, self.vms)
         # Served memory: the memory server on the far side of a veth, memtap here.
         self.clone_memory = clone_memory_mode()
-        if self.driver.name == "libvirt":
-            # libvirtd's QEMUs live in a mount namespace of their own, made
-            # when it starts: memtap's later FUSE mounts are not in it, and a
-            # host of a cluster serves and fetches memory that way (docs/libvirt.md).
-            if cluster is not None:
-                raise UsageError("the libvirt driver runs one host's VMs: a host of a cluster needs "
-                                 "--driver direct")
-            if self.clone_memory == "served":
-                raise UsageError("SFMPI_CLONE_MEMORY=served needs the direct driver (docs/libvirt.md)")
+        if self.driver.name == "libvirt" and cluster is not None:
+            # A remote clone's QEMU runs where the hosts' network is, for its
+            # NBD disk, and is given its family's tap as a descriptor: libvirt
+            # opens a tap by name, in its own namespace only (docs/libvirt.md).
+            raise UsageError("the libvirt driver runs one host's VMs: a host of a cluster needs --driver direct")
         # In a cluster the server listens on this host's address, for every host's memtaps.
-        self.memory = ServedMemory(paths.home / "memory", FarSide(self.netns), near_wrap=self.netns.wrap,
+        self.memory = ServedMemory(paths.memory, FarSide(self.netns), near_wrap=self.netns.wrap,
                                    listen=cluster.address if cluster else None)
         self.cloner = Cloner(self.runtime, self.vms, self.admission, self.families, self.checkpoints.find,
                              served_ram=self.memory.ram_for, host_name=self.host_name)
@@ -303,8 +299,6 @@ class Host:
 
     async def clone(self, ref: str, n: int, allow_fewer: bool = False, memory: str = "local",
                     policy: str | None = None, served: ServedOptions = ServedOptions()) -> dict:
-        if memory == "served" and self.driver.name == "libvirt":
-            raise UsageError("clone: --memory served needs the direct driver (docs/libvirt.md)")
         if policy is not None and self.span is None:
             raise UsageError("clone: --policy places clones over the hosts of a cluster; this hostd is alone")
         return await self.cloner.clone(ref, n, allow_fewer, memory, policy, served)

@@ -27,6 +27,8 @@ from typing import Callable
 from sfmpi.errors import LazyMemoryError
 from sfmpi.native import counters as native_counters
 
+from ..mounts import mounted
+
 log = logging.getLogger("sfmpi.hostd.memory")
 
 START_TIMEOUT = 20.0
@@ -197,13 +199,6 @@ class MemoryServer(_Daemon):
 
     def _after_stop(self) -> None:
         self.control.unlink(missing_ok=True)
-
-
-def mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-    return False
 
 
 def detach(mount: Path) -> None:

@@ -1,7 +1,8 @@
 """The libvirt driver (issue 21): hostd with SFMPI_DRIVER=libvirt runs every VM
 as a transient domain of its private libvirtd (booted from the sfmpi image
 under TCG here). The direct driver's fork tests hold on it: state inherited,
-private divergence, the clone API from inside the guest, sfmpirun -n 4. virsh
+private divergence, the clone API from inside the guest, sfmpirun -n 4, clones
+whose RAM memtap serves. virsh
 sees parent and clones by name; a domain destroyed behind hostd's back is a
 crashed VM; after `sfmpi down` no domain, daemon or mount is left."""
 from __future__ import annotations
@@ -133,6 +134,43 @@ def test_sfmpirun_on_libvirt_clones(lv, parent):
     hosts = re.findall(r"^rank (\d) of 4 on (\S+)$", p.stdout, re.M)
     assert sorted(r for r, _ in hosts) == ["0", "1", "2", "3"] and len({h for _, h in hosts}) == 4
     lv.assert_no_clones_left(parent)
+
+
+def _memtap(cli: Cli, ckpt: str) -> dict | None:
+    return next((m for m in cli.json("stats")["memory"]["memtaps"] if m["checkpoint"] == ckpt), None)
+
+
+def _libvirtd_pid(cli: Cli) -> int:
+    return int((cli.home / "libvirt" / "run" / "libvirtd.pid").read_text())
+
+
+def test_served_clones_map_memtaps_file_mounted_after_libvirtd_started(lv, parent):
+    """memtap mounts the RAM file in hostd's namespace once libvirtd runs: the
+    mount reaches libvirtd's QEMUs, and its unmount goes from there too."""
+    lv.exec(parent, "echo served-by-memtap > /dev/shm/served; sync")
+    ck = lv("checkpoint", parent).stdout.strip()
+    names = lv.json("clone", ck, "-n", "2", "--memory", "served")["clones"]
+    libvirtd_mounts = Path(f"/proc/{_libvirtd_pid(lv)}/mounts")
+    try:
+        assert set(dom(lv, n) for n in names) <= set(domains(lv))
+        assert f"memtap/{ck}" in libvirtd_mounts.read_text()
+        for n in names:
+            out = lv.exec(n, "cat /dev/shm/served; hostname").stdout.split()
+            assert out == ["served-by-memtap", n], out
+        m = _memtap(lv, ck)
+        assert m is not None and m["alive"] and sorted(m["clones"]) == sorted(names), m
+        assert m["fetch_errors"] == 0 and m["fetch_bytes"] + m["mc_received"] > 0, m
+    finally:
+        for n in names:
+            lv("vm", "stop", n, check=False)
+    deadline = time.monotonic() + 30
+    while _memtap(lv, ck) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _memtap(lv, ck) is None
+    assert f"memtap/{ck}" not in Path("/proc/self/mounts").read_text()
+    assert f"memtap/{ck}" not in libvirtd_mounts.read_text()
+    lv("checkpoint", "rm", ck)
+    assert domains(lv) == [dom(lv, parent)]
 
 
 def _shut_hostd_down(cli: Cli) -> None:

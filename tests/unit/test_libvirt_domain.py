@@ -165,10 +165,14 @@ def test_the_private_libvirtd_is_configured_for_sfmpis_qemus(tmp_path):
     script = daemon.start_script(tmp_path)
     for mine, system in daemon.SYSTEM_DIRS.items():
         assert f"mount --bind {tmp_path / mine} {system}\n" in script
-    assert script.index("mount --make-rprivate /") < script.index("mount --bind")
+    assert "make-rprivate" not in script      # a private namespace would not see memtap's later mounts
     assert script.rstrip().endswith("exec libvirtd -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid")
     argv = daemon.start_argv(tmp_path, "/run/netns/sfmpi-x")
-    assert argv[:4] == ["unshare", "--mount", "nsenter", "--net=/run/netns/sfmpi-x"]
+    assert argv[:6] == ["unshare", "--mount", "--propagation", "slave", "nsenter", "--net=/run/netns/sfmpi-x"]
+    # A shared directory: bound over itself, then shared, so that libvirtd's slave namespace gets its mounts.
+    assert daemon.share_argvs(tmp_path / "memory") == [
+        ["mount", "--bind", f"{tmp_path}/memory", f"{tmp_path}/memory"],
+        ["mount", "--make-shared", f"{tmp_path}/memory"]]
     lv = daemon.LibvirtDaemon(tmp_path, "/run/netns/sfmpi-x")
     assert lv.uri == f"qemu+unix:///system?socket={tmp_path}/run/libvirt-sock"
     lv.stop()        # never started: nothing to end, and safe

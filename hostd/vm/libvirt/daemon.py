@@ -6,7 +6,12 @@ state in /run, /var/lib, /var/log and /var/cache. This one runs in a mount
 namespace of its own where directories of sfmpi's state directory are bound
 over those five, so it shares nothing with a system libvirtd and leaves
 nothing on the host, and in hostd's network namespace, so that the QEMUs it
-starts open the families' taps there. virsh reaches it by its socket:
+starts open the families' taps there. Mounts hostd makes after libvirtd
+started (memtap's FUSE files, for clones whose RAM is served) would not be
+in that namespace: the directories they go in (`shared`) are made shared
+mounts in hostd's namespace first and libvirtd's namespace a slave of
+hostd's, so those mounts, and their unmounts, reach its QEMUs, while its
+own binds stay inside. virsh reaches it by its socket:
 `virsh -c URI` (see `uri`). Lifecycle: created -> start() (running: started,
 or adopted from a hostd that exited and left it, with its domains) -> stop(),
 safe twice; stop() ends only the two daemons of this root, by PID.
@@ -23,7 +28,10 @@ from pathlib import Path
 
 import psutil
 
-from sfmpi.errors import HostdError, UsageError
+from sfmpi import proc
+from sfmpi.errors import CommandError, HostdError, UsageError
+
+from ...mounts import mounted
 
 # Where a root libvirtd keeps things: each gets a directory of ours bound over it.
 SYSTEM_DIRS = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt",
@@ -59,21 +67,29 @@ def virtlogd_conf() -> str:
 
 
 def start_script(root: Path) -> str:
-    """Run under `unshare --mount`: the binds, virtlogd, then libvirtd in this process."""
+    """Run under `unshare --mount --propagation slave`: the binds, virtlogd, then libvirtd in this process."""
     binds = "".join(f"mount --bind {root / mine} {system}\n" for mine, system in SYSTEM_DIRS.items())
-    return ("set -e\nmount --make-rprivate /\n" + binds +
+    return ("set -e\n" + binds +
             "virtlogd -d -f /etc/libvirt/virtlogd.conf -p /run/libvirt/virtlogd.pid\n"
             "exec libvirtd -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid\n")
 
 
 def start_argv(root: Path, netns_path: str) -> list[str]:
-    return ["unshare", "--mount", "nsenter", f"--net={netns_path}", "sh", "-c", start_script(root)]
+    # slave: hostd's later mounts in its shared directories propagate in; none goes out.
+    return ["unshare", "--mount", "--propagation", "slave", "nsenter", f"--net={netns_path}", "sh", "-c",
+            start_script(root)]
+
+
+def share_argvs(directory: Path) -> list[list[str]]:
+    """Make `directory` a mount point of its own, shared with the namespaces made after."""
+    return [["mount", "--bind", str(directory), str(directory)], ["mount", "--make-shared", str(directory)]]
 
 
 class LibvirtDaemon:
-    def __init__(self, root: Path, netns_path: str):
+    def __init__(self, root: Path, netns_path: str, shared: tuple[Path, ...] = ()):
         self.root = Path(root)
         self.netns_path = netns_path
+        self.shared = tuple(Path(d) for d in shared)
         self.proc: subprocess.Popen | None = None   # when started by this process
         self.pid: int | None = None
 
@@ -101,6 +117,22 @@ class LibvirtDaemon:
         (self.root / "etc" / "libvirtd.conf").write_text(libvirtd_conf())
         (self.root / "etc" / "qemu.conf").write_text(qemu_conf())
         (self.root / "etc" / "virtlogd.conf").write_text(virtlogd_conf())
+        for directory in self.shared:
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                for argv in share_argvs(directory)[1 if mounted(directory) else 0:]:
+                    proc.run(argv, timeout=30)
+            except CommandError as exc:
+                self._unshare()
+                raise HostdError(f"cannot share {directory} with libvirtd's QEMUs: "
+                                 f"{exc.stderr.strip() or exc}") from None
+
+    def _unshare(self) -> None:
+        """Undo share_argvs once nothing of libvirtd's namespace holds them:
+        lazily, so a mount below that a dead memtap left cannot keep the bind."""
+        for directory in self.shared:
+            if mounted(directory):
+                proc.run(["umount", "-l", directory], check=False, timeout=30)
 
     def adopt(self) -> bool:
         """Take over the libvirtd of this root that a previous hostd left running."""
@@ -183,6 +215,7 @@ class LibvirtDaemon:
         for daemon in ("libvirtd", "virtlogd"):
             with contextlib.suppress(FileNotFoundError):
                 (self.root / "run" / f"{daemon}.pid").unlink()
+        self._unshare()
 
     def __enter__(self) -> "LibvirtDaemon":
         self.start()

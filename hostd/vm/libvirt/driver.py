@@ -55,7 +55,8 @@ class LibvirtDriver:
         self.lv = _libvirt()
         self.paths = paths
         self.tag = tag
-        self.daemon = LibvirtDaemon(paths.home / "libvirt", netns_path)
+        # memtap mounts served clones' RAM files there after libvirtd started.
+        self.daemon = LibvirtDaemon(paths.home / "libvirt", netns_path, shared=(paths.memory,))
         self._conn = None
         self._ready = asyncio.Lock()
         self._threads = ThreadPoolExecutor(LIBVIRT_THREADS, thread_name_prefix="libvirt")
